@@ -1,0 +1,117 @@
+# vmtreefs — build, test and run.  GNU make.  `make help` lists the targets.
+#
+# Every target can be run again: the venv is rebuilt only when pyproject.toml
+# changes (stamp .venv/.installed), and deps-system installs Debian packages
+# only when one of them is missing.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+.DELETE_ON_ERROR:
+
+PYTHON   ?= python3
+VENV     ?= .venv
+BIN      := $(VENV)/bin
+STAMP    := $(VENV)/.installed
+BUILD    ?= build
+# What `make run` mounts where (relative to the checkout).
+STATE    ?= state
+MNT      ?= vms
+# The vmtreefs that the installed mount helper runs.
+VMTREEFS ?= $(CURDIR)/$(BIN)/vmtreefs
+HELPER_DEST ?= /sbin/mount.fuse.vmtreefs
+
+SYSTEM_PACKAGES := fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv \
+                   xfsprogs btrfs-progs e2fsprogs util-linux attr libvirt-dev
+
+# Root runs apt-get as it is; anyone else goes through sudo when there is one.
+SUDO := $(shell if [ "$$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1; then echo sudo; fi)
+APT_GET ?= $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get
+
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+export PIP_NO_INPUT := 1
+
+.PHONY: help deps deps-system venv run test lint bench install-mount-helper \
+        uninstall-mount-helper clean
+
+help: ## list the targets
+	@echo "vmtreefs make targets:"
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(firstword $(MAKEFILE_LIST)) \
+	  | sed -E 's/^([a-zA-Z_-]+):.*## (.*)/\1\t\2/' \
+	  | awk -F'\t' '{ printf "  %-22s %s\n", $$1, $$2 }'
+	@echo
+	@echo "variables: PYTHON=$(PYTHON) VENV=$(VENV) STATE=$(STATE) MNT=$(MNT)"
+	@echo "           VMTREEFS=$(VMTREEFS) HELPER_DEST=$(HELPER_DEST)"
+
+deps: deps-system venv ## deps-system + venv
+
+deps-system: ## install the Debian packages (apt-get only if one is missing)
+	@missing=""; \
+	for p in $(SYSTEM_PACKAGES); do \
+	  status=$$(dpkg-query -W -f='$${Status}' "$$p" 2>/dev/null || true); \
+	  case "$$status" in *" ok installed") ;; *) missing="$$missing $$p" ;; esac; \
+	done; \
+	if [ -z "$$missing" ]; then \
+	  echo "deps-system: all Debian packages present"; \
+	else \
+	  if [ "$$(id -u)" -ne 0 ] && [ -z "$(SUDO)" ]; then \
+	    echo "deps-system: missing:$$missing; run as root or install sudo" >&2; exit 1; \
+	  fi; \
+	  echo "deps-system: installing$$missing"; \
+	  $(APT_GET) update; \
+	  $(APT_GET) install -y --no-install-recommends $$missing; \
+	fi
+
+venv: $(STAMP) ## make .venv and pip install -e '.[test]'
+
+# deps-system is order-only: pyfuse3 and libvirt-python compile against the
+# Debian headers, but a package check must not force a reinstall of the venv.
+$(STAMP): pyproject.toml | deps-system
+	@if [ ! -x $(BIN)/python ]; then \
+	  echo "$(PYTHON) -m venv $(VENV)"; \
+	  $(PYTHON) -m venv $(VENV); \
+	fi
+	$(BIN)/python -m pip install --upgrade pip
+	$(BIN)/python -m pip install -e '.[test]'
+	@touch $@
+
+run: deps ## mount ./state at ./vms in the foreground (Ctrl-C or `.venv/bin/vmtreefs umount vms` stops it)
+	@mkdir -p $(STATE) $(MNT) || { \
+	  echo "run: cannot use $(MNT); a stale mount? try: fusermount3 -u -z $(MNT)" >&2; exit 1; }
+	$(BIN)/vmtreefs mount $(STATE) $(MNT) -f
+
+test: deps lint ## lint, then the test suite (pytest -q)
+	$(BIN)/python -m pytest -q
+
+lint: deps ## ruff check, ruff format --check, mypy
+	$(BIN)/ruff check vmtreefs tests
+	$(BIN)/ruff format --check vmtreefs tests
+	$(BIN)/mypy
+
+bench: deps ## benchmarks in tests/bench (nothing when there are none)
+	@if [ -n "$$(find tests/bench \( -name 'test_*.py' -o -name '*_test.py' \) -print -quit 2>/dev/null)" ]; then \
+	  echo "$(BIN)/python -m pytest tests/bench -q -s"; \
+	  rc=0; $(BIN)/python -m pytest tests/bench -q -s || rc=$$?; \
+	  if [ $$rc -eq 5 ]; then echo "bench: no benchmark collected"; rc=0; fi; \
+	  exit $$rc; \
+	else \
+	  echo "bench: no benchmarks in tests/bench"; \
+	fi
+
+install-mount-helper: ## install mount/mount.fuse.vmtreefs as /sbin/mount.fuse.vmtreefs (mount -t fuse.vmtreefs)
+	@if [ ! -x "$(VMTREEFS)" ]; then \
+	  echo "install-mount-helper: warning: $(VMTREEFS) is not there yet (make venv, or set VMTREEFS=)" >&2; \
+	fi
+	@mkdir -p $(BUILD)
+	@esc=$$(printf '%s' '$(VMTREEFS)' | sed 's/[&|\\]/\\&/g'); \
+	sed "s|^DEFAULT_VMTREEFS=.*|DEFAULT_VMTREEFS='$$esc'|" mount/mount.fuse.vmtreefs \
+	  > $(BUILD)/mount.fuse.vmtreefs
+	$(SUDO) install -D -m 0755 $(BUILD)/mount.fuse.vmtreefs $(HELPER_DEST)
+	@echo "installed $(HELPER_DEST) -> $(VMTREEFS)"
+
+uninstall-mount-helper: ## remove /sbin/mount.fuse.vmtreefs
+	$(SUDO) rm -f $(HELPER_DEST)
+
+clean: ## remove the venv, build/ and caches (keeps state/)
+	rm -rf $(VENV) $(BUILD) .mypy_cache .ruff_cache .pytest_cache .hypothesis *.egg-info
+	find vmtreefs tests -name __pycache__ -type d -prune -exec rm -rf {} + 2>/dev/null || true

@@ -1,0 +1,112 @@
+"""A real vmtreefs mount for a test: a daemon subprocess we know by pid, always cleaned up."""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from tests.helpers.images import is_mountpoint
+
+READY_TIMEOUT = 120.0
+
+
+class MountFailed(Exception):
+    """The daemon exited before its mount answered; the message holds its log."""
+
+
+class Daemon:
+    """``vmtreefs mount -f`` in a subprocess, with its log in a file the test can read."""
+
+    def __init__(self, source: Path, mountpoint: Path, options: list[str] | None = None) -> None:
+        self.source = source
+        self.mountpoint = mountpoint
+        self.options = options or []
+        self.log_path = mountpoint.parent / f"{mountpoint.name}.daemon.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        read_end, write_end = os.pipe()
+        command = [sys.executable, "-m", "vmtreefs", "mount", str(self.source)]
+        command += [str(self.mountpoint), "-f", "--ready-fd", str(write_end)]
+        for option in self.options:
+            command += ["-o", option]
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                pass_fds=(write_end,),
+            )
+        os.close(write_end)
+        answer = b""
+        deadline = time.monotonic() + READY_TIMEOUT
+        with os.fdopen(read_end, "rb", buffering=0) as pipe:
+            while b"\n" not in answer and time.monotonic() < deadline:
+                if select.select([pipe], [], [], 0.5)[0]:
+                    chunk = pipe.read(64)
+                    if not chunk:
+                        break
+                    answer += chunk
+        if not answer.startswith(b"ready"):
+            self.stop()
+            raise MountFailed(self.log())
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def kill9(self) -> None:
+        """Simulate a crash: SIGKILL the daemon and clear the dead mount as an admin would."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=30)
+        subprocess.run(["fusermount3", "-u", "-z", str(self.mountpoint)], check=False)
+
+    def stop(self) -> None:
+        """Unmount and wait for the daemon; escalate only against our own pid."""
+        if is_mountpoint(self.mountpoint):
+            subprocess.run(
+                ["fusermount3", "-u", str(self.mountpoint)], check=False, capture_output=True
+            )
+        if self.process is not None and self.process.poll() is None:
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.send_signal(signal.SIGTERM)
+                try:
+                    self.process.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    self.process.kill()
+                    self.process.wait(timeout=30)
+        if is_mountpoint(self.mountpoint):
+            subprocess.run(["fusermount3", "-u", "-z", str(self.mountpoint)], check=False)
+        # A daemon that was killed cannot unmount the reflink image it attached.
+        pool = self.source / "pool"
+        if (self.source / "reflink.xfs").exists() and is_mountpoint(pool):
+            subprocess.run(["umount", str(pool)], check=False)
+
+
+@contextmanager
+def mounted(source: Path, mountpoint: Path, options: list[str] | None = None) -> Iterator[Daemon]:
+    mountpoint.mkdir(exist_ok=True)
+    daemon = Daemon(source, mountpoint, options)
+    daemon.start()
+    try:
+        yield daemon
+    finally:
+        daemon.stop()

@@ -1,0 +1,54 @@
+"""A mounted tree for a test: SOURCE, mount point and daemon, plus small readers."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from tests.helpers.mounts import Daemon
+
+
+class Tree:
+    """A mounted tree: SOURCE, the mount point, and the daemon serving it."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.source = workdir / "source"
+        self.vms = workdir / "vms"
+        self.source.mkdir(exist_ok=True)
+        self.vms.mkdir(exist_ok=True)
+        self.daemon: Daemon | None = None
+
+    def mount(self, options: list[str] | None = None) -> Path:
+        self.daemon = Daemon(self.source, self.vms, options)
+        self.daemon.start()
+        return self.vms
+
+    def unmount(self) -> None:
+        if self.daemon is not None:
+            self.daemon.stop()
+            self.daemon = None
+
+    def remount(self) -> Path:
+        self.unmount()
+        return self.mount()
+
+    def status(self) -> dict[str, str]:
+        lines = (self.vms / ".vmtree" / "status").read_text().splitlines()
+        return dict(
+            line.split(": ", 1) for line in lines if not line.startswith(("inventory_", "intent_"))
+        )
+
+    def log(self) -> str:
+        return self.daemon.log() if self.daemon else ""
+
+
+def listing(directory: Path) -> list[str]:
+    """What `ls` shows: the names, sorted, without the hidden .vmtree."""
+    return sorted(name for name in os.listdir(directory) if not name.startswith("."))
+
+
+def head(path: Path, size: int) -> bytes:
+    """The first bytes of a file, without reading a multi-GiB volume to the end."""
+    with open(path, "rb") as f:
+        return f.read(size)

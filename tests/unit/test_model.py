@@ -1,0 +1,246 @@
+"""The pure rules of the tree, checked without any I/O."""
+
+from __future__ import annotations
+
+import errno
+
+import pytest
+
+from vmtreefs import model
+from vmtreefs.model import (
+    DEFAULT_VOLUMES,
+    GiB,
+    ModelError,
+    Namespace,
+    Vm,
+    Volume,
+    check_vm_name,
+    check_volume_filename,
+    check_volume_size,
+)
+
+
+def errno_of(fn: object, *args: object) -> int:
+    with pytest.raises(ModelError) as info:
+        fn(*args)  # type: ignore[operator]
+    return info.value.errno
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["a", "Work", "fedora-39", "my_vm", "x" * 64, "a-v", "a-vx", "a-next2", "next", "v1", "a-inst"],
+)
+def test_good_vm_names_are_accepted(name: str) -> None:
+    assert check_vm_name(name) == name
+    assert check_vm_name(name.encode()) == name
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "",
+        ".",
+        "..",
+        "1abc",
+        "-a",
+        "_a",
+        "a b",
+        "a/b",
+        "a.b",
+        "x" * 65,
+        "x" * 255,
+        "fedora-next",
+        "fedora-v7",
+        "fedora-v0",
+        "a-inst3",
+        "a-disp12",
+        "a\nb",
+    ],
+)
+def test_bad_vm_names_are_einval(name: str) -> None:
+    assert errno_of(check_vm_name, name) == errno.EINVAL
+
+
+def test_non_ascii_names_are_einval() -> None:
+    assert errno_of(check_vm_name, "café") == errno.EINVAL
+    assert errno_of(check_vm_name, b"caf\xe9") == errno.EINVAL
+
+
+def test_names_over_255_bytes_are_enametoolong() -> None:
+    assert errno_of(check_vm_name, "x" * 256) == errno.ENAMETOOLONG
+    assert errno_of(check_vm_name, "é" * 128) == errno.ENAMETOOLONG  # 256 bytes in UTF-8
+
+
+def test_reserved_suffix_reason_names_the_suffix() -> None:
+    with pytest.raises(ModelError, match="'-v7'"):
+        check_vm_name("fedora-v7")
+
+
+def test_volume_filenames() -> None:
+    assert check_volume_filename("root.img") == "root"
+    assert check_volume_filename(b"data-2.img") == "data-2"
+    for bad in ["root", "root.raw", ".img", "a b.img", "1a.img", "x" * 65 + ".img"]:
+        assert errno_of(check_volume_filename, bad) == errno.EINVAL
+    assert errno_of(check_volume_filename, "x" * 256) == errno.ENAMETOOLONG
+
+
+def test_volume_sizes() -> None:
+    check_volume_size(0)
+    check_volume_size(512)
+    check_volume_size(model.MAX_VOLUME_SIZE)
+    assert errno_of(check_volume_size, 513) == errno.EINVAL
+    assert errno_of(check_volume_size, -512) == errno.EINVAL
+    assert errno_of(check_volume_size, model.MAX_VOLUME_SIZE + 512) == errno.EFBIG
+    assert model.round_up_to_sector(1) == 512
+    assert model.round_up_to_sector(512) == 512
+    assert model.round_up_to_sector(0) == 0
+
+
+def test_default_volumes_match_the_contract() -> None:
+    assert [(v.name, v.size) for v in DEFAULT_VOLUMES] == [
+        ("root", 10 * GiB),
+        ("private", 2 * GiB),
+        ("volatile", 1 * GiB),
+    ]
+    assert all(v.policy in model.POLICIES for v in DEFAULT_VOLUMES)
+
+
+def make_vm(ns: Namespace, vm_id: int, name: str, first_volume_id: int | None = None) -> Vm:
+    plan = ns.plan_create_vm(name)
+    vm = Vm(vm_id, plan.name, created=1.0)
+    base = first_volume_id if first_volume_id is not None else vm_id * 10
+    for i, spec in enumerate(plan.volumes):
+        vm.volumes[spec.name] = Volume(base + i, spec.name, spec.size, spec.policy, 1.0)
+    ns.add_vm(vm)
+    return vm
+
+
+def test_create_reserves_the_name_until_added_or_released() -> None:
+    ns = Namespace()
+    plan = ns.plan_create_vm("work")
+    assert plan.volumes == DEFAULT_VOLUMES
+    assert errno_of(ns.plan_create_vm, "work") == errno.EEXIST  # racing mkdir
+    ns.release("work")
+    ns.plan_create_vm("work")
+    ns.add_vm(Vm(1, "work", 1.0))
+    assert "work" not in ns.reserved
+    assert errno_of(ns.plan_create_vm, "work") == errno.EEXIST
+
+
+def test_add_vm_twice_is_refused() -> None:
+    ns = Namespace()
+    make_vm(ns, 1, "a")
+    assert errno_of(ns.add_vm, Vm(1, "b", 1.0)) == errno.EEXIST
+
+
+def test_lookup_of_missing_vm_and_volume() -> None:
+    ns = Namespace()
+    assert errno_of(ns.get, "nope") == errno.ENOENT
+    assert errno_of(ns.get_by_id, 7) == errno.ENOENT
+    vm = make_vm(ns, 1, "a")
+    assert errno_of(ns.volume, vm, "nope") == errno.ENOENT
+    assert errno_of(ns.volume_by_id, 999) == errno.ENOENT
+
+
+def test_volume_index_follows_adds_and_removals() -> None:
+    ns = Namespace()
+    vm = make_vm(ns, 1, "a")
+    assert ns.volume_count() == 3
+    root = vm.volumes["root"]
+    assert ns.volume_by_id(root.id) == (vm, root)
+    ns.add_volume(1, Volume(99, "data", 0, "persistent", 1.0))
+    assert ns.volume_by_id(99)[1].name == "data"
+    assert errno_of(ns.add_volume, 1, Volume(100, "data", 0, "persistent", 1.0)) == errno.EEXIST
+    ns.remove_volume(1, "data")
+    assert errno_of(ns.volume_by_id, 99) == errno.ENOENT
+    ns.remove_vm(1)
+    assert errno_of(ns.volume_by_id, root.id) == errno.ENOENT
+    assert ns.volume_count() == 0 and len(ns) == 0
+
+
+def test_delete_plan_lists_every_volume() -> None:
+    ns = Namespace()
+    vm = make_vm(ns, 1, "a")
+    plan = ns.plan_delete_vm("a")
+    assert plan.vm_id == 1
+    assert sorted(plan.volume_ids) == sorted(v.id for v in vm.volumes.values())
+    vm.state = "running"
+    assert errno_of(ns.plan_delete_vm, "a") == errno.EBUSY
+    assert errno_of(ns.plan_delete_vm, "b") == errno.ENOENT
+
+
+def test_removing_an_origin_reparents_its_clones() -> None:
+    ns = Namespace()
+    make_vm(ns, 1, "base")
+    mid = make_vm(ns, 2, "mid")
+    leaf = make_vm(ns, 3, "leaf")
+    mid.origin_id = 1
+    leaf.origin_id = 2
+    ns.remove_vm(2)
+    assert leaf.origin_id == 1
+
+
+def test_rename_plans() -> None:
+    ns = Namespace()
+    make_vm(ns, 1, "a")
+    make_vm(ns, 2, "b")
+    assert errno_of(ns.plan_rename_vm, "a", "b") == errno.EEXIST
+    assert errno_of(ns.plan_rename_vm, "a", "b-v1") == errno.EINVAL
+    assert errno_of(ns.plan_rename_vm, "zz", "c") == errno.ENOENT
+    same = ns.plan_rename_vm("a", "a")
+    assert same.new == same.old == "a"
+    plan = ns.plan_rename_vm("a", "c")
+    assert errno_of(ns.plan_create_vm, "c") == errno.EEXIST  # reserved while in flight
+    ns.apply_rename_vm(plan)
+    assert ns.get("c").id == 1
+    assert errno_of(ns.get, "a") == errno.ENOENT
+    assert "c" not in ns.reserved
+
+
+def test_volume_plans_and_their_application() -> None:
+    ns = Namespace()
+    vm = make_vm(ns, 1, "a")
+    create = ns.plan_create_volume("a", "data.img")
+    assert create.spec == model.VolumeSpec("data", 0, "persistent")
+    assert errno_of(ns.plan_create_volume, "a", "root.img") == errno.EEXIST
+    assert errno_of(ns.plan_create_volume, "a", "bad name.img") == errno.EINVAL
+
+    rename = ns.plan_rename_volume("a", "private", "home.img")
+    ns.apply_rename_volume(rename)
+    assert "home" in vm.volumes and "private" not in vm.volumes
+    assert vm.volumes["home"].filename == "home.img"
+    assert errno_of(ns.plan_rename_volume, "a", "home", "root.img") == errno.EEXIST
+
+    delete = ns.plan_delete_volume("a", "home")
+    assert delete.volume_id == vm.volumes["home"].id
+    assert errno_of(ns.plan_delete_volume, "a", "nope") == errno.ENOENT
+
+
+def test_resize_plans_grow_only() -> None:
+    ns = Namespace()
+    vm = make_vm(ns, 1, "a")
+    size = vm.volumes["root"].size
+    plan = ns.plan_resize_volume("a", "root", size + GiB)
+    assert (plan.old_size, plan.new_size) == (size, size + GiB)
+    ns.apply_resize_volume(plan)
+    assert vm.volumes["root"].size == size + GiB
+    assert errno_of(ns.plan_resize_volume, "a", "root", size) == errno.EINVAL
+    assert errno_of(ns.plan_resize_volume, "a", "root", size + GiB + 1) == errno.EINVAL
+    same = ns.plan_resize_volume("a", "root", size + GiB)
+    assert same.old_size == same.new_size
+
+
+def test_writes_need_a_halted_mutable_vm() -> None:
+    ns = Namespace()
+    vm = make_vm(ns, 1, "a")
+    assert ns.check_volume_write("a", "root").name == "root"
+    vm.state = "running"
+    assert errno_of(ns.check_volume_write, "a", "root") == errno.EBUSY
+    assert errno_of(ns.plan_create_volume, "a", "x.img") == errno.EBUSY
+    assert errno_of(ns.plan_delete_volume, "a", "root") == errno.EBUSY
+    vm.state = "halted"
+    vm.props["immutable"] = "1"
+    assert vm.immutable
+    assert errno_of(ns.check_volume_write, "a", "root") == errno.EROFS
+    assert errno_of(ns.plan_resize_volume, "a", "root", 20 * GiB) == errno.EROFS
+    assert errno_of(ns.plan_rename_volume, "a", "root", "r.img") == errno.EROFS

@@ -1,0 +1,7 @@
+"""``python -m vmtreefs`` is the ``vmtreefs`` command."""
+
+import sys
+
+from vmtreefs.cli import main
+
+sys.exit(main())

@@ -1,0 +1,205 @@
+"""The ``vmtreefs`` command: init, mount, umount."""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import logging
+import os
+import select
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from vmtreefs.engine.select import parse_size
+from vmtreefs.errors import VmtreeError
+from vmtreefs.source import (
+    LOG_NAME,
+    SourceLock,
+    check_mountpoint,
+    check_source,
+    initialise,
+    read_lock_info,
+)
+
+log = logging.getLogger("vmtreefs")
+
+MOUNT_TIMEOUT = 300.0
+UMOUNT_TIMEOUT = 120.0
+
+
+def _setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%Y-%m-%d %H:%M:%S",
+        stream=sys.stderr,
+    )
+
+
+def _fail(error: VmtreeError) -> int:
+    print(f"vmtreefs: {error.reason} ({error.errname})", file=sys.stderr)
+    return 1
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    source = Path(args.source).resolve()
+    check_source(source)
+    lock = SourceLock(source)
+    lock.acquire(None)
+    try:
+        store, reason = initialise(source, args.engine, parse_size(args.size))
+        store.close()
+    finally:
+        lock.release()
+    print(f"initialised {source}: {reason}")
+    return 0
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    from vmtreefs.daemon import parse_mount_options, serve
+
+    source = Path(args.source).resolve()
+    mountpoint = Path(args.mountpoint).resolve()
+    options = parse_mount_options(args.options)
+    if args.foreground:
+        _setup_logging(options.debug)
+        ready_fd = args.ready_fd
+        return serve(source, mountpoint, options, ready_fd)
+    # Check what we can here, so the user sees the reason on the terminal.
+    check_source(source)
+    check_mountpoint(mountpoint)
+    probe = SourceLock(source)
+    probe.acquire(None)  # EBUSY, naming the holder, while a daemon serves SOURCE
+    probe.release()
+    return _spawn_daemon(source, mountpoint, args.options)
+
+
+def _spawn_daemon(source: Path, mountpoint: Path, option_groups: list[str]) -> int:
+    """Run the daemon in its own session, logging to SOURCE/vmtreefs.log; return once it answers."""
+    read_end, write_end = os.pipe()
+    command = [sys.executable, "-m", "vmtreefs", "mount", str(source), str(mountpoint), "-f"]
+    command += ["--ready-fd", str(write_end)]
+    for group in option_groups:
+        command += ["-o", group]
+    log_path = source / LOG_NAME
+    with open(log_path, "ab") as log_file:
+        process = subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=log_file,
+            pass_fds=(write_end,),
+            start_new_session=True,
+        )
+    os.close(write_end)
+    deadline = time.monotonic() + MOUNT_TIMEOUT
+    answer = b""
+    with os.fdopen(read_end, "rb", buffering=0) as pipe:
+        while b"\n" not in answer and time.monotonic() < deadline:
+            ready, _, _ = select.select([pipe], [], [], 1.0)
+            if ready:
+                chunk = pipe.read(64)
+                if not chunk:
+                    break
+                answer += chunk
+    if answer.startswith(b"ready"):
+        print(f"mounted {source} at {mountpoint} (pid {process.pid}, log {log_path})")
+        return 0
+    if process.poll() is None:
+        print(f"vmtreefs: the daemon did not answer in {MOUNT_TIMEOUT:.0f} s", file=sys.stderr)
+        return 1
+    print(f"vmtreefs: mount failed; the end of {log_path}:", file=sys.stderr)
+    tail = log_path.read_text(errors="replace").splitlines()[-15:]
+    for line in tail:
+        print(f"  {line}", file=sys.stderr)
+    return 1
+
+
+def _mount_source(mountpoint: Path) -> Path | None:
+    """SOURCE of the vmtreefs mounted at ``mountpoint``, from /proc/self/mountinfo."""
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            sep = fields.index("-")
+            if fields[4] == str(mountpoint) and fields[sep + 1] == "fuse.vmtreefs":
+                return Path(fields[sep + 2].replace("\\040", " "))
+    return None
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie: a daemon reparented to init may linger unreaped."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def cmd_umount(args: argparse.Namespace) -> int:
+    mountpoint = Path(args.mountpoint).resolve()
+    source = _mount_source(mountpoint)
+    if source is None:
+        raise VmtreeError(errno.EINVAL, f"{mountpoint} is not a vmtreefs mount")
+    pid = read_lock_info(source).get("pid")
+    result = subprocess.run(
+        ["fusermount3", "-u", str(mountpoint)], capture_output=True, text=True, check=False
+    )
+    if result.returncode != 0:
+        raise VmtreeError(
+            errno.EBUSY, f"cannot unmount {mountpoint}: {result.stderr.strip() or 'failed'}"
+        )
+    if isinstance(pid, int):
+        deadline = time.monotonic() + UMOUNT_TIMEOUT
+        while _running(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    print(f"unmounted {mountpoint}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vmtreefs", description="Virtual machines as directories: a FUSE filesystem."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p_init = sub.add_parser("init", help="make SOURCE a new, empty tree")
+    p_init.add_argument("source")
+    p_init.add_argument("--engine", default="auto", choices=["auto", "reflink"])
+    p_init.add_argument("--size", default="20G", help="pool size where an image is made (20G)")
+    p_init.set_defaults(func=cmd_init)
+
+    p_mount = sub.add_parser("mount", help="mount SOURCE at MOUNTPOINT")
+    p_mount.add_argument("source")
+    p_mount.add_argument("mountpoint")
+    p_mount.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
+    p_mount.add_argument(
+        "-o",
+        dest="options",
+        action="append",
+        default=[],
+        help="allow_other, engine=auto|reflink, size=20G (for an empty SOURCE), debug",
+    )
+    p_mount.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
+    p_mount.set_defaults(func=cmd_mount)
+
+    p_umount = sub.add_parser("umount", help="unmount and wait for the daemon to finish")
+    p_umount.add_argument("mountpoint")
+    p_umount.set_defaults(func=cmd_umount)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        status: int = args.func(args)
+        return status
+    except VmtreeError as e:
+        log.debug("refused", exc_info=True)
+        return _fail(e)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

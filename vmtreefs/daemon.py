@@ -1,0 +1,131 @@
+"""The mounted filesystem's process: open SOURCE, recover, serve FUSE until unmounted."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from vmtreefs.engine.select import parse_size
+from vmtreefs.errors import VmtreeError
+from vmtreefs.fs.operations import Operations
+from vmtreefs.source import SourceLock, check_mountpoint, check_source, open_source
+from vmtreefs.tree import VmTree
+
+log = logging.getLogger("vmtreefs.daemon")
+
+# Options passed on to FUSE as they are; mount(8)'s own options are dropped.
+FUSE_OPTIONS = frozenset({"allow_other", "nodev", "nosuid", "noexec", "noatime"})
+IGNORED_OPTIONS = frozenset(
+    {"rw", "dev", "suid", "exec", "atime", "relatime", "defaults", "auto", "noauto", "_netdev"}
+)
+
+
+@dataclass
+class MountOptions:
+    engine: str = "auto"
+    size: int = 20 * 1024**3
+    debug: bool = False
+    fuse: set[str] = field(default_factory=set)
+
+
+def parse_mount_options(groups: list[str]) -> MountOptions:
+    """``-o a,b=c`` groups into options; an unknown option is an error, not a silent no-op."""
+    options = MountOptions()
+    for group in groups:
+        for item in filter(None, group.split(",")):
+            key, _, value = item.partition("=")
+            if key == "engine" and value:
+                options.engine = value
+            elif key == "size" and value:
+                options.size = parse_size(value)
+            elif key == "debug" and not value:
+                options.debug = True
+            elif key in FUSE_OPTIONS and not value:
+                options.fuse.add(key)
+            elif key in IGNORED_OPTIONS or key.startswith("x-"):
+                continue
+            else:
+                raise VmtreeError(errno.EINVAL, f"unknown mount option {item!r}")
+    return options
+
+
+def fuse_options(source: Path, options: MountOptions) -> set[str]:
+    opts = {"default_permissions", "subtype=vmtreefs", *options.fuse}
+    if "," not in str(source):
+        opts.add(f"fsname={source}")
+    if options.debug:
+        opts.add("debug")
+    return opts
+
+
+def serve(source: Path, mountpoint: Path, options: MountOptions, ready_fd: int | None) -> int:
+    """Mount and serve until unmounted or signalled; returns the process exit status."""
+    source = source.resolve()
+    mountpoint = mountpoint.resolve()
+    check_source(source)
+    check_mountpoint(mountpoint)
+    lock = SourceLock(source)
+    lock.acquire(mountpoint)
+    try:
+        store, engine, reason = open_source(source, options.engine, options.size)
+        try:
+            log.info("engine: %s (%s)", engine.describe(), reason)
+            tree = VmTree(store, engine)
+            report = tree.recover()
+            log.info(
+                "recovered: %d rolled back, %d rolled forward, %d left open, %d inventory "
+                "differences",
+                len(report.rolled_back),
+                len(report.rolled_forward),
+                len(report.left_open),
+                len(report.differences),
+            )
+            ops = Operations(tree)
+            pyfuse3.init(ops, str(mountpoint), fuse_options(source, options))
+            log.info("mounted %s at %s (%d VMs)", source, mountpoint, len(tree.ns))
+            try:
+                trio.run(_run, ops, mountpoint, ready_fd)
+            finally:
+                pyfuse3.close(unmount=True)
+                log.info("unmounted %s", mountpoint)
+        finally:
+            engine.stop()
+            store.close()
+    finally:
+        lock.release()
+    return 0
+
+
+async def _run(ops: Operations, mountpoint: Path, ready_fd: int | None) -> None:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ops.run_invalidations)
+        nursery.start_soon(_stop_on_signal)
+        nursery.start_soon(_announce_ready, mountpoint, ready_fd)
+        await pyfuse3.main()
+        nursery.cancel_scope.cancel()
+
+
+async def _stop_on_signal() -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for signum in signals:
+            log.info("received %s: unmounting", signal.Signals(signum).name)
+            pyfuse3.terminate()
+            return
+
+
+async def _announce_ready(mountpoint: Path, ready_fd: int | None) -> None:
+    """Tell the waiting `vmtreefs mount` once the mount really answers a request."""
+    await trio.to_thread.run_sync(os.stat, mountpoint / ".vmtree" / "status")
+    log.info("ready: %s answers", mountpoint)
+    if ready_fd is not None:
+        try:
+            os.write(ready_fd, b"ready\n")
+        finally:
+            os.close(ready_fd)

@@ -1,0 +1,1 @@
+"""Snapshot engines: where volume data lives and how it is copied on write."""

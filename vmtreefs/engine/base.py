@@ -1,0 +1,100 @@
+"""The interface every snapshot engine implements.
+
+Volumes are named by integer ids that the store allocates and never reuses, so
+a dm-thin engine can use them as thin device ids and a file engine as file
+names. Every method is blocking: callers run them off the trio loop. Every
+refusal is an :class:`EngineError` carrying the errno the user should see.
+"""
+
+from __future__ import annotations
+
+import abc
+import os
+from dataclasses import dataclass
+from typing import ClassVar
+
+from vmtreefs.errors import VmtreeError
+
+
+class EngineError(VmtreeError):
+    """An engine refusal or failure; ``errno`` is what the user sees (ENOSPC, ENOENT, EEXIST...)."""
+
+
+@dataclass(frozen=True)
+class PoolUsage:
+    total_bytes: int
+    used_bytes: int
+
+
+class OpenVolume:
+    """A volume opened for I/O. The engine may activate a device on open and release it on close."""
+
+    def __init__(self, vol_id: int, fd: int, writable: bool) -> None:
+        self.vol_id = vol_id
+        self.fd = fd
+        self.writable = writable
+        self.closed = False
+
+    def pread(self, size: int, offset: int) -> bytes:
+        return os.pread(self.fd, size, offset)
+
+    def pwrite(self, data: bytes, offset: int) -> int:
+        return os.pwrite(self.fd, data, offset)
+
+    def fsync(self) -> None:
+        os.fsync(self.fd)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            os.close(self.fd)
+
+
+class SnapshotEngine(abc.ABC):
+    """Create, snapshot, delete, grow and open volumes; report what exists and how full it is."""
+
+    name: ClassVar[str]
+
+    @abc.abstractmethod
+    def describe(self) -> str:
+        """One line for logs and .vmtree/status, e.g. 'reflink on XFS image /s/reflink.xfs'."""
+
+    @abc.abstractmethod
+    def start(self) -> None:
+        """Make the backing storage usable (attach loop devices, mount); idempotent."""
+
+    @abc.abstractmethod
+    def stop(self) -> None:
+        """Release what start() set up; idempotent."""
+
+    @abc.abstractmethod
+    def create(self, vol_id: int, size: int) -> None:
+        """A new volume of ``size`` bytes that reads as zeros and takes no space until written."""
+
+    @abc.abstractmethod
+    def snapshot(self, src_id: int, new_id: int) -> None:
+        """A copy-on-write copy of ``src_id``; later writes to either never show in the other."""
+
+    @abc.abstractmethod
+    def delete(self, vol_id: int, missing_ok: bool = False) -> None:
+        """Remove a volume; its snapshots keep their data."""
+
+    @abc.abstractmethod
+    def resize(self, vol_id: int, new_size: int) -> None:
+        """Grow a volume; shrinking is refused with EINVAL."""
+
+    @abc.abstractmethod
+    def size(self, vol_id: int) -> int:
+        """The volume's size in bytes (ENOENT if it does not exist)."""
+
+    @abc.abstractmethod
+    def open(self, vol_id: int, writable: bool) -> OpenVolume:
+        """Open for reading (and writing when ``writable``)."""
+
+    @abc.abstractmethod
+    def inventory(self) -> dict[int, int]:
+        """Every volume the engine holds: id -> size in bytes."""
+
+    @abc.abstractmethod
+    def usage(self) -> PoolUsage:
+        """Pool capacity and bytes in use."""

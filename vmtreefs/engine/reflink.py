@@ -1,0 +1,422 @@
+"""The reflink engine: each volume is a sparse file; a snapshot is a FICLONE copy of it.
+
+Two layouts share the code. ``inplace`` keeps the files in ``SOURCE/pool`` on
+SOURCE's own filesystem (XFS or btrfs). ``xfs-image`` is for a SOURCE without
+reflink (ext4): a sparse file ``SOURCE/reflink.xfs`` formatted with reflink and
+loop-mounted at ``SOURCE/pool``.
+
+New files are built under a temporary name and hard-linked to ``vol-<id>.img``
+only when complete, so a failure or a crash never leaves a half-made volume under
+a real name; :meth:`ReflinkEngine.start` sweeps temporaries a crash left behind.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import re
+import secrets
+import subprocess
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+from vmtreefs.engine.base import EngineError, OpenVolume, PoolUsage, SnapshotEngine
+
+FICLONE = 0x40049409
+"""``_IOW(0x94, 9, int)``: clone all of the source file's extents into the destination."""
+
+LAYOUTS = ("inplace", "xfs-image")
+IMAGE_NAME = "reflink.xfs"
+POOL_NAME = "pool"
+XFS_MIN_IMAGE_SIZE = 300 * 1024 * 1024
+"""mkfs.xfs refuses smaller filesystems."""
+
+_VOL_RE = re.compile(r"vol-(0|[1-9][0-9]*)\.img")
+_TMP_PREFIX = ".tmp-vol-"
+_COMMAND_TIMEOUT = 300.0
+
+
+@dataclass(frozen=True)
+class MountEntry:
+    """One line of /proc/self/mountinfo, reduced to what the engine needs."""
+
+    mount_point: str
+    fstype: str
+    source: str
+
+
+def _unescape(field: str) -> str:
+    """mountinfo writes space, tab, newline and backslash as octal escapes."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def mounts() -> list[MountEntry]:
+    """Every mount this process sees, in mount order (a later entry covers an earlier one)."""
+    entries: list[MountEntry] = []
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            fields = line.split()
+            try:
+                sep = fields.index("-", 6)
+            except ValueError:
+                continue
+            if len(fields) < sep + 3:
+                continue
+            entries.append(
+                MountEntry(
+                    mount_point=_unescape(fields[4]),
+                    fstype=fields[sep + 1],
+                    source=_unescape(fields[sep + 2]),
+                )
+            )
+    return entries
+
+
+def mount_of(path: Path) -> MountEntry:
+    """The mount that holds ``path``: the longest mount point above it, the latest on a tie."""
+    real = os.path.realpath(path)
+    best: MountEntry | None = None
+    for entry in mounts():
+        mp = entry.mount_point
+        inside = real == mp or mp == "/" or real.startswith(mp.rstrip("/") + "/")
+        if inside and (best is None or len(mp) >= len(best.mount_point)):
+            best = entry
+    if best is None:
+        raise EngineError(errno.ENOENT, f"no mount found for {path}")
+    return best
+
+
+def filesystem_type(path: Path) -> str:
+    """The filesystem type of the mount holding ``path`` ('xfs', 'ext4', 'btrfs'...)."""
+    return mount_of(path).fstype
+
+
+def run_command(argv: Sequence[str]) -> str:
+    """Run a system tool; a failure becomes EIO with the tool's own words in the reason."""
+    cmd = " ".join(argv)
+    try:
+        done = subprocess.run(
+            list(argv),
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=_COMMAND_TIMEOUT,
+        )
+    except FileNotFoundError as e:
+        raise EngineError(errno.EIO, f"{argv[0]} not found: cannot run '{cmd}'") from e
+    except subprocess.TimeoutExpired as e:
+        raise EngineError(errno.EIO, f"'{cmd}' timed out after {e.timeout:.0f} s") from e
+    except subprocess.CalledProcessError as e:
+        detail = (e.stderr or e.stdout or "").strip() or "no message"
+        raise EngineError(
+            errno.EIO, f"'{cmd}' failed with exit status {e.returncode}: {detail}"
+        ) from e
+    return done.stdout
+
+
+def loop_devices_of(image: Path) -> list[str]:
+    """Loop devices backed by ``image`` (losetup matches by inode, so path aliases are found)."""
+    out = run_command(["losetup", "--noheadings", "--output", "NAME", "--associated", str(image)])
+    return [line.strip() for line in out.splitlines() if line.strip()]
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a name created or removed in ``directory`` survive a crash."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
+def _error(e: OSError, what: str) -> EngineError:
+    return EngineError(e.errno or errno.EIO, f"{what}: {e.strerror or e}")
+
+
+class ReflinkEngine(SnapshotEngine):
+    """Volumes as sparse files in ``SOURCE/pool``; snapshots are FICLONE copies."""
+
+    name: ClassVar[str] = "reflink"
+
+    def __init__(self, source: Path, layout: str, image_size: int | None = None) -> None:
+        if layout not in LAYOUTS:
+            raise EngineError(
+                errno.EINVAL, f"unknown reflink layout {layout!r} (expected one of {LAYOUTS})"
+            )
+        self.source = Path(source)
+        self.layout = layout
+        self.image_size = image_size
+        self.pool = self.source / POOL_NAME
+        self.image = self.source / IMAGE_NAME
+        self._started = False
+
+    # -- set-up ---------------------------------------------------------------
+
+    @classmethod
+    def initialise(cls, source: Path, layout: str, image_size: int | None = None) -> ReflinkEngine:
+        """Prepare an empty SOURCE for ``layout``; returns the engine, not started yet."""
+        engine = cls(source, layout, image_size)
+        if not engine.source.is_dir():
+            raise EngineError(errno.ENOENT, f"SOURCE {source} is not a directory")
+        if layout == "inplace":
+            engine.pool.mkdir(exist_ok=True)
+            _fsync_dir(engine.source)
+            return engine
+        if image_size is None or image_size < XFS_MIN_IMAGE_SIZE:
+            raise EngineError(
+                errno.EINVAL,
+                f"an XFS image needs a size of at least {_gib(XFS_MIN_IMAGE_SIZE)}, "
+                f"got {image_size}",
+            )
+        try:
+            fd = os.open(engine.image, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            raise _error(e, f"create XFS image {engine.image}") from e
+        try:
+            try:
+                os.ftruncate(fd, image_size)
+            finally:
+                os.close(fd)
+            run_command(["mkfs.xfs", "-q", "-m", "reflink=1", str(engine.image)])
+            engine.pool.mkdir(exist_ok=True)
+            _fsync_dir(engine.source)
+        except BaseException:
+            engine.image.unlink(missing_ok=True)
+            raise
+        return engine
+
+    def describe(self) -> str:
+        if self.layout == "inplace":
+            return f"reflink in place on {self.pool} ({filesystem_type(self.source)})"
+        size = self.image_size
+        if size is None:
+            try:
+                size = self.image.stat().st_size
+            except OSError:
+                size = 0
+        return f"reflink on XFS image {self.image} ({_gib(size)}) mounted at {self.pool}"
+
+    def _pool_mount(self) -> MountEntry | None:
+        """The mount on top of the pool directory, if it is a mount point at all."""
+        pool = os.path.realpath(self.pool)
+        found: MountEntry | None = None
+        for entry in mounts():
+            if entry.mount_point == pool:
+                found = entry
+        return found
+
+    def _mounted_here(self) -> bool:
+        """Whether the pool directory is a mount of our image (a loop device backed by it)."""
+        entry = self._pool_mount()
+        return entry is not None and entry.source in loop_devices_of(self.image)
+
+    def start(self) -> None:
+        """Mount the image (reusing a mount a killed daemon left) or make the pool directory."""
+        if self.layout == "inplace":
+            try:
+                self.pool.mkdir(exist_ok=True)
+            except OSError as e:
+                raise _error(e, f"create pool directory {self.pool}") from e
+        else:
+            if not self.image.is_file():
+                raise EngineError(errno.ENOENT, f"XFS image {self.image} is missing")
+            self.pool.mkdir(exist_ok=True)
+            entry = self._pool_mount()
+            if entry is None:
+                run_command(["mount", "-t", "xfs", "-o", "loop", str(self.image), str(self.pool)])
+            elif entry.source not in loop_devices_of(self.image):
+                raise EngineError(
+                    errno.EBUSY,
+                    f"{self.pool} is already a mount point of {entry.source} ({entry.fstype}), "
+                    f"not of {self.image}",
+                )
+        self._sweep_temporaries()
+        self._started = True
+
+    def stop(self) -> None:
+        """Unmount the image and make sure no loop device for it is left attached."""
+        self._started = False
+        if self.layout == "inplace":
+            return
+        # A killed daemon restarted twice could have stacked mounts: peel them all.
+        for _ in range(8):
+            if not self._mounted_here():
+                break
+            run_command(["umount", str(self.pool)])
+        if not self.image.exists():
+            return
+        for dev in loop_devices_of(self.image):
+            run_command(["losetup", "--detach", dev])
+        left = loop_devices_of(self.image)
+        if left:
+            raise EngineError(
+                errno.EIO, f"loop devices {', '.join(left)} still hold {self.image} after stop"
+            )
+
+    def _sweep_temporaries(self) -> None:
+        """Remove the half-made files of an operation a crash interrupted."""
+        try:
+            names = os.listdir(self.pool)
+        except OSError as e:
+            raise _error(e, f"list pool {self.pool}") from e
+        removed = False
+        for name in names:
+            if name.startswith(_TMP_PREFIX):
+                (self.pool / name).unlink(missing_ok=True)
+                removed = True
+        if removed:
+            _fsync_dir(self.pool)
+
+    def _require_started(self) -> None:
+        """Refuse I/O before start(): it would land in the empty directory under the mount."""
+        if not self._started:
+            raise EngineError(errno.EIO, f"reflink engine on {self.source} is not started")
+        if self.layout == "xfs-image" and not os.path.ismount(self.pool):
+            raise EngineError(errno.EIO, f"XFS image is no longer mounted at {self.pool}")
+
+    # -- volumes --------------------------------------------------------------
+
+    def path(self, vol_id: int) -> Path:
+        """Where the volume's file lives (given to libvirt as the disk path)."""
+        if isinstance(vol_id, bool) or not isinstance(vol_id, int) or vol_id < 0:
+            raise EngineError(errno.EINVAL, f"bad volume id {vol_id!r}")
+        return self.pool / f"vol-{vol_id}.img"
+
+    def _temporary(self, vol_id: int) -> Path:
+        return self.pool / f"{_TMP_PREFIX}{vol_id}-{os.getpid()}-{secrets.token_hex(4)}.img"
+
+    def _build(self, vol_id: int, fill: Callable[[int], None], what: str) -> None:
+        """Make a file under a temporary name, then give it its real name only if complete."""
+        final = self.path(vol_id)
+        if os.path.lexists(final):
+            raise EngineError(errno.EEXIST, f"{what}: volume {vol_id} already exists")
+        tmp = self._temporary(vol_id)
+        try:
+            fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            raise _error(e, what) from e
+        try:
+            try:
+                fill(fd)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            # link() refuses to replace an existing name, unlike rename().
+            os.link(tmp, final)
+        except OSError as e:
+            raise _error(e, what) from e
+        finally:
+            tmp.unlink(missing_ok=True)
+            _fsync_dir(self.pool)
+
+    def create(self, vol_id: int, size: int) -> None:
+        self._require_started()
+        if size < 0:
+            raise EngineError(errno.EINVAL, f"create volume {vol_id}: negative size {size}")
+
+        def fill(fd: int) -> None:
+            os.ftruncate(fd, size)
+
+        self._build(vol_id, fill, f"create volume {vol_id}")
+
+    def snapshot(self, src_id: int, new_id: int) -> None:
+        self._require_started()
+        what = f"snapshot volume {src_id} as {new_id}"
+        try:
+            src_fd = os.open(self.path(src_id), os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise _error(e, what) from e
+        try:
+
+            def fill(fd: int) -> None:
+                fcntl.ioctl(fd, FICLONE, src_fd)
+
+            self._build(new_id, fill, what)
+        finally:
+            os.close(src_fd)
+
+    def delete(self, vol_id: int, missing_ok: bool = False) -> None:
+        self._require_started()
+        try:
+            os.unlink(self.path(vol_id))
+        except FileNotFoundError as e:
+            if missing_ok:
+                return
+            raise _error(e, f"delete volume {vol_id}") from e
+        except OSError as e:
+            raise _error(e, f"delete volume {vol_id}") from e
+        _fsync_dir(self.pool)
+
+    def resize(self, vol_id: int, new_size: int) -> None:
+        self._require_started()
+        what = f"resize volume {vol_id} to {new_size} bytes"
+        if new_size < 0:
+            raise EngineError(errno.EINVAL, f"{what}: negative size")
+        try:
+            fd = os.open(self.path(vol_id), os.O_WRONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise _error(e, what) from e
+        try:
+            current = os.fstat(fd).st_size
+            if new_size < current:
+                raise EngineError(errno.EINVAL, f"{what}: volumes only grow (now {current})")
+            if new_size > current:
+                os.ftruncate(fd, new_size)
+                os.fsync(fd)
+        except OSError as e:
+            raise _error(e, what) from e
+        finally:
+            os.close(fd)
+
+    def size(self, vol_id: int) -> int:
+        self._require_started()
+        try:
+            return os.stat(self.path(vol_id)).st_size
+        except OSError as e:
+            raise _error(e, f"size of volume {vol_id}") from e
+
+    def open(self, vol_id: int, writable: bool) -> OpenVolume:
+        self._require_started()
+        flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC
+        try:
+            fd = os.open(self.path(vol_id), flags)
+        except OSError as e:
+            raise _error(e, f"open volume {vol_id}") from e
+        return OpenVolume(vol_id, fd, writable)
+
+    def inventory(self) -> dict[int, int]:
+        self._require_started()
+        found: dict[int, int] = {}
+        try:
+            with os.scandir(self.pool) as it:
+                for entry in it:
+                    m = _VOL_RE.fullmatch(entry.name)
+                    if m is None:
+                        continue
+                    try:
+                        st = entry.stat(follow_symlinks=False)
+                    except FileNotFoundError:
+                        continue  # deleted while we looked
+                    if entry.is_file(follow_symlinks=False):
+                        found[int(m.group(1))] = st.st_size
+        except OSError as e:
+            raise _error(e, f"list pool {self.pool}") from e
+        return found
+
+    def usage(self) -> PoolUsage:
+        self._require_started()
+        try:
+            st = os.statvfs(self.pool)
+        except OSError as e:
+            raise _error(e, f"statvfs {self.pool}") from e
+        return PoolUsage(
+            total_bytes=st.f_blocks * st.f_frsize,
+            used_bytes=(st.f_blocks - st.f_bfree) * st.f_frsize,
+        )

@@ -1,0 +1,106 @@
+"""Inode numbers derived from store ids, so they are stable across remounts.
+
+The store never reuses a VM or volume id, so an inode number names one object
+for the life of the tree and the kernel never sees a number change meaning.
+Decoding is pure arithmetic; the filesystem then asks the namespace whether the
+object still exists.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+ROOT = 1
+CONTROL_DIR = 2
+CONTROL_STATUS = 3
+CONTROL_EVENTS = 4
+CONTROL_CTL = 5
+CONTROL_VOLATILE = 6
+
+CONTROL_DIR_NAME = ".vmtree"
+CONTROL_FILES: dict[str, int] = {
+    "ctl": CONTROL_CTL,
+    "events": CONTROL_EVENTS,
+    "status": CONTROL_STATUS,
+    "volatile": CONTROL_VOLATILE,
+}
+
+_VM_BASE = 1 << 32
+_VM_STRIDE = 16
+_VOLUME_BASE = 1 << 52
+_VOLUME_STRIDE = 4
+
+
+class VmEntry(enum.IntEnum):
+    """The fixed entries of a VM's directory; the value is the inode offset."""
+
+    DIR = 0
+    CTL = 1
+    STATE = 2
+    CLONES = 3
+    VOLUMES = 4
+    SAVESTATES = 5
+    VERSIONS = 6
+
+
+VM_DIR_ENTRIES: dict[str, VmEntry] = {
+    "ctl": VmEntry.CTL,
+    "state": VmEntry.STATE,
+    "clones": VmEntry.CLONES,
+    "volumes": VmEntry.VOLUMES,
+    "savestates": VmEntry.SAVESTATES,
+    "versions": VmEntry.VERSIONS,
+}
+VM_SUBDIRS = frozenset({VmEntry.CLONES, VmEntry.VOLUMES, VmEntry.SAVESTATES, VmEntry.VERSIONS})
+
+
+class VolumeEntry(enum.IntEnum):
+    FILE = 0
+
+
+@dataclass(frozen=True)
+class Control:
+    inode: int
+
+
+@dataclass(frozen=True)
+class VmNode:
+    vm_id: int
+    entry: VmEntry
+
+
+@dataclass(frozen=True)
+class VolumeNode:
+    volume_id: int
+    entry: VolumeEntry
+
+
+Node = Control | VmNode | VolumeNode
+
+
+def vm_inode(vm_id: int, entry: VmEntry = VmEntry.DIR) -> int:
+    return _VM_BASE + vm_id * _VM_STRIDE + entry
+
+
+def volume_inode(volume_id: int, entry: VolumeEntry = VolumeEntry.FILE) -> int:
+    return _VOLUME_BASE + volume_id * _VOLUME_STRIDE + entry
+
+
+def decode(inode: int) -> Node | None:
+    """What an inode number names, or None for a number we never hand out."""
+    if inode >= _VOLUME_BASE:
+        volume_id, rest = divmod(inode - _VOLUME_BASE, _VOLUME_STRIDE)
+        try:
+            return VolumeNode(volume_id, VolumeEntry(rest))
+        except ValueError:
+            return None
+    if inode >= _VM_BASE:
+        vm_id, rest = divmod(inode - _VM_BASE, _VM_STRIDE)
+        try:
+            return VmNode(vm_id, VmEntry(rest))
+        except ValueError:
+            return None
+    if ROOT <= inode <= CONTROL_VOLATILE:
+        return Control(inode)
+    return None

@@ -1,0 +1,642 @@
+"""pyfuse3 request handlers: a thin translation between file operations and the tree.
+
+Each handler decodes inode numbers into tree objects, calls the tree, and turns
+refusals into errno. Only :class:`pyfuse3.FUSEError` may leave a handler (any
+other exception would end the filesystem), so every handler goes through
+:func:`handler`, which logs the reason of each refusal where an administrator
+reads it.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import itertools
+import logging
+import os
+import stat
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Concatenate, ParamSpec, TypeVar
+
+import pyfuse3
+import trio
+
+from vmtreefs import commands
+from vmtreefs.engine.base import OpenVolume
+from vmtreefs.errors import VmtreeError
+from vmtreefs.fs import inodes
+from vmtreefs.fs.inodes import (
+    CONTROL_CTL,
+    CONTROL_DIR,
+    CONTROL_DIR_NAME,
+    CONTROL_EVENTS,
+    CONTROL_FILES,
+    CONTROL_STATUS,
+    CONTROL_VOLATILE,
+    ROOT,
+    Control,
+    VmEntry,
+    VmNode,
+    VolumeNode,
+)
+from vmtreefs.model import Vm, Volume
+from vmtreefs.tree import VmTree
+
+log = logging.getLogger("vmtreefs.fs")
+
+ATTR_TIMEOUT = 1.0
+ENTRY_TIMEOUT = 1.0
+BLOCK_SIZE = 4096
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, bytes):
+        text = value.decode("utf-8", "backslashreplace")
+        return repr(text if len(text) <= 40 else text[:40] + "...")
+    return str(value)
+
+
+def handler(
+    operation: str, quiet: frozenset[int] = frozenset()
+) -> Callable[
+    [Callable[Concatenate[Operations, P], Coroutine[Any, Any, R]]],
+    Callable[Concatenate[Operations, P], Coroutine[Any, Any, R]],
+]:
+    """Let only FUSEError out; log each refusal (except the expected ``quiet`` ones)."""
+
+    def decorate(
+        fn: Callable[Concatenate[Operations, P], Coroutine[Any, Any, R]],
+    ) -> Callable[Concatenate[Operations, P], Coroutine[Any, Any, R]]:
+        async def wrapper(self: Operations, /, *args: P.args, **kwargs: P.kwargs) -> R:
+            try:
+                return await fn(self, *args, **kwargs)
+            except pyfuse3.FUSEError:
+                raise
+            except VmtreeError as e:
+                if e.errno not in quiet:
+                    what = " ".join([operation, *(_short(a) for a in args if isinstance(a, bytes))])
+                    self.tree.refused(what, e)
+                raise pyfuse3.FUSEError(e.errno) from None
+            except OSError as e:
+                code = e.errno or errno.EIO
+                log.warning("%s failed: %s", operation, e)
+                self.tree.events.add(f"failed {operation}: {e.strerror or e}")
+                raise pyfuse3.FUSEError(code) from None
+            except Exception:
+                log.exception("%s failed with an unexpected error; answering EIO", operation)
+                raise pyfuse3.FUSEError(errno.EIO) from None
+
+        functools.update_wrapper(wrapper, fn)
+        return wrapper
+
+    return decorate
+
+
+def refuse(errno_: int, reason: str) -> VmtreeError:
+    return VmtreeError(errno_, reason)
+
+
+# Open files
+
+
+@dataclass
+class VolumeHandle:
+    volume: OpenVolume
+
+
+@dataclass
+class ContentHandle:
+    """A read-only virtual file whose text is fixed when it is opened, so reads are consistent."""
+
+    data: bytes
+
+
+@dataclass
+class CtlHandle:
+    """A control file: each write is a command; reading returns the result of the last one."""
+
+    vm_id: int | None
+    result: bytes = b""
+    lock: trio.Lock = field(default_factory=trio.Lock)
+
+
+Handle = VolumeHandle | ContentHandle | CtlHandle
+
+
+class Operations(pyfuse3.Operations):
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+
+    def __init__(self, tree: VmTree, uid: int | None = None, gid: int | None = None) -> None:
+        super().__init__()
+        self.tree = tree
+        self.uid = os.getuid() if uid is None else uid
+        self.gid = os.getgid() if gid is None else gid
+        self.mount_time_ns = time.time_ns()
+        self.lookup_counts: dict[int, int] = {}
+        self.handles: dict[int, Handle] = {}
+        self._fh_counter = itertools.count(1)
+        self.volume_mtimes: dict[int, int] = {}
+        self._invalidate_send, self._invalidate_receive = trio.open_memory_channel[int](1000)
+
+    # Invalidation: done after the reply, from a task of its own, never inside a handler.
+
+    def invalidate_later(self, inode: int) -> None:
+        """Ask the kernel to drop cached attributes of ``inode`` once this request is answered."""
+        try:
+            self._invalidate_send.send_nowait(inode)
+        except trio.WouldBlock:
+            log.debug("invalidation queue full; inode %d relies on the attribute timeout", inode)
+
+    async def run_invalidations(self) -> None:
+        async for inode in self._invalidate_receive:
+            if inode not in self.lookup_counts:
+                continue
+            try:
+                await trio.to_thread.run_sync(
+                    functools.partial(pyfuse3.invalidate_inode, inode, attr_only=True)
+                )
+            except OSError as e:
+                if e.errno != errno.ENOENT:
+                    log.debug("invalidating inode %d: %s", inode, e)
+
+    # Resolution of inodes
+
+    def _vm(self, vm_id: int) -> Vm:
+        vm = self.tree.ns.by_id.get(vm_id)
+        if vm is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return vm
+
+    def _volume(self, volume_id: int) -> tuple[Vm, Volume]:
+        try:
+            return self.tree.ns.volume_by_id(volume_id)
+        except VmtreeError:
+            raise pyfuse3.FUSEError(errno.ENOENT) from None
+
+    def _node(self, inode: int) -> inodes.Node:
+        node = inodes.decode(inode)
+        if node is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        if isinstance(node, VmNode):
+            self._vm(node.vm_id)
+        elif isinstance(node, VolumeNode):
+            self._volume(node.volume_id)
+        return node
+
+    def _parent_of(self, inode: int) -> int:
+        node = self._node(inode)
+        if isinstance(node, Control):
+            return ROOT if inode in (ROOT, CONTROL_DIR) else CONTROL_DIR
+        if isinstance(node, VmNode):
+            return ROOT if node.entry == VmEntry.DIR else inodes.vm_inode(node.vm_id)
+        vm, _ = self._volume(node.volume_id)
+        return inodes.vm_inode(vm.id, VmEntry.VOLUMES)
+
+    # Attributes
+
+    def _attributes(self, inode: int) -> pyfuse3.EntryAttributes:
+        node = self._node(inode)
+        attr = pyfuse3.EntryAttributes()
+        attr.st_ino = inode
+        attr.generation = 0
+        attr.entry_timeout = ENTRY_TIMEOUT
+        attr.attr_timeout = ATTR_TIMEOUT
+        attr.st_uid = self.uid
+        attr.st_gid = self.gid
+        attr.st_blksize = BLOCK_SIZE
+        attr.st_nlink = 1
+        attr.st_size = 0
+        time_ns = self.mount_time_ns
+        directory = False
+        if isinstance(node, Control):
+            if inode == ROOT:
+                directory = True
+                attr.st_nlink = 3 + len(self.tree.ns)
+            elif inode == CONTROL_DIR:
+                directory = True
+                attr.st_nlink = 2
+            elif inode == CONTROL_CTL:
+                attr.st_mode = stat.S_IFREG | 0o600
+            else:
+                attr.st_mode = stat.S_IFREG | 0o444
+        elif isinstance(node, VmNode):
+            vm = self._vm(node.vm_id)
+            time_ns = int(vm.created * 1e9)
+            if node.entry == VmEntry.DIR:
+                directory = True
+                attr.st_nlink = 2 + len(inodes.VM_SUBDIRS)
+            elif node.entry in inodes.VM_SUBDIRS:
+                directory = True
+                attr.st_nlink = 2
+            elif node.entry == VmEntry.CTL:
+                attr.st_mode = stat.S_IFREG | 0o600
+            else:
+                attr.st_mode = stat.S_IFREG | 0o444
+                attr.st_size = len(self._state_text(vm))
+        else:
+            _, volume = self._volume(node.volume_id)
+            attr.st_mode = stat.S_IFREG | 0o600
+            attr.st_size = volume.size
+            # Allocation is the engine's business (and shared between snapshots); a
+            # zero here tells cp and rsync the file may be sparse, which it usually is.
+            attr.st_blocks = 0
+            time_ns = self.volume_mtimes.get(volume.id, int(volume.created * 1e9))
+        if directory:
+            attr.st_mode = stat.S_IFDIR | 0o755
+        attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = time_ns
+        return attr
+
+    def _state_text(self, vm: Vm) -> bytes:
+        return f"{vm.state}\n".encode()
+
+    def _entry(self, inode: int) -> pyfuse3.EntryAttributes:
+        """Attributes for a reply that gives the kernel a new reference (lookup, mkdir, create)."""
+        attr = self._attributes(inode)
+        self.lookup_counts[inode] = self.lookup_counts.get(inode, 0) + 1
+        return attr
+
+    # Directory contents: (inode, name) sorted by inode, so readdir offsets stay stable.
+
+    def _children(self, inode: int) -> list[tuple[int, str]]:
+        node = self._node(inode)
+        entries: list[tuple[int, str]]
+        if isinstance(node, Control):
+            if inode == ROOT:
+                entries = [(CONTROL_DIR, CONTROL_DIR_NAME)]
+                entries += [(inodes.vm_inode(vm.id), vm.name) for vm in self.tree.ns.by_id.values()]
+            elif inode == CONTROL_DIR:
+                entries = [(ino, name) for name, ino in CONTROL_FILES.items()]
+            else:
+                raise pyfuse3.FUSEError(errno.ENOTDIR)
+        elif isinstance(node, VmNode):
+            if node.entry == VmEntry.DIR:
+                entries = [
+                    (inodes.vm_inode(node.vm_id, entry), name)
+                    for name, entry in inodes.VM_DIR_ENTRIES.items()
+                ]
+            elif node.entry == VmEntry.VOLUMES:
+                vm = self._vm(node.vm_id)
+                entries = [(inodes.volume_inode(v.id), v.filename) for v in vm.volumes.values()]
+            elif node.entry in inodes.VM_SUBDIRS:
+                entries = []
+            else:
+                raise pyfuse3.FUSEError(errno.ENOTDIR)
+        else:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        entries.sort()
+        return entries
+
+    def _child(self, parent: int, name: str) -> int:
+        """The inode of ``name`` in ``parent``; ENOENT when there is none."""
+        if name == ".":
+            self._node(parent)
+            return parent
+        if name == "..":
+            return self._parent_of(parent)
+        node = self._node(parent)
+        if parent == ROOT:
+            if name == CONTROL_DIR_NAME:
+                return CONTROL_DIR
+            vm = self.tree.ns.by_name.get(name)
+            if vm is not None:
+                return inodes.vm_inode(vm.id)
+        elif parent == CONTROL_DIR:
+            if name in CONTROL_FILES:
+                return CONTROL_FILES[name]
+        elif isinstance(node, VmNode):
+            if node.entry == VmEntry.DIR:
+                entry = inodes.VM_DIR_ENTRIES.get(name)
+                if entry is not None:
+                    return inodes.vm_inode(node.vm_id, entry)
+            elif node.entry == VmEntry.VOLUMES:
+                vm = self._vm(node.vm_id)
+                if name.endswith(".img"):
+                    volume = vm.volumes.get(name[: -len(".img")])
+                    if volume is not None:
+                        return inodes.volume_inode(volume.id)
+            elif node.entry not in inodes.VM_SUBDIRS:
+                raise pyfuse3.FUSEError(errno.ENOTDIR)
+        else:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        raise pyfuse3.FUSEError(errno.ENOENT)
+
+    # Handlers: lookup and attributes
+
+    @handler("lookup", quiet=frozenset({errno.ENOENT}))
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        return self._entry(self._child(parent_inode, os.fsdecode(name)))
+
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        for inode, count in inode_list:
+            left = self.lookup_counts.get(inode, 0) - count
+            if left > 0:
+                self.lookup_counts[inode] = left
+            else:
+                self.lookup_counts.pop(inode, None)
+
+    @handler("getattr")
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._attributes(inode)
+
+    @handler("setattr")
+    async def setattr(
+        self,
+        inode: int,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: int | None,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        node = self._node(inode)
+        if fields.update_mode or fields.update_uid or fields.update_gid:
+            raise refuse(errno.EPERM, "chmod and chown are not allowed on vmtreefs entries")
+        if fields.update_size:
+            if isinstance(node, VolumeNode):
+                await self.tree.resize_volume(node.volume_id, attr.st_size)
+            elif inode == CONTROL_CTL or (isinstance(node, VmNode) and node.entry == VmEntry.CTL):
+                pass  # "echo cmd > ctl" truncates first: a control file has nothing to truncate.
+            else:
+                raise refuse(errno.EACCES, "only volumes can be truncated")
+        if fields.update_mtime and isinstance(node, VolumeNode):
+            self.volume_mtimes[node.volume_id] = attr.st_mtime_ns
+        return self._attributes(inode)
+
+    @handler("readlink")
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        self._node(inode)
+        raise refuse(errno.EINVAL, "not a symbolic link")
+
+    # Directories
+
+    @handler("opendir")
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        self._children(inode)  # ENOTDIR / ENOENT now rather than at readdir
+        return inode
+
+    @handler("readdir")
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        for inode, name in self._children(fh):
+            if inode <= start_id:
+                continue
+            if not pyfuse3.readdir_reply(token, os.fsencode(name), self._attributes(inode), inode):
+                break
+
+    async def releasedir(self, fh: int) -> None:
+        pass
+
+    @handler("mkdir")
+    async def mkdir(
+        self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        node = self._node(parent_inode)
+        if parent_inode == ROOT:
+            vm = await self.tree.create_vm(name)
+            return self._entry(inodes.vm_inode(vm.id))
+        if isinstance(node, VmNode) and node.entry in (
+            VmEntry.CLONES,
+            VmEntry.SAVESTATES,
+            VmEntry.VERSIONS,
+        ):
+            what = {
+                VmEntry.CLONES: "linked clones (mkdir in clones/)",
+                VmEntry.SAVESTATES: "savestates (mkdir in savestates/)",
+                VmEntry.VERSIONS: "versions (made by commits, not by mkdir)",
+            }[node.entry]
+            raise refuse(errno.EINVAL, f"{what} are not available in this version of vmtreefs")
+        raise refuse(errno.EPERM, "new directories can only be made at the top level (VMs)")
+
+    @handler("rmdir")
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        text = os.fsdecode(name)
+        inode = self._child(parent_inode, text)
+        node = self._node(inode)
+        if isinstance(node, VmNode) and node.entry == VmEntry.DIR:
+            await self.tree.delete_vm(node.vm_id)
+            return
+        if inode == CONTROL_DIR or (isinstance(node, VmNode) and node.entry in inodes.VM_SUBDIRS):
+            raise refuse(errno.EPERM, f"{text!r} is part of the fixed layout and cannot be removed")
+        raise refuse(errno.ENOTDIR, f"{text!r} is not a directory")
+
+    # Files
+
+    @handler("unlink")
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        text = os.fsdecode(name)
+        inode = self._child(parent_inode, text)
+        node = self._node(inode)
+        if isinstance(node, VolumeNode):
+            await self.tree.delete_volume(node.volume_id)
+            return
+        if (isinstance(node, VmNode) and node.entry == VmEntry.DIR) or inode == CONTROL_DIR:
+            raise refuse(errno.EISDIR, f"{text!r} is a directory")
+        raise refuse(errno.EPERM, f"{text!r} is part of the fixed layout and cannot be removed")
+
+    @handler("rename")
+    async def rename(
+        self,
+        parent_inode_old: int,
+        name_old: bytes,
+        parent_inode_new: int,
+        name_new: bytes,
+        flags: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> None:
+        if flags & pyfuse3.RENAME_EXCHANGE:
+            raise refuse(errno.EINVAL, "exchanging two entries is not supported")
+        old_text = os.fsdecode(name_old)
+        inode = self._child(parent_inode_old, old_text)
+        node = self._node(inode)
+        movable = isinstance(node, VolumeNode) or (
+            isinstance(node, VmNode) and node.entry == VmEntry.DIR
+        )
+        if not movable:
+            raise refuse(errno.EPERM, f"{old_text!r} is part of the fixed layout")
+        if parent_inode_old != parent_inode_new:
+            raise refuse(
+                errno.EINVAL,
+                "a VM can only be renamed within the top level, a volume within its volumes/",
+            )
+        if isinstance(node, VolumeNode):
+            await self.tree.rename_volume(node.volume_id, name_new)
+        elif isinstance(node, VmNode):
+            await self.tree.rename_vm(node.vm_id, name_new)
+
+    @handler("create")
+    async def create(
+        self,
+        parent_inode: int,
+        name: bytes,
+        mode: int,
+        flags: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        node = self._node(parent_inode)
+        if not (isinstance(node, VmNode) and node.entry == VmEntry.VOLUMES):
+            raise refuse(
+                errno.EPERM, "regular files can only be made in a VM's volumes/ (as NAME.img)"
+            )
+        vm_id = node.vm_id
+        volume = await self.tree.create_volume(vm_id, name)
+        opened = await self.tree.open_volume(volume.id, writable=True)
+        fh = self._add_handle(VolumeHandle(opened))
+        return pyfuse3.FileInfo(fh=fh), self._entry(inodes.volume_inode(volume.id))
+
+    def _add_handle(self, handle: Handle) -> int:
+        fh = next(self._fh_counter)
+        self.handles[fh] = handle
+        return fh
+
+    def _handle(self, fh: int) -> Handle:
+        try:
+            return self.handles[fh]
+        except KeyError:
+            raise pyfuse3.FUSEError(errno.EBADF) from None
+
+    @handler("open")
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        node = self._node(inode)
+        writable = (flags & os.O_ACCMODE) != os.O_RDONLY
+        if isinstance(node, VolumeNode):
+            opened = await self.tree.open_volume(node.volume_id, writable)
+            return pyfuse3.FileInfo(fh=self._add_handle(VolumeHandle(opened)))
+        handle: Handle
+        if inode == CONTROL_CTL:
+            handle = CtlHandle(None)
+        elif isinstance(node, VmNode) and node.entry == VmEntry.CTL:
+            handle = CtlHandle(node.vm_id)
+        else:
+            if writable:
+                raise refuse(errno.EACCES, "this file is read-only")
+            handle = ContentHandle(await self._content(inode))
+        return pyfuse3.FileInfo(fh=self._add_handle(handle), direct_io=True)
+
+    async def _content(self, inode: int) -> bytes:
+        node = self._node(inode)
+        if inode == CONTROL_STATUS:
+            return (await self.tree.status_text()).encode()
+        if inode == CONTROL_EVENTS:
+            return self.tree.events.text().encode()
+        if inode == CONTROL_VOLATILE:
+            return b""
+        if isinstance(node, VmNode) and node.entry == VmEntry.STATE:
+            return self._state_text(self._vm(node.vm_id))
+        raise refuse(errno.EISDIR, "not a regular file")
+
+    @handler("read")
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        handle = self._handle(fh)
+        if isinstance(handle, VolumeHandle):
+            return await self.tree.read_volume(handle.volume, off, size)
+        data = handle.data if isinstance(handle, ContentHandle) else handle.result
+        return data[off : off + size]
+
+    @handler("write")
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        handle = self._handle(fh)
+        if isinstance(handle, VolumeHandle):
+            _, volume = self._volume(handle.volume.vol_id)
+            size_before = volume.size
+            written = await self.tree.write_volume(handle.volume, off, buf)
+            self.volume_mtimes[volume.id] = time.time_ns()
+            if volume.size != size_before:
+                # Other open files and cached stat results still hold the old size.
+                self.invalidate_later(inodes.volume_inode(volume.id))
+            return written
+        if isinstance(handle, CtlHandle):
+            async with handle.lock:
+                handle.result = b""
+                vm = None if handle.vm_id is None else self._vm(handle.vm_id)
+                known = commands.GLOBAL_COMMANDS if vm is None else commands.VM_COMMANDS
+                command = commands.parse_command(buf, known)
+                self.tree.check_command(vm, str(command))
+            return len(buf)
+        raise pyfuse3.FUSEError(errno.EBADF)
+
+    @handler("flush")
+    async def flush(self, fh: int) -> None:
+        self._handle(fh)
+
+    @handler("fsync")
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        handle = self._handle(fh)
+        if isinstance(handle, VolumeHandle):
+            await trio.to_thread.run_sync(handle.volume.fsync)
+
+    @handler("release")
+    async def release(self, fh: int) -> None:
+        handle = self.handles.pop(fh, None)
+        if isinstance(handle, VolumeHandle):
+            await trio.to_thread.run_sync(handle.volume.close)
+
+    # What this filesystem never allows, or not yet
+
+    @handler("symlink")
+    async def symlink(
+        self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        self._node(parent_inode)
+        raise refuse(errno.EINVAL, "aliases (symlinks) are not available in this version")
+
+    @handler("link")
+    async def link(
+        self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        raise refuse(errno.EPERM, "hard links are never allowed")
+
+    @handler("mknod")
+    async def mknod(
+        self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        raise refuse(errno.EPERM, "device nodes, fifos and sockets are never allowed")
+
+    # Extended attributes: properties come with a later version.
+
+    @handler("listxattr")
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> Sequence[bytes]:
+        self._node(inode)
+        return []
+
+    @handler("getxattr", quiet=frozenset({errno.ENODATA}))
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        self._node(inode)
+        raise refuse(pyfuse3.ENOATTR, f"no attribute {os.fsdecode(name)!r}")
+
+    @handler("setxattr")
+    async def setxattr(
+        self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
+    ) -> None:
+        self._node(inode)
+        raise refuse(
+            errno.ENOTSUP,
+            f"attribute {os.fsdecode(name)!r} is not supported "
+            "(properties come in a later version)",
+        )
+
+    @handler("removexattr")
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._node(inode)
+        raise refuse(errno.ENOTSUP, f"attribute {os.fsdecode(name)!r} cannot be removed")
+
+    @handler("statfs")
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        usage = await trio.to_thread.run_sync(self.tree.engine.usage)
+        data = pyfuse3.StatvfsData()
+        data.f_bsize = BLOCK_SIZE
+        data.f_frsize = BLOCK_SIZE
+        data.f_blocks = usage.total_bytes // BLOCK_SIZE
+        data.f_bfree = max(0, usage.total_bytes - usage.used_bytes) // BLOCK_SIZE
+        data.f_bavail = data.f_bfree
+        inodes_used = len(self.tree.ns) + self.tree.ns.volume_count()
+        data.f_files = inodes_used + 1_000_000
+        data.f_ffree = 1_000_000
+        data.f_favail = data.f_ffree
+        data.f_namemax = 255
+        return data

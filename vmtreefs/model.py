@@ -1,0 +1,382 @@
+"""The rules of the tree, with no I/O.
+
+Every check that decides whether an operation may happen, and what it turns
+into, lives here, so the rules can be tested exhaustively without a kernel, a
+database or an engine. The orchestrator (``tree``) asks for a *plan*, carries
+it out with the store and the engine, then *applies* it here.
+
+The namespace is held in memory as :class:`Namespace`. Plans reserve the names
+they will create, so two racing ``mkdir`` of one name cannot both succeed even
+while the first one is still waiting on the engine.
+"""
+
+from __future__ import annotations
+
+import errno
+import re
+from dataclasses import dataclass, field
+
+from vmtreefs.errors import VmtreeError
+
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+TiB = 1024 * GiB
+
+MAX_NAME_CHARS = 64
+MAX_NAME_BYTES = 255
+SECTOR = 512
+MAX_VOLUME_SIZE = 16 * TiB
+VOLUME_SUFFIX = ".img"
+
+_NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9_-]*\Z")
+_RESERVED_SUFFIX_RE = re.compile(r"-(next|v[0-9]+|inst[0-9]+|disp[0-9]+)\Z")
+
+POLICIES = ("persistent", "template", "volatile")
+VM_STATES = ("halted", "starting", "running", "paused", "saved", "stopping")
+
+
+class ModelError(VmtreeError):
+    """A rule of the tree refused an operation."""
+
+
+@dataclass(frozen=True)
+class VolumeSpec:
+    name: str
+    size: int
+    policy: str
+
+
+DEFAULT_VOLUMES: tuple[VolumeSpec, ...] = (
+    VolumeSpec("root", 10 * GiB, "template"),
+    VolumeSpec("private", 2 * GiB, "persistent"),
+    VolumeSpec("volatile", 1 * GiB, "volatile"),
+)
+
+
+def _decode(raw: str | bytes, what: str) -> str:
+    raw_bytes = raw.encode("utf-8", "surrogateescape") if isinstance(raw, str) else raw
+    if len(raw_bytes) > MAX_NAME_BYTES:
+        raise ModelError(
+            errno.ENAMETOOLONG, f"{what} is {len(raw_bytes)} bytes, over {MAX_NAME_BYTES}"
+        )
+    try:
+        return raw_bytes.decode("ascii")
+    except UnicodeDecodeError:
+        raise ModelError(
+            errno.EINVAL, f"{what} {raw_bytes!r} is not ASCII: names are [A-Za-z][A-Za-z0-9_-]*"
+        ) from None
+
+
+def _check_plain_name(name: str, what: str) -> None:
+    if not _NAME_RE.match(name):
+        raise ModelError(
+            errno.EINVAL,
+            f"{what} {name!r} is not allowed: names are [A-Za-z][A-Za-z0-9_-]*",
+        )
+    if len(name) > MAX_NAME_CHARS:
+        raise ModelError(
+            errno.EINVAL, f"{what} {name[:16]}... has {len(name)} characters, over {MAX_NAME_CHARS}"
+        )
+
+
+def check_vm_name(raw: str | bytes) -> str:
+    """Validate a VM name a user gave; system-made suffixes are refused."""
+    name = _decode(raw, "VM name")
+    _check_plain_name(name, "VM name")
+    match = _RESERVED_SUFFIX_RE.search(name)
+    if match:
+        raise ModelError(
+            errno.EINVAL,
+            f"VM name {name!r} ends in {match.group(0)!r}, a suffix reserved for names "
+            "the system makes (-next, -vN, -instN, -dispN)",
+        )
+    return name
+
+
+def check_volume_filename(raw: str | bytes) -> str:
+    """Turn ``NAME.img`` into the volume name NAME, or refuse it."""
+    filename = _decode(raw, "volume file name")
+    if not filename.endswith(VOLUME_SUFFIX):
+        raise ModelError(
+            errno.EINVAL, f"volume file {filename!r} must be named NAME{VOLUME_SUFFIX}"
+        )
+    name = filename[: -len(VOLUME_SUFFIX)]
+    _check_plain_name(name, "volume name")
+    return name
+
+
+def check_volume_size(size: int) -> None:
+    if size < 0 or size % SECTOR:
+        raise ModelError(errno.EINVAL, f"volume size {size} is not a multiple of {SECTOR} bytes")
+    if size > MAX_VOLUME_SIZE:
+        raise ModelError(
+            errno.EFBIG, f"volume size {size} is over the limit of {MAX_VOLUME_SIZE} bytes"
+        )
+
+
+def round_up_to_sector(size: int) -> int:
+    return -(-size // SECTOR) * SECTOR
+
+
+@dataclass
+class Volume:
+    id: int
+    name: str
+    size: int
+    policy: str
+    created: float
+
+    @property
+    def filename(self) -> str:
+        return self.name + VOLUME_SUFFIX
+
+
+@dataclass
+class Vm:
+    id: int
+    name: str
+    created: float
+    origin_id: int | None = None
+    props: dict[str, str] = field(default_factory=dict)
+    volumes: dict[str, Volume] = field(default_factory=dict)
+    state: str = "halted"
+
+    @property
+    def immutable(self) -> bool:
+        return self.props.get("immutable") == "1"
+
+
+# Plans: what an operation turns into, decided before any I/O.
+
+
+@dataclass(frozen=True)
+class CreateVm:
+    name: str
+    volumes: tuple[VolumeSpec, ...]
+
+
+@dataclass(frozen=True)
+class DeleteVm:
+    vm_id: int
+    name: str
+    volume_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class RenameVm:
+    vm_id: int
+    old: str
+    new: str
+
+
+@dataclass(frozen=True)
+class CreateVolume:
+    vm_id: int
+    spec: VolumeSpec
+
+
+@dataclass(frozen=True)
+class DeleteVolume:
+    vm_id: int
+    volume_id: int
+    name: str
+
+
+@dataclass(frozen=True)
+class RenameVolume:
+    vm_id: int
+    volume_id: int
+    old: str
+    new: str
+
+
+@dataclass(frozen=True)
+class ResizeVolume:
+    vm_id: int
+    volume_id: int
+    old_size: int
+    new_size: int
+
+
+class Namespace:
+    """Every VM the user can see, by name and by id, plus names reserved by operations in flight."""
+
+    def __init__(self) -> None:
+        self.by_name: dict[str, Vm] = {}
+        self.by_id: dict[int, Vm] = {}
+        self.reserved: set[str] = set()
+        self._volume_owner: dict[int, int] = {}
+
+    # Queries
+
+    def __len__(self) -> int:
+        return len(self.by_id)
+
+    def get(self, name: str) -> Vm:
+        try:
+            return self.by_name[name]
+        except KeyError:
+            raise ModelError(errno.ENOENT, f"there is no VM named {name!r}") from None
+
+    def get_by_id(self, vm_id: int) -> Vm:
+        try:
+            return self.by_id[vm_id]
+        except KeyError:
+            raise ModelError(errno.ENOENT, f"there is no VM with id {vm_id}") from None
+
+    def volume(self, vm: Vm, name: str) -> Volume:
+        try:
+            return vm.volumes[name]
+        except KeyError:
+            raise ModelError(errno.ENOENT, f"VM {vm.name!r} has no volume {name!r}") from None
+
+    def volume_count(self) -> int:
+        return len(self._volume_owner)
+
+    def volume_by_id(self, volume_id: int) -> tuple[Vm, Volume]:
+        """The owner and the volume; ENOENT once either is gone."""
+        vm_id = self._volume_owner.get(volume_id)
+        vm = self.by_id.get(vm_id) if vm_id is not None else None
+        if vm is not None:
+            for vol in vm.volumes.values():
+                if vol.id == volume_id:
+                    return vm, vol
+        raise ModelError(errno.ENOENT, f"volume id {volume_id} is gone")
+
+    def _check_free(self, name: str) -> None:
+        if name in self.by_name:
+            raise ModelError(errno.EEXIST, f"a VM named {name!r} already exists")
+        if name in self.reserved:
+            raise ModelError(errno.EEXIST, f"a VM named {name!r} is being created")
+
+    def _check_writable(self, vm: Vm, action: str) -> None:
+        if vm.immutable:
+            raise ModelError(errno.EROFS, f"cannot {action}: VM {vm.name!r} is immutable")
+        if vm.state != "halted":
+            raise ModelError(errno.EBUSY, f"cannot {action}: VM {vm.name!r} is {vm.state}")
+
+    # Plans
+
+    def plan_create_vm(self, raw_name: str | bytes) -> CreateVm:
+        """Check the name and reserve it until :meth:`add_vm` or :meth:`release`."""
+        name = check_vm_name(raw_name)
+        self._check_free(name)
+        self.reserved.add(name)
+        return CreateVm(name, DEFAULT_VOLUMES)
+
+    def plan_delete_vm(self, name: str) -> DeleteVm:
+        vm = self.get(name)
+        if vm.state != "halted":
+            raise ModelError(errno.EBUSY, f"cannot delete VM {name!r}: it is {vm.state}")
+        return DeleteVm(vm.id, vm.name, tuple(v.id for v in vm.volumes.values()))
+
+    def plan_rename_vm(self, old: str, raw_new: str | bytes) -> RenameVm:
+        vm = self.get(old)
+        new = check_vm_name(raw_new)
+        if new == old:
+            return RenameVm(vm.id, old, new)
+        self._check_free(new)
+        self.reserved.add(new)
+        return RenameVm(vm.id, old, new)
+
+    def plan_create_volume(self, vm_name: str, raw_filename: str | bytes) -> CreateVolume:
+        vm = self.get(vm_name)
+        name = check_volume_filename(raw_filename)
+        if name in vm.volumes:
+            raise ModelError(errno.EEXIST, f"VM {vm_name!r} already has a volume {name!r}")
+        self._check_writable(vm, f"create volume {name!r}")
+        return CreateVolume(vm.id, VolumeSpec(name, 0, "persistent"))
+
+    def plan_delete_volume(self, vm_name: str, vol_name: str) -> DeleteVolume:
+        vm = self.get(vm_name)
+        vol = self.volume(vm, vol_name)
+        self._check_writable(vm, f"delete volume {vol_name!r}")
+        return DeleteVolume(vm.id, vol.id, vol.name)
+
+    def plan_rename_volume(
+        self, vm_name: str, vol_name: str, raw_new_filename: str | bytes
+    ) -> RenameVolume:
+        vm = self.get(vm_name)
+        vol = self.volume(vm, vol_name)
+        new = check_volume_filename(raw_new_filename)
+        if new != vol_name and new in vm.volumes:
+            raise ModelError(errno.EEXIST, f"VM {vm_name!r} already has a volume {new!r}")
+        self._check_writable(vm, f"rename volume {vol_name!r}")
+        return RenameVolume(vm.id, vol.id, vol_name, new)
+
+    def plan_resize_volume(self, vm_name: str, vol_name: str, new_size: int) -> ResizeVolume:
+        vm = self.get(vm_name)
+        vol = self.volume(vm, vol_name)
+        self._check_writable(vm, f"resize volume {vol_name!r}")
+        if new_size < vol.size:
+            raise ModelError(
+                errno.EINVAL,
+                f"cannot shrink volume {vm_name}/{vol_name} from {vol.size} to {new_size} bytes: "
+                "volumes only grow",
+            )
+        check_volume_size(new_size)
+        return ResizeVolume(vm.id, vol.id, vol.size, new_size)
+
+    def check_volume_write(self, vm_name: str, vol_name: str) -> Volume:
+        """May this volume's data be changed now? Returns the volume."""
+        vm = self.get(vm_name)
+        vol = self.volume(vm, vol_name)
+        self._check_writable(vm, f"write to volume {vol_name!r}")
+        return vol
+
+    # Applying what was carried out
+
+    def add_vm(self, vm: Vm) -> None:
+        self.reserved.discard(vm.name)
+        if vm.name in self.by_name or vm.id in self.by_id:
+            raise ModelError(errno.EEXIST, f"VM {vm.name!r} (id {vm.id}) is already present")
+        self.by_name[vm.name] = vm
+        self.by_id[vm.id] = vm
+        for vol in vm.volumes.values():
+            self._volume_owner[vol.id] = vm.id
+
+    def release(self, name: str) -> None:
+        """Give back a name reserved by a plan that was not carried out."""
+        self.reserved.discard(name)
+
+    def remove_vm(self, vm_id: int) -> Vm:
+        vm = self.get_by_id(vm_id)
+        del self.by_id[vm_id]
+        del self.by_name[vm.name]
+        for vol in vm.volumes.values():
+            self._volume_owner.pop(vol.id, None)
+        for other in self.by_id.values():
+            if other.origin_id == vm_id:
+                other.origin_id = vm.origin_id
+        return vm
+
+    def apply_rename_vm(self, plan: RenameVm) -> None:
+        vm = self.get_by_id(plan.vm_id)
+        self.reserved.discard(plan.new)
+        del self.by_name[plan.old]
+        vm.name = plan.new
+        self.by_name[plan.new] = vm
+
+    def add_volume(self, vm_id: int, volume: Volume) -> None:
+        vm = self.get_by_id(vm_id)
+        if volume.name in vm.volumes:
+            raise ModelError(errno.EEXIST, f"VM {vm.name!r} already has a volume {volume.name!r}")
+        vm.volumes[volume.name] = volume
+        self._volume_owner[volume.id] = vm_id
+
+    def remove_volume(self, vm_id: int, name: str) -> None:
+        vm = self.get_by_id(vm_id)
+        vol = self.volume(vm, name)
+        del vm.volumes[name]
+        self._volume_owner.pop(vol.id, None)
+
+    def apply_rename_volume(self, plan: RenameVolume) -> None:
+        vm = self.get_by_id(plan.vm_id)
+        vol = vm.volumes.pop(plan.old)
+        vol.name = plan.new
+        vm.volumes[plan.new] = vol
+
+    def apply_resize_volume(self, plan: ResizeVolume) -> None:
+        _, vol = self.volume_by_id(plan.volume_id)
+        vol.size = plan.new_size

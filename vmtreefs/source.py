@@ -1,0 +1,170 @@
+"""SOURCE, the state directory: checks, initialisation, and the lock that says who serves it."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+from vmtreefs.engine.base import SnapshotEngine
+from vmtreefs.engine.select import EngineConfig, choose_engine, make_engine
+from vmtreefs.errors import VmtreeError
+from vmtreefs.store import Store
+
+log = logging.getLogger("vmtreefs.source")
+
+STORE_NAME = "vmtree.db"
+LOCK_NAME = "vmtreefs.lock"
+LOG_NAME = "vmtreefs.log"
+# Files vmtreefs itself puts in SOURCE; anything else makes SOURCE "not empty".
+OWN_NAMES = frozenset(
+    {
+        STORE_NAME,
+        STORE_NAME + "-wal",
+        STORE_NAME + "-shm",
+        LOCK_NAME,
+        LOG_NAME,
+        "pool",
+        "reflink.xfs",
+    }
+)
+META_ENGINE = "engine"
+META_INITIALISED = "initialised"
+
+
+def check_source(source: Path) -> None:
+    """Refuse a SOURCE we cannot keep state in, with the reason a user can act on."""
+    if not source.exists():
+        raise VmtreeError(errno.ENOENT, f"SOURCE {source} does not exist")
+    if not source.is_dir():
+        raise VmtreeError(errno.ENOTDIR, f"SOURCE {source} is not a directory")
+    probe = source / f".vmtreefs-probe-{os.getpid()}"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise VmtreeError(
+            e.errno or errno.EACCES, f"SOURCE {source} is not writable: {e.strerror}"
+        ) from None
+
+
+def check_mountpoint(mountpoint: Path) -> None:
+    if not mountpoint.exists():
+        raise VmtreeError(errno.ENOENT, f"mount point {mountpoint} does not exist")
+    if not mountpoint.is_dir():
+        raise VmtreeError(errno.ENOTDIR, f"mount point {mountpoint} is not a directory")
+    if os.path.ismount(mountpoint):
+        raise VmtreeError(errno.EBUSY, f"something is already mounted at {mountpoint}")
+
+
+def is_initialised(source: Path) -> bool:
+    return (source / STORE_NAME).exists()
+
+
+class SourceLock:
+    """An flock on SOURCE/vmtreefs.lock held for as long as a daemon serves SOURCE.
+
+    The kernel drops it when the daemon dies, even by kill -9, so a stale lock
+    never blocks a remount.
+    """
+
+    def __init__(self, source: Path) -> None:
+        self.path = source / LOCK_NAME
+        self.fd: int | None = None
+
+    def acquire(self, mountpoint: Path | None) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = read_lock_info(self.path.parent)
+            os.close(fd)
+            where = f" (pid {holder.get('pid')}, mounted at {holder.get('mountpoint')})"
+            raise VmtreeError(
+                errno.EBUSY, f"SOURCE {self.path.parent} is already in use by vmtreefs{where}"
+            ) from None
+        info = {"pid": os.getpid(), "mountpoint": str(mountpoint) if mountpoint else None}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(info).encode(), 0)
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.ftruncate(self.fd, 0)
+            os.close(self.fd)
+            self.fd = None
+
+
+def read_lock_info(source: Path) -> dict[str, object]:
+    try:
+        data = json.loads((source / LOCK_NAME).read_text() or "{}")
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def initialise(source: Path, requested_engine: str, size: int) -> tuple[Store, str]:
+    """Make SOURCE a new tree: choose the engine, record it, prepare its storage.
+
+    The choice is recorded before the storage is prepared, so a crash in between
+    is finished by the next mount rather than leaving an unknown SOURCE.
+    """
+    if is_initialised(source):
+        raise VmtreeError(errno.EEXIST, f"SOURCE {source} is already a vmtreefs tree")
+    foreign = sorted(p.name for p in source.iterdir() if p.name not in OWN_NAMES)
+    if foreign:
+        raise VmtreeError(
+            errno.ENOTEMPTY,
+            f"SOURCE {source} is not empty and holds no vmtreefs store "
+            f"(found {', '.join(foreign[:5])})",
+        )
+    config, reason = choose_engine(source, requested_engine, size)
+    store = Store.open(source / STORE_NAME)
+    with store.transaction() as tx:
+        tx.set_meta(META_ENGINE, config.to_json())
+        tx.set_meta("created", str(time.time()))
+    _prepare_engine(source, store, config)
+    return store, reason
+
+
+def _prepare_engine(source: Path, store: Store, config: EngineConfig) -> None:
+    from vmtreefs.engine.reflink import ReflinkEngine
+
+    if config.engine == "reflink":
+        leftover = source / "reflink.xfs"
+        if leftover.exists() and not os.path.ismount(source / "pool"):
+            leftover.unlink()
+        ReflinkEngine.initialise(source, config.layout, config.image_size)
+    with store.transaction() as tx:
+        tx.set_meta(META_INITIALISED, "1")
+
+
+def open_source(
+    source: Path, requested_engine: str = "auto", size: int = 20 * 1024**3
+) -> tuple[Store, SnapshotEngine, str]:
+    """Open (initialising when empty) SOURCE's store and engine; the engine is started."""
+    if is_initialised(source):
+        store = Store.open(source / STORE_NAME)
+        raw = store.get_meta(META_ENGINE)
+        if raw is None:
+            store.close()
+            raise VmtreeError(errno.EINVAL, f"the store in {source} records no engine")
+        config = EngineConfig.from_json(raw)
+        if store.get_meta(META_INITIALISED) != "1":
+            log.warning("finishing the initialisation of %s that was interrupted", source)
+            _prepare_engine(source, store, config)
+        reason = f"engine recorded in {source / STORE_NAME}"
+    else:
+        store, reason = initialise(source, requested_engine, size)
+        config = EngineConfig.from_json(store.get_meta(META_ENGINE) or "")
+    engine = make_engine(source, config)
+    try:
+        engine.start()
+    except BaseException:
+        store.close()
+        raise
+    return store, engine, reason

@@ -1,0 +1,640 @@
+"""The metadata store: one SQLite file, ``SOURCE/vmtree.db``.
+
+It holds the VMs, their volumes, the engine configuration and the intent
+journal that brackets every engine or hypervisor action, so that a crash at any
+point can be reconciled at the next mount. WAL with ``synchronous=FULL`` makes
+a committed transaction survive a crash or power loss.
+
+The store is called from trio worker threads. One connection is shared and a
+lock is held for the whole of each transaction or read, so a transaction sees
+exactly what it writes and nothing of another thread's half-done work.
+
+Ids of VMs and volumes are never reused (``AUTOINCREMENT`` and a durable
+counter): inode numbers and engine device ids are derived from them, and a
+reused id could make a stale handle or a leftover engine volume alias a new one.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import re
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+from vmtreefs.errors import VmtreeError
+
+log = logging.getLogger("vmtreefs.store")
+
+DB_FILENAME = "vmtree.db"
+
+#: ``PRAGMA application_id`` of a vmtreefs store ("vmtr"), so ``file`` and we
+#: can tell it from another program's SQLite database.
+APPLICATION_ID = 0x766D7472
+
+#: Completed intents and events kept; older ones only grow the file.
+INTENTS_KEPT = 1000
+EVENTS_KEPT = 1000
+
+#: How long to wait for another process (``vmtreefs fsck``) holding the write lock.
+BUSY_TIMEOUT = 30.0
+
+_SCHEMA_V1 = f"""
+CREATE TABLE meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE vms (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    name TEXT NOT NULL UNIQUE,
+    created REAL NOT NULL,
+    origin_id INTEGER REFERENCES vms(id) ON DELETE SET NULL,
+    props TEXT NOT NULL DEFAULT '{{}}'
+);
+CREATE TABLE volumes (
+    id INTEGER PRIMARY KEY,
+    vm_id INTEGER NOT NULL REFERENCES vms(id) ON DELETE CASCADE,
+    name TEXT NOT NULL,
+    size INTEGER NOT NULL CHECK (size >= 0),
+    policy TEXT NOT NULL,
+    created REAL NOT NULL,
+    UNIQUE (vm_id, name)
+);
+CREATE TABLE counters (
+    name TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
+CREATE TABLE intents (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    created REAL NOT NULL,
+    completed REAL
+);
+CREATE TABLE events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    time REAL NOT NULL,
+    line TEXT NOT NULL
+);
+CREATE INDEX vms_origin ON vms(origin_id);
+INSERT INTO counters (name, value) VALUES ('volume_id', 0);
+PRAGMA application_id = {APPLICATION_ID};
+"""
+
+
+@dataclass(frozen=True)
+class VmRow:
+    id: int
+    name: str
+    created: float
+    origin_id: int | None
+    props: dict[str, str]
+
+
+@dataclass(frozen=True)
+class VolumeRow:
+    id: int
+    vm_id: int
+    name: str
+    size: int
+    policy: str
+    created: float
+
+
+@dataclass(frozen=True)
+class Intent:
+    id: int
+    kind: str
+    payload: dict[str, Any]
+    created: float
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    vms: list[VmRow]
+    volumes: list[VolumeRow]
+    open_intents: list[Intent]
+    meta: dict[str, str]
+
+
+# sqlite3's primary result codes -> the errno a user or the administrator sees.
+_ERRNO_OF_SQLITE = {
+    sqlite3.SQLITE_CANTOPEN: errno.EACCES,
+    sqlite3.SQLITE_READONLY: errno.EACCES,
+    sqlite3.SQLITE_PERM: errno.EACCES,
+    sqlite3.SQLITE_AUTH: errno.EACCES,
+    sqlite3.SQLITE_NOTADB: errno.EINVAL,
+    sqlite3.SQLITE_FULL: errno.ENOSPC,
+    sqlite3.SQLITE_BUSY: errno.EBUSY,
+    sqlite3.SQLITE_LOCKED: errno.EBUSY,
+    sqlite3.SQLITE_CONSTRAINT: errno.EINVAL,
+}
+
+
+def _error(e: sqlite3.Error, what: str) -> VmtreeError:
+    """Turn any SQLite failure into a VmtreeError, so none escapes to the FUSE boundary."""
+    code = getattr(e, "sqlite_errorcode", None)
+    name = getattr(e, "sqlite_errorname", None)
+    if name in ("SQLITE_CONSTRAINT_UNIQUE", "SQLITE_CONSTRAINT_PRIMARYKEY"):
+        err = errno.EEXIST
+    elif name == "SQLITE_CONSTRAINT_FOREIGNKEY":
+        err = errno.ENOENT
+    elif code is None:
+        err = errno.EIO
+    else:
+        err = _ERRNO_OF_SQLITE.get(code & 0xFF, errno.EIO)
+    return VmtreeError(err, f"{what}: {e}")
+
+
+def _props_json(props: dict[str, str]) -> str:
+    # Checked here because the JSON column would otherwise accept anything and
+    # VmRow promises str -> str.
+    for k, v in props.items():
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise VmtreeError(errno.EINVAL, f"VM property {k!r}={v!r} is not a string pair")
+    return json.dumps(props, sort_keys=True)
+
+
+class Txn:
+    """The writes of one transaction; valid only inside ``with store.transaction()``."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+        self._active = True
+
+    def _run(
+        self,
+        sql: str,
+        params: tuple[Any, ...],
+        what: str,
+        *,
+        exists: str | None = None,
+        missing: str | None = None,
+    ) -> sqlite3.Cursor:
+        """Execute one statement, translating constraint failures into the user's errno."""
+        if not self._active:
+            raise RuntimeError("store transaction used after its block ended")
+        try:
+            return self._conn.execute(sql, params)
+        except sqlite3.Error as e:
+            err = _error(e, what)
+            if err.errno == errno.EEXIST and exists is not None:
+                raise VmtreeError(errno.EEXIST, exists) from e
+            if err.errno == errno.ENOENT and missing is not None:
+                raise VmtreeError(errno.ENOENT, missing) from e
+            raise err from e
+
+    def _one_row(self, cur: sqlite3.Cursor, reason: str) -> None:
+        if cur.rowcount == 0:
+            raise VmtreeError(errno.ENOENT, reason)
+
+    # VMs
+
+    def insert_vm(
+        self,
+        name: str,
+        created: float,
+        origin_id: int | None = None,
+        props: dict[str, str] | None = None,
+    ) -> int:
+        cur = self._run(
+            "INSERT INTO vms (name, created, origin_id, props) VALUES (?, ?, ?, ?)",
+            (name, created, origin_id, _props_json(props or {})),
+            f"insert VM {name!r}",
+            exists=f"a VM named {name!r} already exists",
+            missing=f"origin VM {origin_id} of {name!r} does not exist",
+        )
+        assert cur.lastrowid is not None
+        return cur.lastrowid
+
+    def rename_vm(self, vm_id: int, new_name: str) -> None:
+        cur = self._run(
+            "UPDATE vms SET name = ? WHERE id = ?",
+            (new_name, vm_id),
+            f"rename VM {vm_id} to {new_name!r}",
+            exists=f"a VM named {new_name!r} already exists",
+        )
+        self._one_row(cur, f"no VM with id {vm_id} to rename")
+
+    def set_vm_props(self, vm_id: int, props: dict[str, str]) -> None:
+        cur = self._run(
+            "UPDATE vms SET props = ? WHERE id = ?",
+            (_props_json(props), vm_id),
+            f"set properties of VM {vm_id}",
+        )
+        self._one_row(cur, f"no VM with id {vm_id} to set properties on")
+
+    def delete_vm(self, vm_id: int) -> None:
+        """Delete a VM and (by cascade) its volume rows; its clones lose their origin."""
+        cur = self._run("DELETE FROM vms WHERE id = ?", (vm_id,), f"delete VM {vm_id}")
+        self._one_row(cur, f"no VM with id {vm_id} to delete")
+
+    # Volumes
+
+    def allocate_volume_ids(self, count: int) -> list[int]:
+        """Reserve ids durably, with the rest of the transaction: no crash hands one out twice."""
+        if count < 0:
+            raise ValueError(f"cannot allocate {count} volume ids")
+        if count == 0:
+            return []
+        cur = self._run(
+            "UPDATE counters SET value = value + ? WHERE name = 'volume_id' RETURNING value",
+            (count,),
+            "allocate volume ids",
+        )
+        row = cur.fetchone()
+        cur.fetchall()  # finish the statement
+        if row is None:
+            raise VmtreeError(errno.EIO, "the store has no volume id counter; run fsck")
+        last = int(row[0])
+        return list(range(last - count + 1, last + 1))
+
+    def insert_volume(
+        self, vol_id: int, vm_id: int, name: str, size: int, policy: str, created: float
+    ) -> None:
+        self._run(
+            "INSERT INTO volumes (id, vm_id, name, size, policy, created) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (vol_id, vm_id, name, size, policy, created),
+            f"insert volume {vol_id} {name!r} of VM {vm_id}",
+            exists=f"VM {vm_id} already has a volume named {name!r} or volume id {vol_id} "
+            "is in use",
+            missing=f"no VM with id {vm_id} to add volume {name!r} to",
+        )
+        # An id that did not come from allocate_volume_ids (an import by fsck)
+        # must still never be handed out later.
+        self._run(
+            "UPDATE counters SET value = max(value, ?) WHERE name = 'volume_id'",
+            (vol_id,),
+            "advance the volume id counter",
+        )
+
+    def set_volume_size(self, vol_id: int, size: int) -> None:
+        cur = self._run(
+            "UPDATE volumes SET size = ? WHERE id = ?",
+            (size, vol_id),
+            f"set size of volume {vol_id} to {size}",
+        )
+        self._one_row(cur, f"no volume with id {vol_id} to resize")
+
+    def rename_volume(self, vol_id: int, new_name: str) -> None:
+        cur = self._run(
+            "UPDATE volumes SET name = ? WHERE id = ?",
+            (new_name, vol_id),
+            f"rename volume {vol_id} to {new_name!r}",
+            exists=f"the VM of volume {vol_id} already has a volume named {new_name!r}",
+        )
+        self._one_row(cur, f"no volume with id {vol_id} to rename")
+
+    def delete_volume(self, vol_id: int) -> None:
+        cur = self._run("DELETE FROM volumes WHERE id = ?", (vol_id,), f"delete volume {vol_id}")
+        self._one_row(cur, f"no volume with id {vol_id} to delete")
+
+    # Intent journal
+
+    def begin_intent(self, kind: str, payload: dict[str, Any]) -> int:
+        cur = self._run(
+            "INSERT INTO intents (kind, payload, created) VALUES (?, ?, ?)",
+            (kind, json.dumps(payload, sort_keys=True), time.time()),
+            f"record {kind} intent",
+        )
+        assert cur.lastrowid is not None
+        return cur.lastrowid
+
+    def complete_intent(self, intent_id: int) -> None:
+        """Close an intent; completing one twice is harmless, so recovery may retry.
+
+        Completed intents are kept for fsck and post-mortems, but only the
+        newest INTENTS_KEPT of them.
+        """
+        cur = self._run(
+            "UPDATE intents SET completed = ? WHERE id = ? AND completed IS NULL",
+            (time.time(), intent_id),
+            f"complete intent {intent_id}",
+        )
+        if cur.rowcount == 0:
+            known = self._run(
+                "SELECT 1 FROM intents WHERE id = ?", (intent_id,), f"look up intent {intent_id}"
+            ).fetchone()
+            if known is None:
+                raise VmtreeError(errno.ENOENT, f"no intent with id {intent_id} to complete")
+            return
+        self._run(
+            "DELETE FROM intents WHERE completed IS NOT NULL AND id < ("
+            "SELECT id FROM intents WHERE completed IS NOT NULL ORDER BY id DESC "
+            "LIMIT 1 OFFSET ?)",
+            (INTENTS_KEPT - 1,),
+            "prune completed intents",
+        )
+
+    # Miscellany
+
+    def set_meta(self, key: str, value: str) -> None:
+        self._run(
+            "INSERT INTO meta (key, value) VALUES (?, ?) "
+            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (key, value),
+            f"set meta {key!r}",
+        )
+
+    def add_event(self, time: float, line: str) -> None:
+        """Record an operation for ``.vmtree/events``; only the newest EVENTS_KEPT stay."""
+        self._run("INSERT INTO events (time, line) VALUES (?, ?)", (time, line), "record event")
+        self._run(
+            "DELETE FROM events WHERE id <= ("
+            "SELECT id FROM events ORDER BY id DESC LIMIT 1 OFFSET ?)",
+            (EVENTS_KEPT,),
+            "trim events",
+        )
+
+
+class Store:
+    """The open metadata store. Every method blocks; call it from a worker thread."""
+
+    #: MIGRATIONS[i] takes the schema from version i to i + 1.
+    MIGRATIONS: ClassVar[tuple[str, ...]] = (_SCHEMA_V1,)
+    SCHEMA_VERSION: ClassVar[int] = len(MIGRATIONS)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.SCHEMA_VERSION = len(cls.MIGRATIONS)
+
+    def __init__(self, path: Path, conn: sqlite3.Connection) -> None:
+        """Use :meth:`open`; this only wraps an already prepared connection."""
+        self.path = path
+        self._conn: sqlite3.Connection | None = conn
+        self._lock = threading.Lock()
+        self._owner: int | None = None
+
+    # Opening and closing
+
+    @classmethod
+    def open(cls, path: Path) -> Store:
+        """Open (creating if missing) and migrate the store at ``path`` (``SOURCE/vmtree.db``)."""
+        path = Path(path)
+        if path.is_dir():
+            raise VmtreeError(
+                errno.EISDIR, f"store {path} is a directory, not a file such as {DB_FILENAME}"
+            )
+        if not path.parent.is_dir():
+            raise VmtreeError(errno.ENOENT, f"directory {path.parent} of store {path} is missing")
+        try:
+            conn = sqlite3.connect(
+                path,
+                timeout=BUSY_TIMEOUT,
+                isolation_level=None,
+                check_same_thread=False,
+            )
+        except sqlite3.Error as e:
+            raise cls._open_error(path, e) from e
+        try:
+            cls._prepare(conn, path)
+        except sqlite3.Error as e:
+            conn.close()
+            raise cls._open_error(path, e) from e
+        except BaseException:
+            conn.close()
+            raise
+        return cls(path, conn)
+
+    @staticmethod
+    def _open_error(path: Path, e: sqlite3.Error) -> VmtreeError:
+        err = _error(e, f"cannot open store {path}")
+        if err.errno == errno.EACCES and not os.access(path.parent, os.W_OK):
+            # WAL needs to create -wal and -shm files next to the database.
+            return VmtreeError(err.errno, f"{err.reason} ({path.parent} is not writable)")
+        if err.errno == errno.EINVAL:
+            return VmtreeError(err.errno, f"{path} is not a vmtreefs store: {e}")
+        return err
+
+    @classmethod
+    def _prepare(cls, conn: sqlite3.Connection, path: Path) -> None:
+        # Reading the header first makes "not a database" fail before we write anything.
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+        if app_id not in (0, APPLICATION_ID):
+            raise VmtreeError(
+                errno.EINVAL,
+                f"{path} is another program's SQLite database (application_id {app_id:#x})",
+            )
+        if version > cls.SCHEMA_VERSION:
+            raise VmtreeError(
+                errno.EINVAL,
+                f"store schema version {version} is newer than this vmtreefs "
+                f"({cls.SCHEMA_VERSION})",
+            )
+        if version == 0:
+            tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+            if tables:
+                raise VmtreeError(
+                    errno.EINVAL, f"{path} is an SQLite database but not a vmtreefs store"
+                )
+        conn.execute("PRAGMA foreign_keys = ON")
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if mode != "wal":
+            raise VmtreeError(errno.EINVAL, f"store {path} cannot use a WAL journal (got {mode!r})")
+        conn.execute("PRAGMA synchronous = FULL")
+        if conn.execute("PRAGMA foreign_keys").fetchone() != (1,):
+            raise VmtreeError(errno.EINVAL, "this SQLite does not enforce foreign keys")
+        cls._migrate(conn, path)
+
+    @classmethod
+    def _migrate(cls, conn: sqlite3.Connection, path: Path) -> None:
+        """Apply each pending migration in its own transaction, with its version bump."""
+        while True:
+            # Re-read under the write lock: another process may have migrated meanwhile.
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                version = conn.execute("PRAGMA user_version").fetchone()[0]
+                if version > cls.SCHEMA_VERSION:
+                    raise VmtreeError(
+                        errno.EINVAL,
+                        f"store schema version {version} is newer than this vmtreefs "
+                        f"({cls.SCHEMA_VERSION})",
+                    )
+                if version == cls.SCHEMA_VERSION:
+                    # A real write, so a read-only file fails here rather than
+                    # at the first operation after the mount.
+                    conn.execute(f"PRAGMA user_version = {version:d}")
+                    conn.execute("COMMIT")
+                    return
+                for statement in _statements(cls.MIGRATIONS[version]):
+                    conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {version + 1:d}")
+                conn.execute("COMMIT")
+                log.info("store %s: schema migrated to version %d", path, version + 1)
+            except BaseException:
+                if conn.in_transaction:
+                    conn.rollback()
+                raise
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # Access
+
+    @contextmanager
+    def _locked(self) -> Iterator[sqlite3.Connection]:
+        if self._owner == threading.get_ident():
+            # A plain Lock would deadlock here; say why instead.
+            raise RuntimeError("store used again from inside one of its own transactions")
+        with self._lock:
+            if self._conn is None:
+                raise VmtreeError(errno.EIO, f"store {self.path} is closed")
+            self._owner = threading.get_ident()
+            try:
+                yield self._conn
+            finally:
+                self._owner = None
+
+    @contextmanager
+    def transaction(self) -> Iterator[Txn]:
+        """One atomic write: everything in the block is committed, or nothing on an exception.
+
+        ``BEGIN IMMEDIATE`` takes the write lock at once, so a transaction
+        never fails half-way for lack of it.
+        """
+        with self._locked() as conn:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as e:
+                raise _error(e, "begin a store transaction") from e
+            txn = Txn(conn)
+            try:
+                yield txn
+                txn._active = False
+                conn.execute("COMMIT")
+            except BaseException as e:
+                txn._active = False
+                _rollback(conn)
+                if isinstance(e, sqlite3.Error):
+                    raise _error(e, "commit a store transaction") from e
+                raise
+
+    @contextmanager
+    def _reading(self) -> Iterator[sqlite3.Connection]:
+        """A read transaction, so several SELECTs agree even if another process writes."""
+        with self._locked() as conn:
+            try:
+                conn.execute("BEGIN")
+                yield conn
+                conn.execute("COMMIT")
+            except sqlite3.Error as e:
+                _rollback(conn)
+                raise _error(e, "read the store") from e
+            except BaseException:
+                _rollback(conn)
+                raise
+
+    def load(self) -> Snapshot:
+        with self._reading() as conn:
+            vms = [
+                VmRow(vm_id, name, created, origin_id, json.loads(props))
+                for vm_id, name, created, origin_id, props in conn.execute(
+                    "SELECT id, name, created, origin_id, props FROM vms ORDER BY id"
+                )
+            ]
+            volumes = [
+                VolumeRow(*row)
+                for row in conn.execute(
+                    "SELECT id, vm_id, name, size, policy, created FROM volumes ORDER BY id"
+                )
+            ]
+            intents = [
+                Intent(intent_id, kind, json.loads(payload), created)
+                for intent_id, kind, payload, created in conn.execute(
+                    "SELECT id, kind, payload, created FROM intents "
+                    "WHERE completed IS NULL ORDER BY id"
+                )
+            ]
+            meta = dict(conn.execute("SELECT key, value FROM meta"))
+        return Snapshot(vms, volumes, intents, meta)
+
+    def get_meta(self, key: str) -> str | None:
+        with self._reading() as conn:
+            row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def recent_events(self, limit: int = 100) -> list[tuple[float, str]]:
+        """The newest ``limit`` events, oldest first (insertion order, whatever the clock did)."""
+        if limit <= 0:
+            return []
+        with self._reading() as conn:
+            rows = conn.execute(
+                "SELECT time, line FROM events ORDER BY id DESC LIMIT ?", (limit,)
+            ).fetchall()
+        return [(t, line) for t, line in reversed(rows)]
+
+    def integrity_check(self) -> list[str]:
+        """Problems for fsck: SQLite's own check, plus rows whose foreign keys dangle.
+
+        Foreign keys are enforced on our connection, so dangling ones mean the
+        file was edited by something else.
+        """
+        with self._reading() as conn:
+            problems = [
+                str(line) for (line,) in conn.execute("PRAGMA integrity_check") if line != "ok"
+            ]
+            problems += [
+                f"row {rowid} of {table} refers to a missing row of {parent}"
+                for table, rowid, parent, _ in conn.execute("PRAGMA foreign_key_check")
+            ]
+        return problems
+
+    _PRAGMA_NAME = re.compile(r"[a-z_]+")
+
+    def pragma(self, name: str) -> Any:
+        """Read one pragma of the live connection (for tests and fsck); never sets one."""
+        if not self._PRAGMA_NAME.fullmatch(name):
+            raise ValueError(f"not a pragma name: {name!r}")
+        with self._locked() as conn:
+            try:
+                row = conn.execute(f"PRAGMA {name}").fetchone()
+            except sqlite3.Error as e:
+                raise _error(e, f"read pragma {name}") from e
+        return None if row is None else row[0]
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    if not conn.in_transaction:
+        return
+    try:
+        conn.rollback()
+    except sqlite3.Error as e:
+        # The original exception matters more; SQLite rolls back on close anyway.
+        log.error("store rollback failed: %s", e)
+
+
+def _statements(script: str) -> Iterator[str]:
+    """Split a migration script into statements (each must end at the end of a line).
+
+    ``executescript`` would COMMIT first and so break the migration's
+    transaction; executing statement by statement keeps the script and its
+    version bump atomic.
+    """
+    pending = ""
+    for line in script.splitlines(keepends=True):
+        pending += line
+        if sqlite3.complete_statement(pending):
+            if pending.strip():
+                yield pending.strip()
+            pending = ""
+    if pending.strip():
+        raise ValueError(f"incomplete statement at the end of a migration: {pending.strip()!r}")

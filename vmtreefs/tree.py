@@ -1,0 +1,495 @@
+"""The orchestrator: carries out the model's plans with the store and the engine.
+
+Every engine action is bracketed by the intent journal: the intent is written
+(in the same transaction as anything the action needs, such as new volume ids)
+before the engine is touched, and completed in the transaction that records the
+result. A crash at any point leaves either a completed intent, whose effects are
+all in the store, or an open one, which :meth:`VmTree.recover` rolls back
+(creations) or forward (deletions and growth) at the next mount.
+
+Blocking calls (SQLite, the engine) run in worker threads; the namespace in
+memory is only touched on the trio thread, so a plan and its reservation are
+atomic with respect to other requests.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import functools
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import trio
+
+from vmtreefs import model
+from vmtreefs.engine.base import OpenVolume, SnapshotEngine
+from vmtreefs.errors import VmtreeError
+from vmtreefs.model import Namespace, Vm, Volume, VolumeSpec
+from vmtreefs.store import Intent, Store, Txn
+
+log = logging.getLogger("vmtreefs.tree")
+
+T = TypeVar("T")
+
+EVENTS_KEPT = 1000
+
+
+async def in_thread(fn: Callable[..., T], *args: Any) -> T:
+    return await trio.to_thread.run_sync(functools.partial(fn, *args))
+
+
+def format_time(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t))
+
+
+def format_bytes(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+@dataclass
+class RecoveryReport:
+    rolled_back: list[str] = field(default_factory=list)
+    rolled_forward: list[str] = field(default_factory=list)
+    left_open: list[str] = field(default_factory=list)
+    differences: list[str] = field(default_factory=list)
+
+
+class EventLog:
+    """Recent operations and refusals, one line each, for ``.vmtree/events``.
+
+    Operations are also persisted by the store in the transaction that makes
+    them; refusals live only here and in the daemon log.
+    """
+
+    def __init__(self, initial: list[tuple[float, str]]) -> None:
+        self._lines: collections.deque[str] = collections.deque(maxlen=EVENTS_KEPT)
+        for t, line in initial:
+            self._lines.append(f"{format_time(t)} {line}")
+
+    def add(self, line: str, t: float | None = None) -> None:
+        self._lines.append(f"{format_time(time.time() if t is None else t)} {line}")
+
+    def text(self) -> str:
+        return "".join(line + "\n" for line in self._lines)
+
+
+class VmTree:
+    """The tree of VMs as the filesystem sees it."""
+
+    def __init__(self, store: Store, engine: SnapshotEngine) -> None:
+        self.store = store
+        self.engine = engine
+        self.ns = Namespace()
+        self.events = EventLog(store.recent_events(EVENTS_KEPT))
+        self.recovery = RecoveryReport()
+        self._locks: dict[int, trio.Lock] = collections.defaultdict(trio.Lock)
+        self.changed = trio.lowlevel.ParkingLot()
+
+    # Start-up (blocking, before the filesystem answers)
+
+    def recover(self) -> RecoveryReport:
+        """Finish or undo what a crash interrupted, load the namespace, compare with the engine."""
+        report = RecoveryReport()
+        for intent in self.store.load().open_intents:
+            self._recover_intent(intent, report)
+        self._load()
+        self._compare_inventory(report)
+        self.recovery = report
+        for line in report.rolled_back + report.rolled_forward:
+            self.events.add(f"recovered: {line}")
+        return report
+
+    def _recover_intent(self, intent: Intent, report: RecoveryReport) -> None:
+        payload = intent.payload
+        what = f"intent {intent.id} ({intent.kind} {payload.get('what', '')})".replace(" )", ")")
+        try:
+            if intent.kind == "create":
+                for vol in payload["volumes"]:
+                    self.engine.delete(vol["id"], missing_ok=True)
+                with self.store.transaction() as tx:
+                    tx.complete_intent(intent.id)
+                report.rolled_back.append(what)
+            elif intent.kind == "delete_volumes":
+                for vol_id in payload["volume_ids"]:
+                    self.engine.delete(vol_id, missing_ok=True)
+                with self.store.transaction() as tx:
+                    tx.complete_intent(intent.id)
+                report.rolled_forward.append(what)
+            elif intent.kind == "resize_volume":
+                vol_id, size = payload["volume_id"], payload["size"]
+                known = {v.id for v in self.store.load().volumes}
+                with self.store.transaction() as tx:
+                    if vol_id in known:
+                        if self.engine.size(vol_id) < size:
+                            self.engine.resize(vol_id, size)
+                        tx.set_volume_size(vol_id, size)
+                    tx.complete_intent(intent.id)
+                report.rolled_forward.append(what)
+            else:
+                log.error("%s: unknown intent kind, left open for fsck", what)
+                report.left_open.append(what)
+                return
+            log.info("recovered %s", what)
+        except VmtreeError as e:
+            log.error("could not recover %s: %s; left open", what, e.describe())
+            report.left_open.append(what)
+
+    def _load(self) -> None:
+        snapshot = self.store.load()
+        vms = {
+            row.id: Vm(row.id, row.name, row.created, row.origin_id, dict(row.props))
+            for row in snapshot.vms
+        }
+        for vol in snapshot.volumes:
+            vms[vol.vm_id].volumes[vol.name] = Volume(
+                vol.id, vol.name, vol.size, vol.policy, vol.created
+            )
+        self.ns = Namespace()
+        for vm in vms.values():
+            self.ns.add_vm(vm)
+
+    def _compare_inventory(self, report: RecoveryReport) -> None:
+        engine_volumes = self.engine.inventory()
+        known: dict[int, tuple[str, int]] = {}
+        for vm in self.ns.by_id.values():
+            for vol in vm.volumes.values():
+                known[vol.id] = (f"{vm.name}/{vol.filename}", vol.size)
+        for vol_id, (where, size) in sorted(known.items()):
+            if vol_id not in engine_volumes:
+                report.differences.append(f"missing from engine: volume {vol_id} ({where})")
+            elif engine_volumes[vol_id] != size:
+                report.differences.append(
+                    f"size differs: volume {vol_id} ({where}) is {engine_volumes[vol_id]} "
+                    f"bytes in the engine, {size} in the store"
+                )
+        for vol_id in sorted(set(engine_volumes) - set(known)):
+            report.differences.append(f"unknown to the store: engine volume {vol_id}")
+        for line in report.differences:
+            log.warning("inventory: %s", line)
+        if not report.differences:
+            log.info(
+                "inventory: engine and store agree (%d volumes of %d VMs)",
+                len(known),
+                len(self.ns),
+            )
+
+    # Helpers
+
+    def refused(self, operation: str, error: VmtreeError) -> None:
+        """Log a refusal where an administrator looks: the daemon log and .vmtree/events."""
+        log.warning("refused %s: %s", operation, error.describe())
+        self.events.add(f"refused {operation}: {error.reason} ({error.errname})")
+
+    def _noted(self, tx: Txn, line: str) -> float:
+        now = time.time()
+        tx.add_event(now, line)
+        return now
+
+    def _announce(self, line: str, t: float) -> None:
+        log.info("%s", line)
+        self.events.add(line, t)
+        self.changed.unpark_all()
+
+    @asynccontextmanager
+    async def _locked(self, vm_id: int) -> AsyncIterator[Vm]:
+        """Hold the VM's lock; ENOENT if it went away while we waited."""
+        async with self._locks[vm_id]:
+            yield self.ns.get_by_id(vm_id)
+
+    async def _create_volumes(
+        self, what: str, specs: tuple[VolumeSpec, ...]
+    ) -> tuple[int, list[int]]:
+        """Journal, then create engine volumes; on failure nothing is left behind."""
+
+        def begin() -> tuple[int, list[int]]:
+            with self.store.transaction() as tx:
+                ids = tx.allocate_volume_ids(len(specs))
+                intent = tx.begin_intent(
+                    "create",
+                    {
+                        "what": what,
+                        "volumes": [
+                            {"id": i, "name": s.name, "size": s.size}
+                            for i, s in zip(ids, specs, strict=True)
+                        ],
+                    },
+                )
+            return intent, ids
+
+        intent, ids = await in_thread(begin)
+        try:
+            for vol_id, spec in zip(ids, specs, strict=True):
+                await in_thread(self.engine.create, vol_id, spec.size)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self._undo_creation(intent, ids)
+            raise
+        return intent, ids
+
+    async def _undo_creation(self, intent: int, ids: list[int]) -> None:
+        def undo() -> None:
+            for vol_id in ids:
+                self.engine.delete(vol_id, missing_ok=True)
+            with self.store.transaction() as tx:
+                tx.complete_intent(intent)
+
+        try:
+            await in_thread(undo)
+        except Exception as e:
+            log.error("could not undo intent %d (%s); the next mount rolls it back", intent, e)
+
+    async def _finish_deletion(self, intent: int, ids: list[int]) -> None:
+        def finish() -> None:
+            for vol_id in ids:
+                self.engine.delete(vol_id, missing_ok=True)
+            with self.store.transaction() as tx:
+                tx.complete_intent(intent)
+
+        try:
+            await in_thread(finish)
+        except Exception as e:
+            log.error("deleting engine volumes %s failed (%s); the next mount finishes it", ids, e)
+
+    # Operations on VMs
+
+    async def create_vm(self, raw_name: str | bytes) -> Vm:
+        plan = self.ns.plan_create_vm(raw_name)
+        try:
+            intent, ids = await self._create_volumes(f"mkdir {plan.name}", plan.volumes)
+
+            def commit() -> tuple[int, float, float]:
+                with self.store.transaction() as tx:
+                    created = time.time()
+                    vm_id = tx.insert_vm(plan.name, created)
+                    for vol_id, spec in zip(ids, plan.volumes, strict=True):
+                        tx.insert_volume(vol_id, vm_id, spec.name, spec.size, spec.policy, created)
+                    tx.complete_intent(intent)
+                    t = self._noted(tx, f"mkdir {plan.name}")
+                return vm_id, created, t
+
+            try:
+                vm_id, created, t = await in_thread(commit)
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    await self._undo_creation(intent, ids)
+                raise
+        except BaseException:
+            self.ns.release(plan.name)
+            raise
+        vm = Vm(vm_id, plan.name, created)
+        for vol_id, spec in zip(ids, plan.volumes, strict=True):
+            vm.volumes[spec.name] = Volume(vol_id, spec.name, spec.size, spec.policy, created)
+        self.ns.add_vm(vm)
+        self._announce(
+            f"mkdir {vm.name}: "
+            + ", ".join(f"{s.name} {format_bytes(s.size)}" for s in plan.volumes),
+            t,
+        )
+        return vm
+
+    async def delete_vm(self, vm_id: int) -> None:
+        async with self._locked(vm_id) as vm:
+            plan = self.ns.plan_delete_vm(vm.name)
+
+            def commit() -> tuple[int, float]:
+                with self.store.transaction() as tx:
+                    tx.delete_vm(plan.vm_id)
+                    intent = tx.begin_intent(
+                        "delete_volumes",
+                        {"what": f"rmdir {plan.name}", "volume_ids": list(plan.volume_ids)},
+                    )
+                    return intent, self._noted(tx, f"rmdir {plan.name}")
+
+            intent, t = await in_thread(commit)
+            self.ns.remove_vm(plan.vm_id)
+            self._announce(f"rmdir {plan.name}", t)
+            with trio.CancelScope(shield=True):
+                await self._finish_deletion(intent, list(plan.volume_ids))
+
+    async def rename_vm(self, vm_id: int, raw_new: str | bytes) -> None:
+        async with self._locked(vm_id) as vm:
+            plan = self.ns.plan_rename_vm(vm.name, raw_new)
+            if plan.new == plan.old:
+                return
+
+            def commit() -> float:
+                with self.store.transaction() as tx:
+                    tx.rename_vm(plan.vm_id, plan.new)
+                    return self._noted(tx, f"mv {plan.old} {plan.new}")
+
+            try:
+                t = await in_thread(commit)
+            except BaseException:
+                self.ns.release(plan.new)
+                raise
+            self.ns.apply_rename_vm(plan)
+            self._announce(f"mv {plan.old} {plan.new}", t)
+
+    # Operations on volumes
+
+    async def create_volume(self, vm_id: int, raw_filename: str | bytes) -> Volume:
+        async with self._locked(vm_id) as vm:
+            plan = self.ns.plan_create_volume(vm.name, raw_filename)
+            what = f"create {vm.name}/{plan.spec.name}{model.VOLUME_SUFFIX}"
+            intent, ids = await self._create_volumes(what, (plan.spec,))
+
+            def commit() -> tuple[float, float]:
+                with self.store.transaction() as tx:
+                    created = time.time()
+                    tx.insert_volume(
+                        ids[0], vm.id, plan.spec.name, plan.spec.size, plan.spec.policy, created
+                    )
+                    tx.complete_intent(intent)
+                    return created, self._noted(tx, what)
+
+            try:
+                created, t = await in_thread(commit)
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    await self._undo_creation(intent, ids)
+                raise
+            volume = Volume(ids[0], plan.spec.name, plan.spec.size, plan.spec.policy, created)
+            self.ns.add_volume(vm.id, volume)
+            self._announce(what, t)
+            return volume
+
+    async def delete_volume(self, volume_id: int) -> None:
+        vm, vol = self.ns.volume_by_id(volume_id)
+        async with self._locked(vm.id):
+            vm, vol = self.ns.volume_by_id(volume_id)
+            plan = self.ns.plan_delete_volume(vm.name, vol.name)
+            what = f"rm {vm.name}/{vol.filename}"
+
+            def commit() -> tuple[int, float]:
+                with self.store.transaction() as tx:
+                    tx.delete_volume(plan.volume_id)
+                    intent = tx.begin_intent(
+                        "delete_volumes", {"what": what, "volume_ids": [plan.volume_id]}
+                    )
+                    return intent, self._noted(tx, what)
+
+            intent, t = await in_thread(commit)
+            self.ns.remove_volume(vm.id, vol.name)
+            self._announce(what, t)
+            with trio.CancelScope(shield=True):
+                await self._finish_deletion(intent, [plan.volume_id])
+
+    async def rename_volume(self, volume_id: int, raw_new_filename: str | bytes) -> None:
+        vm, vol = self.ns.volume_by_id(volume_id)
+        async with self._locked(vm.id):
+            vm, vol = self.ns.volume_by_id(volume_id)
+            plan = self.ns.plan_rename_volume(vm.name, vol.name, raw_new_filename)
+            if plan.new == plan.old:
+                return
+            what = f"mv {vm.name}/{plan.old}{model.VOLUME_SUFFIX} {plan.new}{model.VOLUME_SUFFIX}"
+
+            def commit() -> float:
+                with self.store.transaction() as tx:
+                    tx.rename_volume(plan.volume_id, plan.new)
+                    return self._noted(tx, what)
+
+            t = await in_thread(commit)
+            self.ns.apply_rename_volume(plan)
+            self._announce(what, t)
+
+    async def resize_volume(self, volume_id: int, new_size: int) -> None:
+        vm, vol = self.ns.volume_by_id(volume_id)
+        async with self._locked(vm.id):
+            vm, vol = self.ns.volume_by_id(volume_id)
+            plan = self.ns.plan_resize_volume(vm.name, vol.name, new_size)
+            if plan.new_size == plan.old_size:
+                return
+            what = f"grow {vm.name}/{vol.filename} to {plan.new_size}"
+
+            def begin() -> int:
+                with self.store.transaction() as tx:
+                    return tx.begin_intent(
+                        "resize_volume",
+                        {"what": what, "volume_id": plan.volume_id, "size": plan.new_size},
+                    )
+
+            def finish(intent: int) -> float:
+                self.engine.resize(plan.volume_id, plan.new_size)
+                with self.store.transaction() as tx:
+                    tx.set_volume_size(plan.volume_id, plan.new_size)
+                    tx.complete_intent(intent)
+                    return self._noted(tx, what)
+
+            def abandon(intent: int) -> None:
+                with self.store.transaction() as tx:
+                    tx.complete_intent(intent)
+
+            intent = await in_thread(begin)
+            try:
+                t = await in_thread(finish, intent)
+            except VmtreeError:
+                # The engine refused before changing anything.
+                await in_thread(abandon, intent)
+                raise
+            self.ns.apply_resize_volume(plan)
+            self._announce(what, t)
+
+    # Volume data
+
+    async def open_volume(self, volume_id: int, writable: bool) -> OpenVolume:
+        vm, vol = self.ns.volume_by_id(volume_id)
+        if writable:
+            self.ns.check_volume_write(vm.name, vol.name)
+        return await in_thread(self.engine.open, volume_id, writable)
+
+    async def read_volume(self, handle: OpenVolume, offset: int, size: int) -> bytes:
+        return await in_thread(handle.pread, size, offset)
+
+    async def write_volume(self, handle: OpenVolume, offset: int, data: bytes) -> int:
+        """Write, growing the volume first when the write ends past its size."""
+        vm, vol = self.ns.volume_by_id(handle.vol_id)
+        self.ns.check_volume_write(vm.name, vol.name)
+        end = offset + len(data)
+        if end > vol.size:
+            await self.resize_volume(vol.id, model.round_up_to_sector(end))
+        return await in_thread(handle.pwrite, data, offset)
+
+    # Reports
+
+    async def status_text(self) -> str:
+        usage = await in_thread(self.engine.usage)
+        open_intents = len((await in_thread(self.store.load)).open_intents)
+        lines = [
+            f"engine: {self.engine.name}",
+            f"engine_detail: {self.engine.describe()}",
+            f"pool_size: {usage.total_bytes}",
+            f"pool_used: {usage.used_bytes}",
+            f"pool_free: {usage.total_bytes - usage.used_bytes}",
+            f"vms: {len(self.ns)}",
+            f"volumes: {self.ns.volume_count()}",
+            f"open_intents: {open_intents}",
+            f"recovered_intents: "
+            f"{len(self.recovery.rolled_back) + len(self.recovery.rolled_forward)}",
+            "inventory: "
+            + (
+                "ok"
+                if not self.recovery.differences
+                else f"{len(self.recovery.differences)} differences"
+            ),
+        ]
+        lines += [f"inventory_difference: {d}" for d in self.recovery.differences]
+        lines += [f"intent_left_open: {d}" for d in self.recovery.left_open]
+        return "".join(line + "\n" for line in lines)
+
+    def check_command(self, vm: Vm | None, command: str) -> None:
+        """ctl commands arrive with later releases; say so plainly."""
+        target = f"VM {vm.name!r}" if vm else "the tree"
+        raise VmtreeError(
+            errno.EINVAL,
+            f"command {command!r} for {target} is not available in this version of vmtreefs",
+        )
