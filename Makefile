@@ -78,6 +78,14 @@ $(STAMP): pyproject.toml | deps-system
 run: deps ## mount ./state at ./vms in the foreground (Ctrl-C or `.venv/bin/vmtreefs umount vms` stops it)
 	@mkdir -p $(STATE) $(MNT) || { \
 	  echo "run: cannot use $(MNT); a stale mount? try: fusermount3 -u -z $(MNT)" >&2; exit 1; }
+	@# Once the mount answers, an empty tree gets a demo VM (in the background:
+	@# the mount itself stays in the foreground).
+	@( for i in $$(seq 600); do \
+	    if [ -e $(MNT)/.vmtree/status ]; then \
+	      [ -n "$$(ls $(MNT))" ] || { mkdir $(MNT)/demo && echo "run: made the demo VM $(MNT)/demo"; }; \
+	      break; \
+	    fi; sleep 0.2; \
+	  done ) &
 	$(BIN)/vmtreefs mount $(STATE) $(MNT) -f
 
 test: deps lint ## lint, then the test suite (pytest -q)

@@ -104,6 +104,11 @@ def _spawn_daemon(source: Path, mountpoint: Path, option_groups: list[str]) -> i
                 if not chunk:
                     break
                 answer += chunk
+    if not answer.startswith(b"ready"):
+        try:
+            process.wait(timeout=10)  # the pipe closes a moment before the process is gone
+        except subprocess.TimeoutExpired:
+            pass
     if answer.startswith(b"ready"):
         print(f"mounted {source} at {mountpoint} (pid {process.pid}, log {log_path})")
         return 0
@@ -189,7 +194,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+SYSTEM_PATH = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin")
+
+
+def _ensure_system_path() -> None:
+    """mount(8) and systemd may start us with no PATH; mkfs.xfs and losetup live in sbin."""
+    current = [p for p in os.environ.get("PATH", "").split(os.pathsep) if p]
+    os.environ["PATH"] = os.pathsep.join(current + [p for p in SYSTEM_PATH if p not in current])
+
+
 def main(argv: list[str] | None = None) -> int:
+    _ensure_system_path()
     args = build_parser().parse_args(argv)
     try:
         status: int = args.func(args)
