@@ -177,3 +177,22 @@ def test_open_intents_are_recovered_and_inventory_differences_shown(tree: Tree) 
     assert (pool / "vol-900.img").exists()
     assert "ghost" not in listing(tree.vms)
     assert "recovered" in (tree.vms / ".vmtree" / "events").read_text()
+
+
+def test_sigterm_unmounts_cleanly() -> None:
+    with mounted_image("ext4", "1G") as ext4:
+        tree = Tree(ext4)
+        tree.mount(["size=512M"])
+        assert tree.daemon is not None and tree.daemon.process is not None
+        os.mkdir(tree.vms / "a")
+        tree.daemon.process.terminate()
+        assert tree.daemon.process.wait(timeout=60) == 0
+        assert not is_mountpoint(tree.vms)
+        assert not is_mountpoint(tree.source / "pool")
+        assert loop_devices(tree.source / "reflink.xfs") == []
+        assert "received SIGTERM: unmounting" in tree.log()
+        tree.mount()
+        try:
+            assert listing(tree.vms) == ["a"]
+        finally:
+            tree.unmount()
