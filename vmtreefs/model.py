@@ -17,6 +17,7 @@ import re
 from dataclasses import dataclass, field
 
 from vmtreefs.errors import VmtreeError
+from vmtreefs.properties import VOLUME_POLICIES, inherited
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -32,7 +33,7 @@ VOLUME_SUFFIX = ".img"
 _NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9_-]*\Z")
 _RESERVED_SUFFIX_RE = re.compile(r"-(next|v[0-9]+|inst[0-9]+|disp[0-9]+)\Z")
 
-POLICIES = ("persistent", "template", "volatile")
+POLICIES = VOLUME_POLICIES
 VM_STATES = ("halted", "starting", "running", "paused", "saved", "stopping")
 
 
@@ -161,6 +162,9 @@ class DeleteVm:
     vm_id: int
     name: str
     volume_ids: tuple[int, ...]
+    new_origin: int | None = None  # its clones move to its own origin
+    reparent: tuple[int, ...] = ()
+    aliases: tuple[int, ...] = ()  # aliases that stand for it, dependents first
 
 
 @dataclass(frozen=True)
@@ -199,6 +203,67 @@ class ResizeVolume:
     new_size: int
 
 
+@dataclass(frozen=True)
+class CloneVm:
+    source_id: int
+    name: str
+    volumes: tuple[tuple[int, VolumeSpec], ...]  # (source volume id, the new volume)
+    props: dict[str, str]
+    reparent: tuple[int, ...]  # --replace: VMs whose origin moves from the source to the clone
+
+
+@dataclass(frozen=True)
+class SetProperty:
+    vm_id: int
+    name: str
+    value: str | None  # None: back to the default
+
+
+@dataclass
+class Alias:
+    """A name at the top level that stands for a VM or another alias (a symlink)."""
+
+    id: int
+    name: str
+    target_vm: int | None
+    target_alias: int | None
+    system: bool = False
+    created: float = 0.0
+
+
+@dataclass(frozen=True)
+class CreateAlias:
+    name: str
+    target_vm: int | None
+    target_alias: int | None
+
+
+@dataclass(frozen=True)
+class RemoveAlias:
+    alias_id: int
+    name: str
+
+
+@dataclass(frozen=True)
+class RenameAlias:
+    alias_id: int
+    old: str
+    new: str
+
+
+@dataclass(frozen=True)
+class ReplaceAlias:
+    """``mv NEW OLD`` over an existing alias (``ln -sfn``): NEW takes OLD's name and place."""
+
+    keep_id: int
+    drop_id: int
+    name: str
+    retarget: tuple[int, ...]  # aliases that named the dropped one now name the kept one
+
+
+MAX_ALIAS_CHAIN = 40  # like the kernel's limit on symlinks followed in one lookup
+
+
 class Namespace:
     """Every VM the user can see, by name and by id, plus names reserved by operations in flight."""
 
@@ -207,6 +272,8 @@ class Namespace:
         self.by_id: dict[int, Vm] = {}
         self.reserved: set[str] = set()
         self._volume_owner: dict[int, int] = {}
+        self.aliases: dict[str, Alias] = {}
+        self.aliases_by_id: dict[int, Alias] = {}
 
     # Queries
 
@@ -247,6 +314,8 @@ class Namespace:
     def _check_free(self, name: str) -> None:
         if name in self.by_name:
             raise ModelError(errno.EEXIST, f"a VM named {name!r} already exists")
+        if name in self.aliases:
+            raise ModelError(errno.EEXIST, f"an alias named {name!r} already exists")
         if name in self.reserved:
             raise ModelError(errno.EEXIST, f"a VM named {name!r} is being created")
 
@@ -269,7 +338,188 @@ class Namespace:
         vm = self.get(name)
         if vm.state != "halted":
             raise ModelError(errno.EBUSY, f"cannot delete VM {name!r}: it is {vm.state}")
-        return DeleteVm(vm.id, vm.name, tuple(v.id for v in vm.volumes.values()))
+        return DeleteVm(
+            vm.id,
+            vm.name,
+            tuple(v.id for v in vm.volumes.values()),
+            new_origin=vm.origin_id,
+            reparent=tuple(c.id for c in self.clones_of(vm)),
+            aliases=self._aliases_standing_for(vm_id=vm.id),
+        )
+
+    def plan_clone(self, source_name: str, raw_new: str | bytes, replace: bool = False) -> CloneVm:
+        """A linked clone of every volume; reserves the new name."""
+        source = self.get(source_name)
+        name = check_vm_name(raw_new)
+        self._check_free(name)
+        self.reserved.add(name)
+        volumes = tuple(
+            (vol.id, VolumeSpec(vol.name, vol.size, vol.policy))
+            for vol in sorted(source.volumes.values(), key=lambda v: v.id)
+        )
+        props = inherited(source.props)
+        reparent = tuple(c.id for c in self.clones_of(source)) if replace else ()
+        return CloneVm(source.id, name, volumes, props, reparent)
+
+    def clones_of(self, vm: Vm) -> list[Vm]:
+        return sorted((c for c in self.by_id.values() if c.origin_id == vm.id), key=lambda c: c.id)
+
+    # Aliases
+
+    def get_alias(self, name: str) -> Alias:
+        try:
+            return self.aliases[name]
+        except KeyError:
+            raise ModelError(errno.ENOENT, f"there is no alias named {name!r}") from None
+
+    def alias_target_name(self, alias: Alias) -> str:
+        """What the symlink reads: the current name of the VM or alias it stands for."""
+        if alias.target_vm is not None:
+            return self.get_by_id(alias.target_vm).name
+        assert alias.target_alias is not None
+        return self.aliases_by_id[alias.target_alias].name
+
+    def resolve(self, name: str) -> Vm:
+        """The VM a name stands for, following aliases."""
+        seen = 0
+        while name in self.aliases:
+            seen += 1
+            if seen > MAX_ALIAS_CHAIN:
+                raise ModelError(errno.ELOOP, f"alias chain from {name!r} is too long")
+            name = self.alias_target_name(self.aliases[name])
+        return self.get(name)
+
+    def _aliases_standing_for(
+        self, vm_id: int | None = None, alias_id: int | None = None
+    ) -> tuple[int, ...]:
+        """Every alias that ends at this VM or alias, the ones named by others last."""
+        doomed: list[int] = []
+        frontier_vm = {vm_id} if vm_id is not None else set()
+        frontier_alias = {alias_id} if alias_id is not None else set()
+        while True:
+            found = sorted(
+                a.id
+                for a in self.aliases_by_id.values()
+                if a.id not in doomed
+                and (a.target_vm in frontier_vm or a.target_alias in frontier_alias)
+            )
+            if not found:
+                break
+            doomed.extend(found)
+            frontier_vm = set()
+            frontier_alias = set(found)
+        return tuple(reversed(doomed))
+
+    def _check_alias_target(self, raw_target: str | bytes) -> tuple[int | None, int | None]:
+        target = _decode(raw_target, "alias target")
+        if target.startswith("/"):
+            raise ModelError(
+                errno.EINVAL, f"alias target {target!r} is absolute: name a VM or alias"
+            )
+        if "/" in target or target in (".", ".."):
+            raise ModelError(
+                errno.EINVAL,
+                f"alias target {target!r} is a path: name a VM or alias, with no '/' or '..'",
+            )
+        if target in self.by_name:
+            return self.by_name[target].id, None
+        if target in self.aliases:
+            return None, self.aliases[target].id
+        raise ModelError(errno.EINVAL, f"alias target {target!r} names no VM or alias")
+
+    def plan_create_alias(self, raw_name: str | bytes, raw_target: str | bytes) -> CreateAlias:
+        name = check_vm_name(raw_name)
+        self._check_free(name)
+        target_vm, target_alias = self._check_alias_target(raw_target)
+        self.reserved.add(name)
+        return CreateAlias(name, target_vm, target_alias)
+
+    def plan_remove_alias(self, name: str) -> RemoveAlias:
+        alias = self.get_alias(name)
+        if alias.system:
+            raise ModelError(
+                errno.EPERM, f"alias {name!r} is kept by the system (it names the latest version)"
+            )
+        if self._aliases_standing_for(alias_id=alias.id):
+            raise ModelError(
+                errno.EBUSY, f"alias {name!r} is named by other aliases; remove those first"
+            )
+        return RemoveAlias(alias.id, name)
+
+    def plan_rename_alias(self, old: str, raw_new: str | bytes) -> RenameAlias | ReplaceAlias:
+        """A rename to a new name, or over an existing user alias (the atomic repoint)."""
+        alias = self.get_alias(old)
+        new = check_vm_name(raw_new)
+        if new == old:
+            return RenameAlias(alias.id, old, new)
+        if alias.system:
+            raise ModelError(errno.EPERM, f"alias {old!r} is kept by the system")
+        replaced = self.aliases.get(new)
+        if replaced is None:
+            self._check_free(new)
+            self.reserved.add(new)
+            return RenameAlias(alias.id, old, new)
+        if replaced.system:
+            raise ModelError(errno.EPERM, f"alias {new!r} is kept by the system")
+        retarget = tuple(
+            sorted(a.id for a in self.aliases_by_id.values() if a.target_alias == replaced.id)
+        )
+        # Follow the kept alias's chain as it will be: it must end at a VM.
+        targets = {a.id: a.target_alias for a in self.aliases_by_id.values()}
+        for a in retarget:
+            targets[a] = alias.id
+        step: int | None = targets[alias.id]
+        for _ in range(MAX_ALIAS_CHAIN + 1):
+            if step == replaced.id:
+                step = alias.id
+            if step is None:
+                return ReplaceAlias(alias.id, replaced.id, new, retarget)
+            if step == alias.id:
+                break
+            step = targets.get(step)
+        raise ModelError(errno.EINVAL, f"alias {new!r} would end up naming itself")
+
+    def add_alias(self, alias: Alias) -> None:
+        self.reserved.discard(alias.name)
+        if alias.name in self.aliases or alias.name in self.by_name:
+            raise ModelError(errno.EEXIST, f"name {alias.name!r} is already taken")
+        self.aliases[alias.name] = alias
+        self.aliases_by_id[alias.id] = alias
+
+    def remove_alias(self, alias_id: int) -> None:
+        alias = self.aliases_by_id.pop(alias_id)
+        del self.aliases[alias.name]
+
+    def apply_rename_alias(self, plan: RenameAlias) -> None:
+        alias = self.aliases_by_id[plan.alias_id]
+        self.reserved.discard(plan.new)
+        del self.aliases[plan.old]
+        alias.name = plan.new
+        self.aliases[plan.new] = alias
+
+    def apply_replace_alias(self, plan: ReplaceAlias) -> None:
+        kept = self.aliases_by_id[plan.keep_id]
+        self.remove_alias(plan.drop_id)
+        for alias_id in plan.retarget:
+            self.aliases_by_id[alias_id].target_alias = plan.keep_id
+        del self.aliases[kept.name]
+        kept.name = plan.name
+        self.aliases[plan.name] = kept
+
+    # Properties
+
+    def plan_set_property(self, vm_name: str, name: str, value: str | None) -> SetProperty:
+        vm = self.get(vm_name)
+        if name == "immutable" and value == "1" and vm.state != "halted":
+            raise ModelError(errno.EBUSY, f"cannot make VM {vm_name!r} immutable: it is {vm.state}")
+        return SetProperty(vm.id, name, value)
+
+    def apply_set_property(self, plan: SetProperty) -> None:
+        vm = self.get_by_id(plan.vm_id)
+        if plan.value is None:
+            vm.props.pop(plan.name, None)
+        else:
+            vm.props[plan.name] = plan.value
 
     def plan_rename_vm(self, old: str, raw_new: str | bytes) -> RenameVm:
         vm = self.get(old)
@@ -329,7 +579,7 @@ class Namespace:
 
     def add_vm(self, vm: Vm) -> None:
         self.reserved.discard(vm.name)
-        if vm.name in self.by_name or vm.id in self.by_id:
+        if vm.name in self.by_name or vm.name in self.aliases or vm.id in self.by_id:
             raise ModelError(errno.EEXIST, f"VM {vm.name!r} (id {vm.id}) is already present")
         self.by_name[vm.name] = vm
         self.by_id[vm.id] = vm
@@ -341,7 +591,10 @@ class Namespace:
         self.reserved.discard(name)
 
     def remove_vm(self, vm_id: int) -> Vm:
+        """Forget a VM; its clones move to its origin and the aliases standing for it go."""
         vm = self.get_by_id(vm_id)
+        for alias_id in self._aliases_standing_for(vm_id=vm_id):
+            self.remove_alias(alias_id)
         del self.by_id[vm_id]
         del self.by_name[vm.name]
         for vol in vm.volumes.values():
@@ -350,6 +603,9 @@ class Namespace:
             if other.origin_id == vm_id:
                 other.origin_id = vm.origin_id
         return vm
+
+    def set_origin(self, vm_id: int, origin_id: int | None) -> None:
+        self.get_by_id(vm_id).origin_id = origin_id
 
     def apply_rename_vm(self, plan: RenameVm) -> None:
         vm = self.get_by_id(plan.vm_id)
