@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import logging
 import os
+import re
 import select
 import subprocess
 import sys
@@ -105,10 +107,8 @@ def _spawn_daemon(source: Path, mountpoint: Path, option_groups: list[str]) -> i
                     break
                 answer += chunk
     if not answer.startswith(b"ready"):
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(timeout=10)  # the pipe closes a moment before the process is gone
-        except subprocess.TimeoutExpired:
-            pass
     if answer.startswith(b"ready"):
         print(f"mounted {source} at {mountpoint} (pid {process.pid}, log {log_path})")
         return 0
@@ -122,14 +122,19 @@ def _spawn_daemon(source: Path, mountpoint: Path, option_groups: list[str]) -> i
     return 1
 
 
+def _unescape(field: str) -> str:
+    """mountinfo writes space, tab, newline and backslash as octal escapes."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
 def _mount_source(mountpoint: Path) -> Path | None:
     """SOURCE of the vmtreefs mounted at ``mountpoint``, from /proc/self/mountinfo."""
     with open("/proc/self/mountinfo") as f:
         for line in f:
             fields = line.split()
             sep = fields.index("-")
-            if fields[4] == str(mountpoint) and fields[sep + 1] == "fuse.vmtreefs":
-                return Path(fields[sep + 2].replace("\\040", " "))
+            if _unescape(fields[4]) == str(mountpoint) and fields[sep + 1] == "fuse.vmtreefs":
+                return Path(_unescape(fields[sep + 2]))
     return None
 
 

@@ -27,6 +27,9 @@ IGNORED_OPTIONS = frozenset(
 )
 
 
+ENGINE_CHOICES = ("auto", "reflink")
+
+
 @dataclass
 class MountOptions:
     engine: str = "auto"
@@ -42,6 +45,10 @@ def parse_mount_options(groups: list[str]) -> MountOptions:
         for item in filter(None, group.split(",")):
             key, _, value = item.partition("=")
             if key == "engine" and value:
+                if value not in ENGINE_CHOICES:
+                    raise VmtreeError(
+                        errno.EINVAL, f"engine must be one of {', '.join(ENGINE_CHOICES)}"
+                    )
                 options.engine = value
             elif key == "size" and value:
                 options.size = parse_size(value)

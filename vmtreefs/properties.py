@@ -86,9 +86,7 @@ def _ready(name: str, text: str) -> str:
         except re.error as e:
             raise VmtreeError(errno.EINVAL, f"{name} pattern {arg!r} is not a regex: {e}") from None
         return text
-    raise VmtreeError(
-        errno.EINVAL, f"{name} must be console:REGEX or delay:SECONDS, not {text!r}"
-    )
+    raise VmtreeError(errno.EINVAL, f"{name} must be console:REGEX or delay:SECONDS, not {text!r}")
 
 
 @dataclass(frozen=True)

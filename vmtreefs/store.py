@@ -9,9 +9,9 @@ The store is called from trio worker threads. One connection is shared and a
 lock is held for the whole of each transaction or read, so a transaction sees
 exactly what it writes and nothing of another thread's half-done work.
 
-Ids of VMs and volumes are never reused (``AUTOINCREMENT`` and a durable
-counter): inode numbers and engine device ids are derived from them, and a
-reused id could make a stale handle or a leftover engine volume alias a new one.
+Ids of VMs, volumes and aliases are never reused (``AUTOINCREMENT`` and a
+durable counter): inode numbers and engine device ids are derived from them, and
+a reused id could make a stale handle or a leftover engine volume alias a new one.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ import re
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -89,6 +89,45 @@ INSERT INTO counters (name, value) VALUES ('volume_id', 0);
 PRAGMA application_id = {APPLICATION_ID};
 """
 
+# Aliases: symlinks at the top level of the tree, naming a VM or another alias by
+# id, so renaming the target needs no update. The targets have no ON DELETE
+# action on purpose: the orchestrator deletes or re-targets an alias in the same
+# transaction as its target, and a delete that would leave one dangling fails.
+# VMs and aliases share the top-level namespace; the triggers keep it so.
+_SCHEMA_V2 = """
+CREATE TABLE aliases (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    name TEXT NOT NULL UNIQUE,
+    target_vm INTEGER REFERENCES vms(id),
+    target_alias INTEGER REFERENCES aliases(id),
+    system INTEGER NOT NULL DEFAULT 0 CHECK (system IN (0, 1)),
+    created REAL NOT NULL,
+    CHECK ((target_vm IS NULL) <> (target_alias IS NULL))
+);
+CREATE INDEX aliases_target_vm ON aliases(target_vm);
+CREATE INDEX aliases_target_alias ON aliases(target_alias);
+CREATE TRIGGER vms_insert_name_free BEFORE INSERT ON vms
+WHEN EXISTS (SELECT 1 FROM aliases WHERE name = NEW.name)
+BEGIN
+    SELECT RAISE(ABORT, 'an alias has that name');
+END;
+CREATE TRIGGER vms_rename_name_free BEFORE UPDATE OF name ON vms
+WHEN EXISTS (SELECT 1 FROM aliases WHERE name = NEW.name)
+BEGIN
+    SELECT RAISE(ABORT, 'an alias has that name');
+END;
+CREATE TRIGGER aliases_insert_name_free BEFORE INSERT ON aliases
+WHEN EXISTS (SELECT 1 FROM vms WHERE name = NEW.name)
+BEGIN
+    SELECT RAISE(ABORT, 'a VM has that name');
+END;
+CREATE TRIGGER aliases_rename_name_free BEFORE UPDATE OF name ON aliases
+WHEN EXISTS (SELECT 1 FROM vms WHERE name = NEW.name)
+BEGIN
+    SELECT RAISE(ABORT, 'a VM has that name');
+END;
+"""
+
 
 @dataclass(frozen=True)
 class VmRow:
@@ -110,6 +149,18 @@ class VolumeRow:
 
 
 @dataclass(frozen=True)
+class AliasRow:
+    """A top-level symlink; exactly one of ``target_vm`` and ``target_alias`` is set."""
+
+    id: int
+    name: str
+    target_vm: int | None
+    target_alias: int | None
+    system: bool
+    created: float
+
+
+@dataclass(frozen=True)
 class Intent:
     id: int
     kind: str
@@ -123,6 +174,7 @@ class Snapshot:
     volumes: list[VolumeRow]
     open_intents: list[Intent]
     meta: dict[str, str]
+    aliases: list[AliasRow] = field(default_factory=list)
 
 
 # sqlite3's primary result codes -> the errno a user or the administrator sees.
@@ -147,6 +199,9 @@ def _error(e: sqlite3.Error, what: str) -> VmtreeError:
         err = errno.EEXIST
     elif name == "SQLITE_CONSTRAINT_FOREIGNKEY":
         err = errno.ENOENT
+    elif name == "SQLITE_CONSTRAINT_TRIGGER":
+        # Our only triggers keep VM and alias names apart.
+        err = errno.EEXIST
     elif code is None:
         err = errno.EIO
     else:
@@ -161,6 +216,15 @@ def _props_json(props: dict[str, str]) -> str:
         if not isinstance(k, str) or not isinstance(v, str):
             raise VmtreeError(errno.EINVAL, f"VM property {k!r}={v!r} is not a string pair")
     return json.dumps(props, sort_keys=True)
+
+
+def _one_target(target_vm: int | None, target_alias: int | None, what: str) -> None:
+    if (target_vm is None) == (target_alias is None):
+        raise VmtreeError(
+            errno.EINVAL,
+            f"{what}: an alias names exactly one VM or alias "
+            f"(got VM {target_vm}, alias {target_alias})",
+        )
 
 
 class Txn:
@@ -178,19 +242,43 @@ class Txn:
         *,
         exists: str | None = None,
         missing: str | None = None,
+        in_use: Callable[[], str] | None = None,
     ) -> sqlite3.Cursor:
-        """Execute one statement, translating constraint failures into the user's errno."""
+        """Execute one statement, translating constraint failures into the user's errno.
+
+        ``exists`` replaces the reason of a UNIQUE conflict (a clash with the
+        other half of the top-level namespace keeps SQLite's own words),
+        ``missing`` that of a reference to a missing row, and ``in_use`` turns
+        the failure of a delete that would leave a reference dangling into
+        EBUSY; it is called after the failure, so it may query the store.
+        """
         if not self._active:
             raise RuntimeError("store transaction used after its block ended")
         try:
             return self._conn.execute(sql, params)
         except sqlite3.Error as e:
             err = _error(e, what)
-            if err.errno == errno.EEXIST and exists is not None:
+            trigger = getattr(e, "sqlite_errorname", None) == "SQLITE_CONSTRAINT_TRIGGER"
+            if err.errno == errno.EEXIST and exists is not None and not trigger:
                 raise VmtreeError(errno.EEXIST, exists) from e
+            if err.errno == errno.ENOENT and in_use is not None:
+                raise VmtreeError(errno.EBUSY, in_use()) from e
             if err.errno == errno.ENOENT and missing is not None:
                 raise VmtreeError(errno.ENOENT, missing) from e
             raise err from e
+
+    def _exists(self, table: str, row_id: int) -> bool:
+        # ``table`` is one of ours, never user input.
+        cur = self._run(f"SELECT 1 FROM {table} WHERE id = ?", (row_id,), f"look up {table}")
+        return cur.fetchone() is not None
+
+    def _alias_names(self, column: str, row_id: int) -> str:
+        rows = self._run(
+            f"SELECT name FROM aliases WHERE {column} = ? ORDER BY id",
+            (row_id,),
+            "look up aliases",
+        ).fetchall()
+        return ", ".join(repr(name) for (name,) in rows)
 
     def _one_row(self, cur: sqlite3.Cursor, reason: str) -> None:
         if cur.rowcount == 0:
@@ -224,6 +312,36 @@ class Txn:
         )
         self._one_row(cur, f"no VM with id {vm_id} to rename")
 
+    def set_vm_origin(self, vm_id: int, origin_id: int | None) -> None:
+        """Set or clear the VM a VM was cloned from.
+
+        A loop of origins is refused (EINVAL); to reverse a clone relationship,
+        clear the old origin before setting the new one.
+        """
+        if origin_id is not None:
+            loop = self._run(
+                "WITH RECURSIVE chain(id) AS ("
+                "SELECT id FROM vms WHERE id = ? "
+                "UNION SELECT vms.origin_id FROM vms JOIN chain ON vms.id = chain.id "
+                "WHERE vms.origin_id IS NOT NULL) "
+                "SELECT 1 FROM chain WHERE id = ?",
+                (origin_id, vm_id),
+                f"follow the origins of VM {origin_id}",
+            ).fetchone()
+            if loop is not None:
+                raise VmtreeError(
+                    errno.EINVAL,
+                    f"VM {origin_id} cannot be the origin of VM {vm_id}: "
+                    f"it is VM {vm_id} or descends from it",
+                )
+        cur = self._run(
+            "UPDATE vms SET origin_id = ? WHERE id = ?",
+            (origin_id, vm_id),
+            f"set origin of VM {vm_id} to {origin_id}",
+            missing=f"origin VM {origin_id} of VM {vm_id} does not exist",
+        )
+        self._one_row(cur, f"no VM with id {vm_id} to set the origin of")
+
     def set_vm_props(self, vm_id: int, props: dict[str, str]) -> None:
         cur = self._run(
             "UPDATE vms SET props = ? WHERE id = ?",
@@ -233,9 +351,105 @@ class Txn:
         self._one_row(cur, f"no VM with id {vm_id} to set properties on")
 
     def delete_vm(self, vm_id: int) -> None:
-        """Delete a VM and (by cascade) its volume rows; its clones lose their origin."""
-        cur = self._run("DELETE FROM vms WHERE id = ?", (vm_id,), f"delete VM {vm_id}")
+        """Delete a VM and (by cascade) its volume rows; its clones lose their origin.
+
+        EBUSY, and nothing deleted, while an alias names the VM: delete or
+        re-target the aliases first, in the same transaction.
+        """
+        cur = self._run(
+            "DELETE FROM vms WHERE id = ?",
+            (vm_id,),
+            f"delete VM {vm_id}",
+            in_use=lambda: (
+                f"VM {vm_id} is still the target of alias "
+                f"{self._alias_names('target_vm', vm_id)}; delete or re-target it first"
+            ),
+        )
         self._one_row(cur, f"no VM with id {vm_id} to delete")
+
+    # Aliases
+
+    def insert_alias(
+        self,
+        name: str,
+        target_vm: int | None,
+        target_alias: int | None,
+        created: float,
+        system: bool = False,
+    ) -> int:
+        """Add an alias naming exactly one existing VM or alias; returns its new id."""
+        what = f"insert alias {name!r}"
+        _one_target(target_vm, target_alias, what)
+        self._require_target(target_vm, target_alias, f"alias {name!r}")
+        cur = self._run(
+            "INSERT INTO aliases (name, target_vm, target_alias, system, created) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (name, target_vm, target_alias, int(bool(system)), created),
+            what,
+            exists=f"an alias named {name!r} already exists",
+        )
+        assert cur.lastrowid is not None
+        return cur.lastrowid
+
+    def rename_alias(self, alias_id: int, new_name: str) -> None:
+        cur = self._run(
+            "UPDATE aliases SET name = ? WHERE id = ?",
+            (new_name, alias_id),
+            f"rename alias {alias_id} to {new_name!r}",
+            exists=f"an alias named {new_name!r} already exists",
+        )
+        self._one_row(cur, f"no alias with id {alias_id} to rename")
+
+    def retarget_alias(
+        self, alias_id: int, target_vm: int | None, target_alias: int | None
+    ) -> None:
+        """Point an alias at another VM or alias; a loop of aliases is refused (ELOOP)."""
+        what = f"re-target alias {alias_id}"
+        _one_target(target_vm, target_alias, what)
+        if not self._exists("aliases", alias_id):
+            raise VmtreeError(errno.ENOENT, f"no alias with id {alias_id} to re-target")
+        self._require_target(target_vm, target_alias, f"alias {alias_id}")
+        if target_alias is not None:
+            loop = self._run(
+                "WITH RECURSIVE chain(id) AS (SELECT ? "
+                "UNION SELECT aliases.target_alias FROM aliases JOIN chain "
+                "ON aliases.id = chain.id WHERE aliases.target_alias IS NOT NULL) "
+                "SELECT 1 FROM chain WHERE id = ?",
+                (target_alias, alias_id),
+                f"follow alias {target_alias}",
+            ).fetchone()
+            if loop is not None:
+                raise VmtreeError(
+                    errno.ELOOP,
+                    f"alias {alias_id} cannot name alias {target_alias}: "
+                    f"that alias is or leads back to alias {alias_id}",
+                )
+        self._run(
+            "UPDATE aliases SET target_vm = ?, target_alias = ? WHERE id = ?",
+            (target_vm, target_alias, alias_id),
+            what,
+        )
+
+    def delete_alias(self, alias_id: int) -> None:
+        """Delete an alias; EBUSY, and nothing deleted, while another alias names it."""
+        cur = self._run(
+            "DELETE FROM aliases WHERE id = ?",
+            (alias_id,),
+            f"delete alias {alias_id}",
+            in_use=lambda: (
+                f"alias {alias_id} is still the target of alias "
+                f"{self._alias_names('target_alias', alias_id)}; delete or re-target it first"
+            ),
+        )
+        self._one_row(cur, f"no alias with id {alias_id} to delete")
+
+    def _require_target(self, target_vm: int | None, target_alias: int | None, of: str) -> None:
+        # Checked explicitly, not left to the foreign key, so the reason names
+        # the missing row and an alias cannot name itself by guessing its new id.
+        if target_vm is not None and not self._exists("vms", target_vm):
+            raise VmtreeError(errno.ENOENT, f"target VM {target_vm} of {of} does not exist")
+        if target_alias is not None and not self._exists("aliases", target_alias):
+            raise VmtreeError(errno.ENOENT, f"target alias {target_alias} of {of} does not exist")
 
     # Volumes
 
@@ -284,6 +498,14 @@ class Txn:
             f"set size of volume {vol_id} to {size}",
         )
         self._one_row(cur, f"no volume with id {vol_id} to resize")
+
+    def set_volume_policy(self, vol_id: int, policy: str) -> None:
+        cur = self._run(
+            "UPDATE volumes SET policy = ? WHERE id = ?",
+            (policy, vol_id),
+            f"set policy of volume {vol_id} to {policy!r}",
+        )
+        self._one_row(cur, f"no volume with id {vol_id} to set the policy of")
 
     def rename_volume(self, vol_id: int, new_name: str) -> None:
         cur = self._run(
@@ -360,7 +582,7 @@ class Store:
     """The open metadata store. Every method blocks; call it from a worker thread."""
 
     #: MIGRATIONS[i] takes the schema from version i to i + 1.
-    MIGRATIONS: ClassVar[tuple[str, ...]] = (_SCHEMA_V1,)
+    MIGRATIONS: ClassVar[tuple[str, ...]] = (_SCHEMA_V1, _SCHEMA_V2)
     SCHEMA_VERSION: ClassVar[int] = len(MIGRATIONS)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -565,7 +787,14 @@ class Store:
                 )
             ]
             meta = dict(conn.execute("SELECT key, value FROM meta"))
-        return Snapshot(vms, volumes, intents, meta)
+            aliases = [
+                AliasRow(alias_id, name, target_vm, target_alias, bool(system), created)
+                for alias_id, name, target_vm, target_alias, system, created in conn.execute(
+                    "SELECT id, name, target_vm, target_alias, system, created "
+                    "FROM aliases ORDER BY id"
+                )
+            ]
+        return Snapshot(vms, volumes, intents, meta, aliases)
 
     def get_meta(self, key: str) -> str | None:
         with self._reading() as conn:

@@ -27,9 +27,10 @@ from typing import Any, TypeVar
 import trio
 
 from vmtreefs import model
+from vmtreefs.commands import Command
 from vmtreefs.engine.base import OpenVolume, SnapshotEngine
 from vmtreefs.errors import VmtreeError
-from vmtreefs.model import Namespace, Vm, Volume, VolumeSpec
+from vmtreefs.model import Alias, Namespace, ReplaceAlias, Vm, Volume, VolumeSpec
 from vmtreefs.store import Intent, Store, Txn
 
 log = logging.getLogger("vmtreefs.tree")
@@ -105,8 +106,10 @@ class VmTree:
         self._load()
         self._compare_inventory(report)
         self.recovery = report
-        for line in report.rolled_back + report.rolled_forward:
-            self.events.add(f"recovered: {line}")
+        for line in report.rolled_back:
+            self.events.add(f"recovered: rolled back {line}")
+        for line in report.rolled_forward:
+            self.events.add(f"recovered: rolled forward {line}")
         return report
 
     def _recover_intent(self, intent: Intent, report: RecoveryReport) -> None:
@@ -122,6 +125,15 @@ class VmTree:
             elif intent.kind == "delete_volumes":
                 for vol_id in payload["volume_ids"]:
                     self.engine.delete(vol_id, missing_ok=True)
+                with self.store.transaction() as tx:
+                    tx.complete_intent(intent.id)
+                report.rolled_forward.append(what)
+            elif intent.kind == "discard_volume":
+                vol_id, size = payload["volume_id"], payload["size"]
+                known = {v.id for v in self.store.load().volumes}
+                if vol_id in known:
+                    self.engine.delete(vol_id, missing_ok=True)
+                    self.engine.create(vol_id, size)
                 with self.store.transaction() as tx:
                     tx.complete_intent(intent.id)
                 report.rolled_forward.append(what)
@@ -157,6 +169,10 @@ class VmTree:
         self.ns = Namespace()
         for vm in vms.values():
             self.ns.add_vm(vm)
+        for row in snapshot.aliases:
+            self.ns.add_alias(
+                Alias(row.id, row.name, row.target_vm, row.target_alias, row.system, row.created)
+            )
 
     def _compare_inventory(self, report: RecoveryReport) -> None:
         engine_volumes = self.engine.inventory()
@@ -207,29 +223,34 @@ class VmTree:
             yield self.ns.get_by_id(vm_id)
 
     async def _create_volumes(
-        self, what: str, specs: tuple[VolumeSpec, ...]
+        self,
+        what: str,
+        specs: tuple[VolumeSpec, ...],
+        sources: tuple[int, ...] | None = None,
     ) -> tuple[int, list[int]]:
-        """Journal, then create engine volumes; on failure nothing is left behind."""
+        """Journal, then create (or snapshot from ``sources``) engine volumes.
+
+        On failure nothing is left behind: what was made is deleted and the
+        intent completed, or, if even that fails, left open for the next mount.
+        """
 
         def begin() -> tuple[int, list[int]]:
             with self.store.transaction() as tx:
                 ids = tx.allocate_volume_ids(len(specs))
-                intent = tx.begin_intent(
-                    "create",
-                    {
-                        "what": what,
-                        "volumes": [
-                            {"id": i, "name": s.name, "size": s.size}
-                            for i, s in zip(ids, specs, strict=True)
-                        ],
-                    },
-                )
+                volumes = [
+                    {"id": i, "name": s.name, "size": s.size}
+                    for i, s in zip(ids, specs, strict=True)
+                ]
+                intent = tx.begin_intent("create", {"what": what, "volumes": volumes})
             return intent, ids
 
         intent, ids = await in_thread(begin)
         try:
-            for vol_id, spec in zip(ids, specs, strict=True):
-                await in_thread(self.engine.create, vol_id, spec.size)
+            for n, (vol_id, spec) in enumerate(zip(ids, specs, strict=True)):
+                if sources is None:
+                    await in_thread(self.engine.create, vol_id, spec.size)
+                else:
+                    await in_thread(self.engine.snapshot, sources[n], vol_id)
         except BaseException:
             with trio.CancelScope(shield=True):
                 await self._undo_creation(intent, ids)
@@ -303,6 +324,10 @@ class VmTree:
 
             def commit() -> tuple[int, float]:
                 with self.store.transaction() as tx:
+                    for alias_id in plan.aliases:
+                        tx.delete_alias(alias_id)
+                    for child in plan.reparent:
+                        tx.set_vm_origin(child, plan.new_origin)
                     tx.delete_vm(plan.vm_id)
                     intent = tx.begin_intent(
                         "delete_volumes",
@@ -310,9 +335,12 @@ class VmTree:
                     )
                     return intent, self._noted(tx, f"rmdir {plan.name}")
 
+            gone = [self.ns.aliases_by_id[a].name for a in plan.aliases]
             intent, t = await in_thread(commit)
             self.ns.remove_vm(plan.vm_id)
-            self._announce(f"rmdir {plan.name}", t)
+            self._announce(
+                f"rmdir {plan.name}" + (f" (and its aliases {', '.join(gone)})" if gone else ""), t
+            )
             with trio.CancelScope(shield=True):
                 await self._finish_deletion(intent, list(plan.volume_ids))
 
@@ -334,6 +362,195 @@ class VmTree:
                 raise
             self.ns.apply_rename_vm(plan)
             self._announce(f"mv {plan.old} {plan.new}", t)
+
+    async def clone_vm(self, source_id: int, raw_new: str | bytes, replace: bool = False) -> Vm:
+        """A linked clone: a snapshot of every volume, the source's properties, origin = source."""
+        async with self._locked(source_id) as source:
+            plan = self.ns.plan_clone(source.name, raw_new, replace)
+            verb = "clone --replace" if replace else "clone"
+            what = f"{verb} {source.name} {plan.name}"
+            specs = tuple(spec for _, spec in plan.volumes)
+            sources = tuple(src for src, _ in plan.volumes)
+            try:
+                intent, ids = await self._create_volumes(what, specs, sources)
+
+                def commit() -> tuple[int, float, float]:
+                    with self.store.transaction() as tx:
+                        created = time.time()
+                        vm_id = tx.insert_vm(plan.name, created, plan.source_id, plan.props)
+                        for vol_id, spec in zip(ids, specs, strict=True):
+                            tx.insert_volume(
+                                vol_id, vm_id, spec.name, spec.size, spec.policy, created
+                            )
+                        for child in plan.reparent:
+                            tx.set_vm_origin(child, vm_id)
+                        tx.complete_intent(intent)
+                        return vm_id, created, self._noted(tx, what)
+
+                try:
+                    vm_id, created, t = await in_thread(commit)
+                except BaseException:
+                    with trio.CancelScope(shield=True):
+                        await self._undo_creation(intent, ids)
+                    raise
+            except BaseException:
+                self.ns.release(plan.name)
+                raise
+            vm = Vm(vm_id, plan.name, created, plan.source_id, dict(plan.props))
+            for vol_id, spec in zip(ids, specs, strict=True):
+                vm.volumes[spec.name] = Volume(vol_id, spec.name, spec.size, spec.policy, created)
+            self.ns.add_vm(vm)
+            for child in plan.reparent:
+                self.ns.set_origin(child, vm.id)
+            self._announce(what, t)
+            return vm
+
+    # Aliases
+
+    async def create_alias(self, raw_name: str | bytes, raw_target: str | bytes) -> Alias:
+        plan = self.ns.plan_create_alias(raw_name, raw_target)
+        target = (
+            self.ns.get_by_id(plan.target_vm).name
+            if plan.target_vm is not None
+            else self.ns.aliases_by_id[plan.target_alias or 0].name
+        )
+        what = f"ln -s {target} {plan.name}"
+
+        def commit() -> tuple[int, float, float]:
+            with self.store.transaction() as tx:
+                created = time.time()
+                alias_id = tx.insert_alias(plan.name, plan.target_vm, plan.target_alias, created)
+                return alias_id, created, self._noted(tx, what)
+
+        try:
+            alias_id, created, t = await in_thread(commit)
+        except BaseException:
+            self.ns.release(plan.name)
+            raise
+        alias = Alias(alias_id, plan.name, plan.target_vm, plan.target_alias, False, created)
+        self.ns.add_alias(alias)
+        self._announce(what, t)
+        return alias
+
+    async def remove_alias(self, name: str) -> None:
+        plan = self.ns.plan_remove_alias(name)
+        what = f"rm {name}"
+
+        def commit() -> float:
+            with self.store.transaction() as tx:
+                tx.delete_alias(plan.alias_id)
+                return self._noted(tx, what)
+
+        t = await in_thread(commit)
+        self.ns.remove_alias(plan.alias_id)
+        self._announce(what, t)
+
+    async def rename_alias(self, old: str, raw_new: str | bytes) -> None:
+        """Rename an alias, or move it over another (``ln -sfn``), atomically."""
+        plan = self.ns.plan_rename_alias(old, raw_new)
+        if isinstance(plan, ReplaceAlias):
+            target = self.ns.alias_target_name(self.ns.get_alias(old))
+            what = f"mv {old} {plan.name} (now names {target})"
+
+            def replace() -> float:
+                with self.store.transaction() as tx:
+                    for alias_id in plan.retarget:
+                        tx.retarget_alias(alias_id, None, plan.keep_id)
+                    tx.delete_alias(plan.drop_id)
+                    tx.rename_alias(plan.keep_id, plan.name)
+                    return self._noted(tx, what)
+
+            t = await in_thread(replace)
+            self.ns.apply_replace_alias(plan)
+        else:
+            if plan.new == plan.old:
+                return
+            what = f"mv {plan.old} {plan.new}"
+
+            def rename() -> float:
+                with self.store.transaction() as tx:
+                    tx.rename_alias(plan.alias_id, plan.new)
+                    return self._noted(tx, what)
+
+            try:
+                t = await in_thread(rename)
+            except BaseException:
+                self.ns.release(plan.new)
+                raise
+            self.ns.apply_rename_alias(plan)
+        self._announce(what, t)
+
+    # Properties
+
+    async def set_property(self, vm_id: int, name: str, value: str | None) -> None:
+        """Store a validated property value (None: back to its default)."""
+        async with self._locked(vm_id) as vm:
+            plan = self.ns.plan_set_property(vm.name, name, value)
+            if vm.props.get(name) == value:
+                return
+            props = dict(vm.props)
+            if value is None:
+                props.pop(name, None)
+            else:
+                props[name] = value
+            what = f"set {vm.name} {name}={value if value is not None else '(default)'}"
+
+            def commit() -> float:
+                with self.store.transaction() as tx:
+                    tx.set_vm_props(vm.id, props)
+                    return self._noted(tx, what)
+
+            t = await in_thread(commit)
+            self.ns.apply_set_property(plan)
+            self._announce(what, t)
+
+    async def set_volume_policy(self, volume_id: int, policy: str) -> None:
+        vm, vol = self.ns.volume_by_id(volume_id)
+        async with self._locked(vm.id):
+            vm, vol = self.ns.volume_by_id(volume_id)
+            if vol.policy == policy:
+                return
+            what = f"set {vm.name}/{vol.filename} policy={policy}"
+
+            def commit() -> float:
+                with self.store.transaction() as tx:
+                    tx.set_volume_policy(volume_id, policy)
+                    return self._noted(tx, what)
+
+            t = await in_thread(commit)
+            vol.policy = policy
+            self._announce(what, t)
+
+    async def vm_usage(self, vm_id: int) -> int:
+        """Bytes held only by this VM: what deleting it would free."""
+        vm = self.ns.get_by_id(vm_id)
+        total = 0
+        for vol in list(vm.volumes.values()):
+            total += await in_thread(self.engine.exclusive_bytes, vol.id)
+        return total
+
+    # Control commands
+
+    async def run_command(self, vm_id: int | None, command: Command) -> str:
+        """Carry out one ctl command; the returned line is read back from the same open file."""
+        if vm_id is not None and command.verb == "clone":
+            replace = "--replace" in command.args
+            names = [a for a in command.args if a != "--replace"]
+            unknown_flags = [a for a in names if a.startswith("-")]
+            if len(names) != 1 or unknown_flags:
+                raise VmtreeError(errno.EINVAL, "usage: clone NEW [--replace]")
+            return (await self.clone_vm(vm_id, names[0], replace)).name
+        if vm_id is None and command.verb == "gc":
+            if command.args:
+                raise VmtreeError(errno.EINVAL, "usage: gc")
+            return "nothing to collect"
+        vm = self.ns.get_by_id(vm_id) if vm_id is not None else None
+        target = f"VM {vm.name!r}" if vm else "the tree"
+        raise VmtreeError(
+            errno.EINVAL,
+            f"command {command.verb!r} for {target} needs running VMs, which are not "
+            "available in this version of vmtreefs",
+        )
 
     # Operations on volumes
 
@@ -402,10 +619,17 @@ class VmTree:
             self.ns.apply_rename_volume(plan)
             self._announce(what, t)
 
-    async def resize_volume(self, volume_id: int, new_size: int) -> None:
+    async def resize_volume(self, volume_id: int, new_size: int, at_least: bool = False) -> None:
+        """Grow a volume; with ``at_least`` a volume already that big is left alone.
+
+        Growth caused by a write (``at_least``) is not written to .vmtree/events: a
+        copy into a new volume would otherwise push every other line out.
+        """
         vm, vol = self.ns.volume_by_id(volume_id)
         async with self._locked(vm.id):
             vm, vol = self.ns.volume_by_id(volume_id)
+            if at_least and vol.size >= new_size:
+                return
             plan = self.ns.plan_resize_volume(vm.name, vol.name, new_size)
             if plan.new_size == plan.old_size:
                 return
@@ -418,25 +642,56 @@ class VmTree:
                         {"what": what, "volume_id": plan.volume_id, "size": plan.new_size},
                     )
 
-            def finish(intent: int) -> float:
-                self.engine.resize(plan.volume_id, plan.new_size)
-                with self.store.transaction() as tx:
-                    tx.set_volume_size(plan.volume_id, plan.new_size)
-                    tx.complete_intent(intent)
-                    return self._noted(tx, what)
-
             def abandon(intent: int) -> None:
                 with self.store.transaction() as tx:
                     tx.complete_intent(intent)
 
+            def commit(intent: int) -> float:
+                with self.store.transaction() as tx:
+                    tx.set_volume_size(plan.volume_id, plan.new_size)
+                    tx.complete_intent(intent)
+                    return self._noted(tx, what) if not at_least else time.time()
+
             intent = await in_thread(begin)
             try:
-                t = await in_thread(finish, intent)
+                await in_thread(self.engine.resize, plan.volume_id, plan.new_size)
             except VmtreeError:
                 # The engine refused before changing anything.
                 await in_thread(abandon, intent)
                 raise
+            # From here the engine has grown: a failed commit leaves the intent open, and
+            # the next mount rolls it forward.
+            t = await in_thread(commit, intent)
             self.ns.apply_resize_volume(plan)
+            if at_least:
+                log.debug("%s", what)
+            else:
+                self._announce(what, t)
+
+    async def discard_volume(self, volume_id: int) -> None:
+        """Make a volume read as zeros again, keeping its size (an O_TRUNC open: cp, >)."""
+        vm, vol = self.ns.volume_by_id(volume_id)
+        async with self._locked(vm.id):
+            vm, vol = self.ns.volume_by_id(volume_id)
+            self.ns.check_volume_write(vm.name, vol.name)
+            what = f"discard {vm.name}/{vol.filename}"
+            size = vol.size
+
+            def begin() -> int:
+                with self.store.transaction() as tx:
+                    return tx.begin_intent(
+                        "discard_volume", {"what": what, "volume_id": volume_id, "size": size}
+                    )
+
+            def carry_out(intent: int) -> float:
+                self.engine.delete(volume_id, missing_ok=True)
+                self.engine.create(volume_id, size)
+                with self.store.transaction() as tx:
+                    tx.complete_intent(intent)
+                    return self._noted(tx, what)
+
+            intent = await in_thread(begin)
+            t = await in_thread(carry_out, intent)
             self._announce(what, t)
 
     # Volume data
@@ -456,7 +711,7 @@ class VmTree:
         self.ns.check_volume_write(vm.name, vol.name)
         end = offset + len(data)
         if end > vol.size:
-            await self.resize_volume(vol.id, model.round_up_to_sector(end))
+            await self.resize_volume(vol.id, model.round_up_to_sector(end), at_least=True)
         return await in_thread(handle.pwrite, data, offset)
 
     # Reports
@@ -485,11 +740,3 @@ class VmTree:
         lines += [f"inventory_difference: {d}" for d in self.recovery.differences]
         lines += [f"intent_left_open: {d}" for d in self.recovery.left_open]
         return "".join(line + "\n" for line in lines)
-
-    def check_command(self, vm: Vm | None, command: str) -> None:
-        """ctl commands arrive with later releases; say so plainly."""
-        target = f"VM {vm.name!r}" if vm else "the tree"
-        raise VmtreeError(
-            errno.EINVAL,
-            f"command {command!r} for {target} is not available in this version of vmtreefs",
-        )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -208,6 +209,101 @@ def test_usage_grows_when_data_is_written(engine: SnapshotEngine) -> None:
     assert engine.usage().used_bytes - after.used_bytes < 4 * MiB
 
 
+SLACK = 256 * KiB
+"""How far above the bytes written an exclusive-bytes figure may be: allocation rounds up
+to whole filesystem blocks (4 KiB on these XFS pools) or thin-pool chunks (64 KiB and up)."""
+
+
+def assert_about(actual: int, expected: int) -> None:
+    assert expected <= actual <= expected + SLACK, (
+        f"{actual} exclusive bytes ({actual / MiB:.3f} MiB), expected about {expected / MiB} MiB"
+    )
+
+
+def settled_exclusive_bytes(engine: SnapshotEngine, vol_id: int, expected: int) -> int:
+    """exclusive_bytes once a delete has finished freeing: XFS releases an unlinked
+    file's blocks in the background (inode inactivation, milliseconds later), and
+    until then the volumes that shared them still see them as SHARED."""
+    deadline = time.monotonic() + 10
+    while True:
+        got = engine.exclusive_bytes(vol_id)
+        if expected <= got <= expected + SLACK or time.monotonic() > deadline:
+            return got
+        time.sleep(0.01)
+
+
+def test_exclusive_bytes_count_written_data_only(engine: SnapshotEngine) -> None:
+    engine.create(1, 4 * GiB)
+    assert engine.exclusive_bytes(1) == 0  # all holes
+    write(engine, 1, os.urandom(8 * MiB), 4 * MiB)
+    assert_about(engine.exclusive_bytes(1), 8 * MiB)
+    write(engine, 1, os.urandom(8 * MiB), 4 * MiB)  # overwriting takes no more
+    assert_about(engine.exclusive_bytes(1), 8 * MiB)
+    write(engine, 1, b"x" * 100, 3 * GiB + 5)  # a partial block still allocates a block
+    assert_about(engine.exclusive_bytes(1), 8 * MiB + 100)
+    assert engine.exclusive_bytes(1) > 8 * MiB
+
+
+def test_exclusive_bytes_of_missing_volume_is_enoent(engine: SnapshotEngine) -> None:
+    with expect_errno(errno.ENOENT):
+        engine.exclusive_bytes(3)
+
+
+def test_exclusive_bytes_follow_copy_on_write(engine: SnapshotEngine) -> None:
+    engine.create(1, 64 * MiB)
+    write(engine, 1, os.urandom(8 * MiB), 0)
+    assert_about(engine.exclusive_bytes(1), 8 * MiB)
+
+    # A snapshot shares every block: XFS marks the extents SHARED in both files,
+    # so neither holds anything alone, and deleting either would free nothing.
+    engine.snapshot(1, 2)
+    assert_about(engine.exclusive_bytes(1), 0)
+    assert_about(engine.exclusive_bytes(2), 0)
+
+    # 3 MiB written to the snapshot over shared data: the snapshot gets new
+    # blocks (copy-on-write), and the origin's old blocks for that range lose
+    # their only other user. XFS then reports the range unshared in BOTH files,
+    # at different disk addresses; the rest (0-2 and 5-8 MiB) stays SHARED.
+    write(engine, 2, os.urandom(3 * MiB), 2 * MiB)
+    assert_about(engine.exclusive_bytes(2), 3 * MiB)
+    assert_about(engine.exclusive_bytes(1), 3 * MiB)
+
+    # Writing where both have a hole allocates for the writer only.
+    write(engine, 2, os.urandom(2 * MiB), 16 * MiB)
+    assert_about(engine.exclusive_bytes(2), 5 * MiB)
+    assert_about(engine.exclusive_bytes(1), 3 * MiB)
+
+    # The origin writing over still-shared data unshares both sides again.
+    write(engine, 1, os.urandom(MiB), 6 * MiB)
+    assert_about(engine.exclusive_bytes(1), 4 * MiB)
+    assert_about(engine.exclusive_bytes(2), 6 * MiB)
+
+    # Writing again where a volume already has its own copy changes nothing.
+    write(engine, 2, os.urandom(MiB), 2 * MiB)
+    assert_about(engine.exclusive_bytes(2), 6 * MiB)
+    assert_about(engine.exclusive_bytes(1), 4 * MiB)
+
+    # With the snapshot gone, everything the origin maps is its alone again.
+    engine.delete(2)
+    assert_about(settled_exclusive_bytes(engine, 1, 8 * MiB), 8 * MiB)
+
+
+def test_data_two_others_still_share_is_not_exclusive(engine: SnapshotEngine) -> None:
+    engine.create(1, 16 * MiB)
+    write(engine, 1, os.urandom(4 * MiB), 0)
+    engine.snapshot(1, 2)
+    engine.snapshot(2, 3)
+    # Volume 2 copies 1 MiB on write: the old blocks drop from three users to
+    # two (volumes 1 and 3), so they stay shared and count for neither.
+    write(engine, 2, os.urandom(MiB), MiB)
+    assert_about(engine.exclusive_bytes(2), MiB)
+    assert_about(engine.exclusive_bytes(1), 0)
+    assert_about(engine.exclusive_bytes(3), 0)
+    engine.delete(3)
+    assert_about(settled_exclusive_bytes(engine, 1, MiB), MiB)
+    assert_about(engine.exclusive_bytes(2), MiB)
+
+
 # -- reflink specifics ----------------------------------------------------------
 
 
@@ -218,6 +314,24 @@ def test_created_file_is_sparse(reflink_inplace: ReflinkEngine) -> None:
     assert st.st_size == GiB
     assert st.st_blocks * 512 <= 64 * KiB
     assert engine.path(3) == engine.pool / "vol-3.img"
+
+
+def test_preallocated_space_counts_as_exclusive(reflink_inplace: ReflinkEngine) -> None:
+    engine = reflink_inplace
+    engine.create(1, 8 * MiB)
+    vol = engine.open(1, writable=True)
+    try:
+        os.posix_fallocate(vol.fd, 0, 2 * MiB)  # UNWRITTEN extents: reads as zeros
+        vol.fsync()
+    finally:
+        vol.close()
+    assert engine.exclusive_bytes(1) == 2 * MiB  # held until the volume goes
+    # XFS does not clone unwritten extents: the snapshot gets a hole there, so
+    # the preallocation stays the origin's alone and the snapshot holds nothing.
+    engine.snapshot(1, 2)
+    assert engine.exclusive_bytes(1) == 2 * MiB
+    assert engine.exclusive_bytes(2) == 0
+    assert read(engine, 2, 2 * MiB) == bytes(2 * MiB)
 
 
 def test_inventory_ignores_other_files(reflink_inplace: ReflinkEngine) -> None:

@@ -34,6 +34,8 @@ from vmtreefs.store import (
     DB_FILENAME,
     EVENTS_KEPT,
     INTENTS_KEPT,
+    AliasRow,
+    Snapshot,
     Store,
 )
 
@@ -73,7 +75,7 @@ def run_child(
 
 
 def test_fresh_store_has_the_current_schema(store: Store, db: Path) -> None:
-    assert Store.SCHEMA_VERSION == len(Store.MIGRATIONS) == 1
+    assert Store.SCHEMA_VERSION == len(Store.MIGRATIONS) == 2
     assert store.pragma("user_version") == Store.SCHEMA_VERSION
     assert store.pragma("application_id") == APPLICATION_ID
     assert store.pragma("journal_mode") == "wal"
@@ -82,12 +84,13 @@ def test_fresh_store_has_the_current_schema(store: Store, db: Path) -> None:
     with raw(db) as other:
         assert other.execute("PRAGMA journal_mode").fetchone() == ("wal",)
         tables = {r[0] for r in other.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-    assert {"meta", "vms", "volumes", "counters", "intents", "events"} <= tables
+    assert {"meta", "vms", "volumes", "counters", "intents", "events", "aliases"} <= tables
 
 
 def test_fresh_store_is_empty_and_sound(store: Store) -> None:
     snap = store.load()
     assert (snap.vms, snap.volumes, snap.open_intents, snap.meta) == ([], [], [], {})
+    assert snap.aliases == []
     assert store.integrity_check() == []
     assert store.recent_events() == []
 
@@ -95,7 +98,7 @@ def test_fresh_store_is_empty_and_sound(store: Store) -> None:
 def test_pragma_helper_only_reads(store: Store) -> None:
     with pytest.raises(ValueError):
         store.pragma("user_version = 7")
-    assert store.pragma("user_version") == 1
+    assert store.pragma("user_version") == Store.SCHEMA_VERSION
 
 
 # Migrations and refusals
@@ -107,22 +110,28 @@ def test_empty_version_0_database_is_migrated(db: Path) -> None:
         c.execute("VACUUM")  # make it a real, non-empty database file
     assert db.stat().st_size > 0
     with Store.open(db) as s:
-        assert s.pragma("user_version") == 1
+        assert s.pragma("user_version") == Store.SCHEMA_VERSION
         with s.transaction() as tx:
             assert tx.allocate_volume_ids(2) == [1, 2]
 
 
-_V2 = """
-CREATE TABLE aliases (
+_NEXT = """
+CREATE TABLE tags (
     name TEXT PRIMARY KEY,
     vm_id INTEGER NOT NULL REFERENCES vms(id) ON DELETE CASCADE
 );
-INSERT INTO meta (key, value) VALUES ('migrated', 'v2');
+INSERT INTO meta (key, value) VALUES ('migrated', 'next');
 """
 
 
 class FutureStore(Store):
-    MIGRATIONS: ClassVar[tuple[str, ...]] = (*Store.MIGRATIONS, _V2)
+    MIGRATIONS: ClassVar[tuple[str, ...]] = (*Store.MIGRATIONS, _NEXT)
+
+
+class V1Store(Store):
+    """The store of the previous release: only the first migration."""
+
+    MIGRATIONS: ClassVar[tuple[str, ...]] = Store.MIGRATIONS[:1]
 
 
 class BrokenFutureStore(Store):
@@ -135,13 +144,62 @@ class BrokenFutureStore(Store):
 def test_pending_migrations_run_and_keep_data(db: Path) -> None:
     with Store.open(db) as s, s.transaction() as tx:
         tx.insert_vm("keep", 1.0)
-    assert FutureStore.SCHEMA_VERSION == 2
+    assert FutureStore.SCHEMA_VERSION == Store.SCHEMA_VERSION + 1
     with FutureStore.open(db) as s:
-        assert s.pragma("user_version") == 2
+        assert s.pragma("user_version") == FutureStore.SCHEMA_VERSION
         assert [v.name for v in s.load().vms] == ["keep"]
-        assert s.get_meta("migrated") == "v2"
+        assert s.get_meta("migrated") == "next"
     with raw(db) as c:
-        assert c.execute("SELECT count(*) FROM aliases").fetchone() == (0,)
+        assert c.execute("SELECT count(*) FROM tags").fetchone() == (0,)
+
+
+def test_v1_store_upgrades_to_v2_in_place_keeping_its_data(db: Path) -> None:
+    with V1Store.open(db) as s:
+        with s.transaction() as tx:
+            base = tx.insert_vm("base", 1.0, props={"template": "1"})
+            clone = tx.insert_vm("clone", 2.0, origin_id=base)
+            gone = tx.insert_vm("gone", 3.0)
+            v1, v2, v3 = tx.allocate_volume_ids(3)
+            tx.insert_volume(v1, base, "root", 512, "persistent", 1.0)
+            tx.insert_volume(v2, clone, "root", 512, "cow", 2.0)
+            intent = tx.begin_intent("create", {"what": "mkdir clone"})
+            tx.set_meta("engine", "reflink")
+            tx.add_event(2.0, "mkdir clone")
+        with s.transaction() as tx:
+            tx.delete_vm(gone)
+    with raw(db) as c:
+        assert c.execute("PRAGMA user_version").fetchone() == (1,)
+        assert c.execute("SELECT 1 FROM sqlite_master WHERE name = 'aliases'").fetchone() is None
+
+    with Store.open(db) as s:
+        assert s.pragma("user_version") == 2
+        snap = s.load()
+        assert [(v.id, v.name, v.created, v.origin_id, v.props) for v in snap.vms] == [
+            (base, "base", 1.0, None, {"template": "1"}),
+            (clone, "clone", 2.0, base, {}),
+        ]
+        assert [(v.id, v.vm_id, v.name, v.policy) for v in snap.volumes] == [
+            (v1, base, "root", "persistent"),
+            (v2, clone, "root", "cow"),
+        ]
+        assert [i.id for i in snap.open_intents] == [intent]
+        assert snap.meta == {"engine": "reflink"}
+        assert snap.aliases == []
+        assert s.recent_events() == [(2.0, "mkdir clone")]
+        assert s.integrity_check() == []
+        with s.transaction() as tx:
+            # The id counters carry on from where version 1 left them.
+            assert tx.insert_vm("new", 4.0) > gone
+            assert tx.allocate_volume_ids(1) == [v3 + 1]
+            alias = tx.insert_alias("latest", clone, None, 4.0)
+        assert s.load().aliases == [AliasRow(alias, "latest", clone, None, False, 4.0)]
+    with Store.open(db) as s:  # already current: opening again changes nothing
+        assert s.pragma("user_version") == 2
+        assert [a.name for a in s.load().aliases] == ["latest"]
+
+
+def test_snapshot_aliases_default_to_empty() -> None:
+    assert Snapshot([], [], [], {}).aliases == []
 
 
 def test_newer_schema_is_refused(db: Path) -> None:
@@ -149,7 +207,8 @@ def test_newer_schema_is_refused(db: Path) -> None:
     with pytest.raises(VmtreeError) as e:
         Store.open(db)
     assert e.value.errno == errno.EINVAL
-    assert e.value.reason == "store schema version 2 is newer than this vmtreefs (1)"
+    now = Store.SCHEMA_VERSION
+    assert e.value.reason == f"store schema version {now + 1} is newer than this vmtreefs ({now})"
 
 
 def test_failed_migration_leaves_the_old_version(db: Path) -> None:
@@ -158,7 +217,7 @@ def test_failed_migration_leaves_the_old_version(db: Path) -> None:
         BrokenFutureStore.open(db)
     assert "no_such_table" in e.value.reason
     with raw(db) as c:
-        assert c.execute("PRAGMA user_version").fetchone() == (1,)
+        assert c.execute("PRAGMA user_version").fetchone() == (Store.SCHEMA_VERSION,)
         assert c.execute("SELECT name FROM sqlite_master WHERE name='half_done'").fetchone() is None
     Store.open(db).close()
 
@@ -455,6 +514,208 @@ def test_bad_values_are_einval(store: Store) -> None:
         _expect(errno.EINVAL, tx.set_vm_props, vm, {"k": 1})
 
 
+# Aliases, origins and policies (schema version 2)
+
+
+def test_alias_rows_round_trip(store: Store) -> None:
+    with store.transaction() as tx:
+        vm = tx.insert_vm("vm", 1.0)
+        a = tx.insert_alias("a", vm, None, 2.5)
+        b = tx.insert_alias("b", None, a, 3.0, system=True)
+    assert store.load().aliases == [
+        AliasRow(a, "a", vm, None, False, 2.5),
+        AliasRow(b, "b", None, a, True, 3.0),
+    ]
+    with store.transaction() as tx:
+        tx.rename_alias(a, "first")
+        tx.rename_alias(a, "first")  # to its own name: a no-op, not a conflict
+        tx.rename_vm(vm, "renamed")  # aliases name the id, so nothing else changes
+    snap = store.load()
+    assert [(r.id, r.name, r.target_vm, r.target_alias) for r in snap.aliases] == [
+        (a, "first", vm, None),
+        (b, "b", None, a),
+    ]
+    with store.transaction() as tx:
+        tx.delete_alias(b)
+        tx.delete_alias(a)
+        tx.delete_vm(vm)
+    assert store.load().aliases == []
+    assert store.integrity_check() == []
+
+
+def test_alias_refusals(store: Store) -> None:
+    with store.transaction() as tx:
+        vm = tx.insert_vm("vm", 1.0)
+        a = tx.insert_alias("a", vm, None, 1.0)
+        e = _expect(errno.EEXIST, tx.insert_alias, "a", vm, None, 1.0)
+        assert "'a'" in e.reason
+        b = tx.insert_alias("b", None, a, 1.0)
+        _expect(errno.EEXIST, tx.rename_alias, b, "a")
+        for targets in [(None, None), (vm, a)]:
+            _expect(errno.EINVAL, tx.insert_alias, "c", *targets, 1.0)
+            _expect(errno.EINVAL, tx.retarget_alias, a, *targets)
+        e = _expect(errno.ENOENT, tx.insert_alias, "c", 99, None, 1.0)
+        assert "VM 99" in e.reason
+        e = _expect(errno.ENOENT, tx.insert_alias, "c", None, 99, 1.0)
+        assert "alias 99" in e.reason
+        # The id the next alias would get does not exist yet: no alias names itself.
+        _expect(errno.ENOENT, tx.insert_alias, "c", None, b + 1, 1.0)
+        _expect(errno.ENOENT, tx.rename_alias, 99, "x")
+        _expect(errno.ENOENT, tx.retarget_alias, 99, vm, None)
+        _expect(errno.ENOENT, tx.retarget_alias, a, 99, None)
+        _expect(errno.ENOENT, tx.retarget_alias, a, None, 99)
+        _expect(errno.ENOENT, tx.delete_alias, 99)
+    # Refusals caught inside the block left the rest of the transaction intact.
+    assert [(r.id, r.name) for r in store.load().aliases] == [(a, "a"), (b, "b")]
+
+
+def test_alias_chains_retarget_and_loops(store: Store) -> None:
+    with store.transaction() as tx:
+        vm1 = tx.insert_vm("vm1", 1.0)
+        vm2 = tx.insert_vm("vm2", 1.0)
+        a = tx.insert_alias("a", vm1, None, 1.0)
+        b = tx.insert_alias("b", None, a, 1.0)
+        c = tx.insert_alias("c", None, b, 1.0)
+    with store.transaction() as tx:
+        tx.retarget_alias(b, vm2, None)  # c -> b -> vm2 now
+        tx.retarget_alias(a, None, c)  # a -> c -> b -> vm2
+    targets = {r.name: (r.target_vm, r.target_alias) for r in store.load().aliases}
+    assert targets == {"a": (None, c), "b": (vm2, None), "c": (None, b)}
+    with store.transaction() as tx:
+        _expect(errno.ELOOP, tx.retarget_alias, a, None, a)
+        e = _expect(errno.ELOOP, tx.retarget_alias, b, None, a)  # b -> a -> c -> b
+        assert f"alias {b}" in e.reason
+        tx.retarget_alias(c, vm1, None)  # retargeting to a VM never loops
+        tx.retarget_alias(b, None, a)  # b -> a -> c -> vm1: fine now
+    targets = {r.name: (r.target_vm, r.target_alias) for r in store.load().aliases}
+    assert targets == {"a": (None, c), "b": (None, a), "c": (vm1, None)}
+    assert store.integrity_check() == []
+
+
+def test_alias_ids_are_never_reused(db: Path) -> None:
+    with Store.open(db) as s:
+        with s.transaction() as tx:
+            vm = tx.insert_vm("vm", 1.0)
+            a = tx.insert_alias("a", vm, None, 1.0)
+            b = tx.insert_alias("b", vm, None, 1.0)
+        with s.transaction() as tx:
+            tx.delete_alias(b)
+            c = tx.insert_alias("b", vm, None, 2.0)
+        assert a < b < c
+        with s.transaction() as tx:
+            tx.delete_alias(c)
+    with Store.open(db) as s, s.transaction() as tx:
+        d = tx.insert_alias("b", vm, None, 3.0)
+    assert d > c
+
+
+def test_deleting_a_vm_an_alias_names_is_ebusy_and_rolls_back(store: Store) -> None:
+    with store.transaction() as tx:
+        vm = tx.insert_vm("vm", 1.0)
+        clone = tx.insert_vm("clone", 1.0, origin_id=vm)
+        (vol,) = tx.allocate_volume_ids(1)
+        tx.insert_volume(vol, vm, "root", 512, "persistent", 1.0)
+        a = tx.insert_alias("latest", vm, None, 1.0)
+        tx.insert_alias("stable", vm, None, 1.0)
+        tx.insert_alias("chained", None, a, 1.0)
+    before = store.load()
+    with pytest.raises(VmtreeError) as e, store.transaction() as tx:
+        tx.insert_vm("other", 1.0)
+        tx.add_event(1.0, "rmdir vm")
+        tx.delete_vm(vm)
+    assert e.value.errno == errno.EBUSY
+    assert "'latest', 'stable'" in e.value.reason and "'chained'" not in e.value.reason
+    assert store.load() == before
+    assert store.recent_events() == []
+
+    # Refused within the block, the delete took nothing with it (not the
+    # volume by cascade, nor the clone's origin) and the transaction carries on.
+    with store.transaction() as tx:
+        _expect(errno.EBUSY, tx.delete_vm, vm)
+        e2 = _expect(errno.EBUSY, tx.delete_alias, a)
+        assert "'chained'" in e2.reason
+    assert store.load() == before
+
+    # The orchestrator's way: re-target or delete the aliases in the same transaction.
+    with store.transaction() as tx:
+        for alias in before.aliases:
+            if alias.name == "stable":
+                tx.retarget_alias(alias.id, clone, None)
+            elif alias.name == "chained":
+                tx.delete_alias(alias.id)
+        tx.delete_alias(a)
+        tx.delete_vm(vm)
+    snap = store.load()
+    assert [(r.name, r.target_vm) for r in snap.aliases] == [("stable", clone)]
+    assert [(v.name, v.origin_id) for v in snap.vms] == [("clone", None)]
+    assert snap.volumes == []
+    assert store.integrity_check() == []
+
+
+def test_vm_and_alias_names_share_one_namespace(store: Store) -> None:
+    with store.transaction() as tx:
+        vm = tx.insert_vm("vm", 1.0)
+        other = tx.insert_vm("other", 1.0)
+        a = tx.insert_alias("a", vm, None, 1.0)
+        e = _expect(errno.EEXIST, tx.insert_alias, "other", vm, None, 1.0)
+        assert "'other'" in e.reason and "a VM has that name" in e.reason
+        e = _expect(errno.EEXIST, tx.insert_vm, "a", 1.0)
+        assert "'a'" in e.reason and "an alias has that name" in e.reason
+        _expect(errno.EEXIST, tx.rename_vm, other, "a")
+        _expect(errno.EEXIST, tx.rename_alias, a, "other")
+        # A missing row is ENOENT whatever the name.
+        _expect(errno.ENOENT, tx.rename_vm, 99, "a")
+        _expect(errno.ENOENT, tx.rename_alias, 99, "vm")
+        # Once a name is freed in one table, the other may take it.
+        tx.rename_alias(a, "b")
+        tx.rename_vm(other, "a")
+        tx.insert_alias("other", vm, None, 1.0)
+    snap = store.load()
+    assert [v.name for v in snap.vms] == ["vm", "a"]
+    assert [r.name for r in snap.aliases] == ["b", "other"]
+
+
+def test_set_vm_origin(store: Store) -> None:
+    with store.transaction() as tx:
+        a = tx.insert_vm("a", 1.0)
+        b = tx.insert_vm("b", 1.0)
+        c = tx.insert_vm("c", 1.0)
+        tx.set_vm_origin(b, a)
+        tx.set_vm_origin(c, b)  # a <- b <- c
+    assert {v.name: v.origin_id for v in store.load().vms} == {"a": None, "b": a, "c": b}
+    with store.transaction() as tx:
+        _expect(errno.ENOENT, tx.set_vm_origin, 99, a)
+        e = _expect(errno.ENOENT, tx.set_vm_origin, b, 99)
+        assert "origin VM 99" in e.reason
+        _expect(errno.ENOENT, tx.set_vm_origin, 99, None)
+        _expect(errno.EINVAL, tx.set_vm_origin, a, a)
+        _expect(errno.EINVAL, tx.set_vm_origin, a, c)  # c descends from a
+        # Reversing a clone relationship: clear first, then set.
+        tx.set_vm_origin(b, None)
+        tx.set_vm_origin(a, b)  # b <- a, b <- c
+    assert {v.name: v.origin_id for v in store.load().vms} == {"a": b, "b": None, "c": b}
+    assert store.integrity_check() == []
+
+
+def test_set_volume_policy(store: Store) -> None:
+    with store.transaction() as tx:
+        vm = tx.insert_vm("vm", 1.0)
+        (vol,) = tx.allocate_volume_ids(1)
+        tx.insert_volume(vol, vm, "root", 512, "persistent", 1.0)
+        tx.set_volume_policy(vol, "ephemeral")
+        _expect(errno.ENOENT, tx.set_volume_policy, vol + 1, "ephemeral")
+    assert [(v.id, v.policy) for v in store.load().volumes] == [(vol, "ephemeral")]
+
+
+def test_integrity_check_reports_a_dangling_alias(store: Store, db: Path) -> None:
+    with store.transaction() as tx:
+        vm = tx.insert_vm("vm", 1.0)
+        a = tx.insert_alias("a", vm, None, 1.0)
+    with raw(db) as c:  # another program, without foreign keys
+        c.execute("DELETE FROM vms")
+    assert store.integrity_check() == [f"row {a} of aliases refers to a missing row of vms"]
+
+
 # Intent journal
 
 
@@ -608,6 +869,7 @@ def test_concurrent_threads(store: Store) -> None:
 class StoreMachine(RuleBasedStateMachine):
     vms = Bundle("vms")
     volumes = Bundle("volumes")
+    aliases = Bundle("aliases")
 
     def __init__(self) -> None:
         super().__init__()
@@ -615,15 +877,43 @@ class StoreMachine(RuleBasedStateMachine):
         self.db = Path(self.dir) / DB_FILENAME
         self.store = Store.open(self.db)
         self.model_vms: dict[int, str] = {}
+        self.model_origins: dict[int, int | None] = {}
         self.model_volumes: dict[int, tuple[int, str, int]] = {}
+        # id -> (name, target VM, target alias)
+        self.model_aliases: dict[int, tuple[str, int | None, int | None]] = {}
         self.seen_vm_ids: set[int] = set()
         self.seen_volume_ids: set[int] = set()
+        self.seen_alias_ids: set[int] = set()
 
     def teardown(self) -> None:
         self.store.close()
         shutil.rmtree(self.dir)
 
     names = st.sampled_from(["a", "b", "c", "d"])
+
+    # The model's view of the shared top-level namespace and of the references.
+
+    def name_taken(self, name: str) -> bool:
+        return name in self.model_vms.values() or any(
+            a[0] == name for a in self.model_aliases.values()
+        )
+
+    def named_by_alias(self, target_vm: int | None, target_alias: int | None) -> bool:
+        return any(a[1:] == (target_vm, target_alias) for a in self.model_aliases.values())
+
+    def target_exists(self, target_vm: int | None, target_alias: int | None) -> bool:
+        if target_vm is not None:
+            return target_vm in self.model_vms
+        return target_alias in self.model_aliases
+
+    def leads_to(self, start: int | None, alias_id: int) -> bool:
+        seen: set[int] = set()
+        while start is not None and start not in seen:
+            if start == alias_id:
+                return True
+            seen.add(start)
+            start = self.model_aliases[start][2] if start in self.model_aliases else None
+        return False
 
     @rule(target=vms, name=names)
     def create_vm(self, name: str) -> int:
@@ -632,12 +922,13 @@ class StoreMachine(RuleBasedStateMachine):
                 vm_id = tx.insert_vm(name, 1.0)
         except VmtreeError as e:
             assert e.errno == errno.EEXIST
-            assert name in self.model_vms.values()
+            assert self.name_taken(name)
             return -1
-        assert name not in self.model_vms.values()
+        assert not self.name_taken(name)
         assert vm_id not in self.seen_vm_ids
         self.seen_vm_ids.add(vm_id)
         self.model_vms[vm_id] = name
+        self.model_origins[vm_id] = None
         return vm_id
 
     @rule(vm_id=vms, name=names)
@@ -650,19 +941,46 @@ class StoreMachine(RuleBasedStateMachine):
                 assert e.errno == errno.ENOENT
             else:
                 assert e.errno == errno.EEXIST
-                assert name in self.model_vms.values() and self.model_vms[vm_id] != name
+                assert self.name_taken(name) and self.model_vms[vm_id] != name
             return
         self.model_vms[vm_id] = name
 
-    @rule(vm_id=consumes(vms))
+    @rule(vm_id=vms, origin_id=st.none() | vms)
+    def set_origin(self, vm_id: int, origin_id: int | None) -> None:
+        try:
+            with self.store.transaction() as tx:
+                tx.set_vm_origin(vm_id, origin_id)
+        except VmtreeError as e:
+            if vm_id not in self.model_vms or (
+                origin_id is not None and origin_id not in self.model_vms
+            ):
+                assert e.errno == errno.ENOENT
+            else:
+                assert e.errno == errno.EINVAL
+                ancestor: int | None = origin_id
+                while ancestor is not None and ancestor != vm_id:
+                    ancestor = self.model_origins[ancestor]
+                assert ancestor == vm_id
+            return
+        self.model_origins[vm_id] = origin_id
+
+    @rule(vm_id=vms)
     def delete_vm(self, vm_id: int) -> None:
         try:
             with self.store.transaction() as tx:
                 tx.delete_vm(vm_id)
         except VmtreeError as e:
-            assert e.errno == errno.ENOENT and vm_id not in self.model_vms
+            if vm_id not in self.model_vms:
+                assert e.errno == errno.ENOENT
+            else:
+                assert e.errno == errno.EBUSY and self.named_by_alias(vm_id, None)
             return
+        assert not self.named_by_alias(vm_id, None)
         del self.model_vms[vm_id]
+        del self.model_origins[vm_id]
+        for clone, origin in self.model_origins.items():
+            if origin == vm_id:
+                self.model_origins[clone] = None
         for vol_id in [k for k, v in self.model_volumes.items() if v[0] == vm_id]:
             del self.model_volumes[vol_id]
 
@@ -692,13 +1010,96 @@ class StoreMachine(RuleBasedStateMachine):
             return
         del self.model_volumes[vol_id]
 
+    def create_alias(self, name: str, target_vm: int | None, target_alias: int | None) -> int:
+        try:
+            with self.store.transaction() as tx:
+                alias_id = tx.insert_alias(name, target_vm, target_alias, 1.0)
+        except VmtreeError as e:
+            if not self.target_exists(target_vm, target_alias):
+                assert e.errno == errno.ENOENT
+            else:
+                assert e.errno == errno.EEXIST and self.name_taken(name)
+            return -1
+        assert self.target_exists(target_vm, target_alias) and not self.name_taken(name)
+        assert all(alias_id > seen for seen in self.seen_alias_ids)
+        self.seen_alias_ids.add(alias_id)
+        self.model_aliases[alias_id] = (name, target_vm, target_alias)
+        return alias_id
+
+    @rule(target=aliases, name=names, vm_id=vms)
+    def create_alias_of_vm(self, name: str, vm_id: int) -> int:
+        return self.create_alias(name, vm_id, None)
+
+    @rule(target=aliases, name=names, alias_id=aliases)
+    def create_alias_of_alias(self, name: str, alias_id: int) -> int:
+        return self.create_alias(name, None, alias_id)
+
+    @rule(alias_id=aliases, name=names)
+    def rename_alias(self, alias_id: int, name: str) -> None:
+        try:
+            with self.store.transaction() as tx:
+                tx.rename_alias(alias_id, name)
+        except VmtreeError as e:
+            if alias_id not in self.model_aliases:
+                assert e.errno == errno.ENOENT
+            else:
+                assert e.errno == errno.EEXIST
+                assert self.name_taken(name) and self.model_aliases[alias_id][0] != name
+            return
+        self.model_aliases[alias_id] = (name, *self.model_aliases[alias_id][1:])
+
+    def retarget(self, alias_id: int, target_vm: int | None, target_alias: int | None) -> None:
+        try:
+            with self.store.transaction() as tx:
+                tx.retarget_alias(alias_id, target_vm, target_alias)
+        except VmtreeError as e:
+            gone = alias_id not in self.model_aliases
+            if gone or not self.target_exists(target_vm, target_alias):
+                assert e.errno == errno.ENOENT
+            else:
+                assert e.errno == errno.ELOOP and self.leads_to(target_alias, alias_id)
+            return
+        assert not self.leads_to(target_alias, alias_id)
+        self.model_aliases[alias_id] = (self.model_aliases[alias_id][0], target_vm, target_alias)
+
+    @rule(alias_id=aliases, vm_id=vms)
+    def retarget_to_vm(self, alias_id: int, vm_id: int) -> None:
+        self.retarget(alias_id, vm_id, None)
+
+    @rule(alias_id=aliases, target_alias=aliases)
+    def retarget_to_alias(self, alias_id: int, target_alias: int) -> None:
+        self.retarget(alias_id, None, target_alias)
+
+    @rule(alias_id=aliases)
+    def delete_alias(self, alias_id: int) -> None:
+        try:
+            with self.store.transaction() as tx:
+                tx.delete_alias(alias_id)
+        except VmtreeError as e:
+            if alias_id not in self.model_aliases:
+                assert e.errno == errno.ENOENT
+            else:
+                assert e.errno == errno.EBUSY and self.named_by_alias(None, alias_id)
+            return
+        assert not self.named_by_alias(None, alias_id)
+        del self.model_aliases[alias_id]
+
     @rule(name=names)
     def failed_transaction(self, name: str) -> None:
         with pytest.raises(Boom), self.store.transaction() as tx:
             tx.allocate_volume_ids(3)
+            remaining = dict(self.model_aliases)
+            while remaining:  # the aliases nothing names first
+                for alias_id in [
+                    i for i in remaining if all(a[2] != i for a in remaining.values())
+                ]:
+                    tx.delete_alias(alias_id)
+                    del remaining[alias_id]
             for vm_id in list(self.model_vms):
                 tx.delete_vm(vm_id)
-            tx.insert_vm(name + "-new", 1.0)
+            new_vm = tx.insert_vm(name + "-new", 1.0)
+            new_alias = tx.insert_alias(name + "-alias", new_vm, None, 1.0)
+            tx.insert_alias(name + "-chained", None, new_alias, 1.0)
             raise Boom
 
     @rule()
@@ -710,7 +1111,12 @@ class StoreMachine(RuleBasedStateMachine):
     def matches_model(self) -> None:
         snap = self.store.load()
         assert {v.id: v.name for v in snap.vms} == self.model_vms
+        assert {v.id: v.origin_id for v in snap.vms} == self.model_origins
         assert {v.id: (v.vm_id, v.name, v.size) for v in snap.volumes} == self.model_volumes
+        assert {
+            a.id: (a.name, a.target_vm, a.target_alias) for a in snap.aliases
+        } == self.model_aliases
+        assert self.store.integrity_check() == []
 
 
 StoreMachine.TestCase.settings = settings(max_examples=25, stateful_step_count=25, deadline=None)

@@ -98,3 +98,19 @@ class SnapshotEngine(abc.ABC):
     @abc.abstractmethod
     def usage(self) -> PoolUsage:
         """Pool capacity and bytes in use."""
+
+    @abc.abstractmethod
+    def exclusive_bytes(self, vol_id: int) -> int:
+        """Bytes of the volume's data that no other volume shares: what deleting it would free.
+
+        Data a snapshot still shares with its origin counts for neither of them,
+        so a fresh snapshot and its origin both hold about 0. Once either side
+        overwrites a shared range, both copies of that range become exclusive:
+        the writer's new copy and the other side's old one. Holes count for
+        nothing; space allocated but never written (preallocated zeros) counts,
+        because it is held until the volume goes. The figure is rounded to the
+        engine's allocation unit (filesystem block, thin-pool chunk), and may
+        briefly lag behind writes to other volumes that are not on disk yet and
+        behind deletes the storage completes in the background. ENOENT if the
+        volume does not exist.
+        """

@@ -28,6 +28,7 @@ CONTROL_FILES: dict[str, int] = {
 
 _VM_BASE = 1 << 32
 _VM_STRIDE = 16
+_ALIAS_BASE = 1 << 48
 _VOLUME_BASE = 1 << 52
 _VOLUME_STRIDE = 4
 
@@ -42,6 +43,9 @@ class VmEntry(enum.IntEnum):
     VOLUMES = 4
     SAVESTATES = 5
     VERSIONS = 6
+    ORIGIN = 7  # symlink ../SRC
+    CLONE_LINK = 8  # the symlink SRC/clones/NAME -> ../../NAME, owned by the clone NAME
+    CLONE_PLACEHOLDER = 9  # the directory a clone mkdir replies with, never looked up again
 
 
 VM_DIR_ENTRIES: dict[str, VmEntry] = {
@@ -76,7 +80,12 @@ class VolumeNode:
     entry: VolumeEntry
 
 
-Node = Control | VmNode | VolumeNode
+@dataclass(frozen=True)
+class AliasNode:
+    alias_id: int
+
+
+Node = Control | VmNode | VolumeNode | AliasNode
 
 
 def vm_inode(vm_id: int, entry: VmEntry = VmEntry.DIR) -> int:
@@ -87,6 +96,10 @@ def volume_inode(volume_id: int, entry: VolumeEntry = VolumeEntry.FILE) -> int:
     return _VOLUME_BASE + volume_id * _VOLUME_STRIDE + entry
 
 
+def alias_inode(alias_id: int) -> int:
+    return _ALIAS_BASE + alias_id
+
+
 def decode(inode: int) -> Node | None:
     """What an inode number names, or None for a number we never hand out."""
     if inode >= _VOLUME_BASE:
@@ -95,6 +108,8 @@ def decode(inode: int) -> Node | None:
             return VolumeNode(volume_id, VolumeEntry(rest))
         except ValueError:
             return None
+    if inode >= _ALIAS_BASE:
+        return AliasNode(inode - _ALIAS_BASE)
     if inode >= _VM_BASE:
         vm_id, rest = divmod(inode - _VM_BASE, _VM_STRIDE)
         try:

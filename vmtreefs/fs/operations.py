@@ -23,7 +23,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 import pyfuse3
 import trio
 
-from vmtreefs import commands
+from vmtreefs import commands, properties
 from vmtreefs.engine.base import OpenVolume
 from vmtreefs.errors import VmtreeError
 from vmtreefs.fs import inodes
@@ -36,12 +36,14 @@ from vmtreefs.fs.inodes import (
     CONTROL_STATUS,
     CONTROL_VOLATILE,
     ROOT,
+    AliasNode,
     Control,
     VmEntry,
     VmNode,
     VolumeNode,
 )
-from vmtreefs.model import Vm, Volume
+from vmtreefs.model import Alias, Vm, Volume
+from vmtreefs.properties import VM_PROPERTIES, VOLUME_PROPERTIES
 from vmtreefs.tree import VmTree
 
 log = logging.getLogger("vmtreefs.fs")
@@ -122,6 +124,7 @@ class CtlHandle:
 
     vm_id: int | None
     result: bytes = b""
+    read_pos: int = 0
     lock: trio.Lock = field(default_factory=trio.Lock)
 
 
@@ -142,6 +145,10 @@ class Operations(pyfuse3.Operations):
         self.handles: dict[int, Handle] = {}
         self._fh_counter = itertools.count(1)
         self.volume_mtimes: dict[int, int] = {}
+        # Aliases removed or replaced while the kernel still holds their inode: a reader
+        # that looked the name up just before keeps reading the old target, as on any
+        # filesystem, until the kernel forgets the inode.
+        self.departed_links: dict[int, str] = {}
         self._invalidate_send, self._invalidate_receive = trio.open_memory_channel[int](1000)
 
     # Invalidation: done after the reply, from a task of its own, never inside a handler.
@@ -179,24 +186,80 @@ class Operations(pyfuse3.Operations):
         except VmtreeError:
             raise pyfuse3.FUSEError(errno.ENOENT) from None
 
+    def _alias(self, alias_id: int) -> Alias:
+        alias = self.tree.ns.aliases_by_id.get(alias_id)
+        if alias is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return alias
+
+    def _known_links(self) -> dict[int, str]:
+        """Targets of the aliases the kernel holds, to keep them readable once removed."""
+        ns = self.tree.ns
+        known = {}
+        for alias in ns.aliases_by_id.values():
+            inode = inodes.alias_inode(alias.id)
+            if inode in self.lookup_counts:
+                known[inode] = ns.alias_target_name(alias)
+        return known
+
+    def _keep_departed(self, before: dict[int, str]) -> None:
+        for inode, target in before.items():
+            node = inodes.decode(inode)
+            assert isinstance(node, AliasNode)
+            if node.alias_id not in self.tree.ns.aliases_by_id and inode in self.lookup_counts:
+                self.departed_links[inode] = target
+
+    def _origin(self, vm: Vm) -> Vm | None:
+        return None if vm.origin_id is None else self.tree.ns.by_id.get(vm.origin_id)
+
     def _node(self, inode: int) -> inodes.Node:
         node = inodes.decode(inode)
         if node is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
         if isinstance(node, VmNode):
-            self._vm(node.vm_id)
+            vm = self._vm(node.vm_id)
+            if node.entry in (VmEntry.ORIGIN, VmEntry.CLONE_LINK) and self._origin(vm) is None:
+                raise pyfuse3.FUSEError(errno.ENOENT)
         elif isinstance(node, VolumeNode):
             self._volume(node.volume_id)
+        elif isinstance(node, AliasNode) and inode not in self.departed_links:
+            self._alias(node.alias_id)
         return node
 
     def _parent_of(self, inode: int) -> int:
         node = self._node(inode)
         if isinstance(node, Control):
             return ROOT if inode in (ROOT, CONTROL_DIR) else CONTROL_DIR
+        if isinstance(node, AliasNode):
+            return ROOT
         if isinstance(node, VmNode):
-            return ROOT if node.entry == VmEntry.DIR else inodes.vm_inode(node.vm_id)
+            if node.entry == VmEntry.DIR:
+                return ROOT
+            if node.entry in (VmEntry.CLONE_LINK, VmEntry.CLONE_PLACEHOLDER):
+                origin = self._origin(self._vm(node.vm_id))
+                if origin is None:
+                    raise pyfuse3.FUSEError(errno.ENOENT)
+                return inodes.vm_inode(origin.id, VmEntry.CLONES)
+            return inodes.vm_inode(node.vm_id)
         vm, _ = self._volume(node.volume_id)
         return inodes.vm_inode(vm.id, VmEntry.VOLUMES)
+
+    def _link_target(self, inode: int) -> str:
+        """What a symlink reads; a relative path that stays inside the mount."""
+        node = self._node(inode)
+        if isinstance(node, AliasNode):
+            if inode in self.departed_links:
+                return self.departed_links[inode]
+            return self.tree.ns.alias_target_name(self._alias(node.alias_id))
+        if isinstance(node, VmNode):
+            vm = self._vm(node.vm_id)
+            if node.entry == VmEntry.ORIGIN:
+                origin = self._origin(vm)
+                assert origin is not None  # _node checked it
+                return f"../{origin.name}"
+            if node.entry == VmEntry.CLONE_LINK:
+                return f"../../{vm.name}"
+        raise refuse(errno.EINVAL, "not a symbolic link")
 
     # Attributes
 
@@ -225,6 +288,11 @@ class Operations(pyfuse3.Operations):
                 attr.st_mode = stat.S_IFREG | 0o600
             else:
                 attr.st_mode = stat.S_IFREG | 0o444
+        elif isinstance(node, AliasNode):
+            if inode not in self.departed_links:
+                time_ns = int(self._alias(node.alias_id).created * 1e9)
+            attr.st_mode = stat.S_IFLNK | 0o777
+            attr.st_size = len(self._link_target(inode))
         elif isinstance(node, VmNode):
             vm = self._vm(node.vm_id)
             time_ns = int(vm.created * 1e9)
@@ -234,14 +302,23 @@ class Operations(pyfuse3.Operations):
             elif node.entry in inodes.VM_SUBDIRS:
                 directory = True
                 attr.st_nlink = 2
+            elif node.entry == VmEntry.CLONE_PLACEHOLDER:
+                # Only the reply to a clone mkdir: the next lookup finds the symlink instead.
+                directory = True
+                attr.st_nlink = 2
+                attr.entry_timeout = 0
+                attr.attr_timeout = 0
+            elif node.entry in (VmEntry.ORIGIN, VmEntry.CLONE_LINK):
+                attr.st_mode = stat.S_IFLNK | 0o777
+                attr.st_size = len(self._link_target(inode))
             elif node.entry == VmEntry.CTL:
                 attr.st_mode = stat.S_IFREG | 0o600
             else:
                 attr.st_mode = stat.S_IFREG | 0o444
                 attr.st_size = len(self._state_text(vm))
         else:
-            _, volume = self._volume(node.volume_id)
-            attr.st_mode = stat.S_IFREG | 0o600
+            vm, volume = self._volume(node.volume_id)
+            attr.st_mode = stat.S_IFREG | (0o400 if vm.immutable else 0o600)
             attr.st_size = volume.size
             # Allocation is the engine's business (and shared between snapshots); a
             # zero here tells cp and rsync the file may be sparse, which it usually is.
@@ -265,25 +342,33 @@ class Operations(pyfuse3.Operations):
 
     def _children(self, inode: int) -> list[tuple[int, str]]:
         node = self._node(inode)
+        ns = self.tree.ns
         entries: list[tuple[int, str]]
         if isinstance(node, Control):
             if inode == ROOT:
                 entries = [(CONTROL_DIR, CONTROL_DIR_NAME)]
-                entries += [(inodes.vm_inode(vm.id), vm.name) for vm in self.tree.ns.by_id.values()]
+                entries += [(inodes.vm_inode(vm.id), vm.name) for vm in ns.by_id.values()]
+                entries += [(inodes.alias_inode(a.id), a.name) for a in ns.aliases_by_id.values()]
             elif inode == CONTROL_DIR:
                 entries = [(ino, name) for name, ino in CONTROL_FILES.items()]
             else:
                 raise pyfuse3.FUSEError(errno.ENOTDIR)
         elif isinstance(node, VmNode):
+            vm = self._vm(node.vm_id)
             if node.entry == VmEntry.DIR:
                 entries = [
-                    (inodes.vm_inode(node.vm_id, entry), name)
+                    (inodes.vm_inode(vm.id, entry), name)
                     for name, entry in inodes.VM_DIR_ENTRIES.items()
                 ]
+                if self._origin(vm) is not None:
+                    entries.append((inodes.vm_inode(vm.id, VmEntry.ORIGIN), "origin"))
             elif node.entry == VmEntry.VOLUMES:
-                vm = self._vm(node.vm_id)
                 entries = [(inodes.volume_inode(v.id), v.filename) for v in vm.volumes.values()]
-            elif node.entry in inodes.VM_SUBDIRS:
+            elif node.entry == VmEntry.CLONES:
+                entries = [
+                    (inodes.vm_inode(c.id, VmEntry.CLONE_LINK), c.name) for c in ns.clones_of(vm)
+                ]
+            elif node.entry in inodes.VM_SUBDIRS or node.entry == VmEntry.CLONE_PLACEHOLDER:
                 entries = []
             else:
                 raise pyfuse3.FUSEError(errno.ENOTDIR)
@@ -300,27 +385,37 @@ class Operations(pyfuse3.Operations):
         if name == "..":
             return self._parent_of(parent)
         node = self._node(parent)
+        ns = self.tree.ns
         if parent == ROOT:
             if name == CONTROL_DIR_NAME:
                 return CONTROL_DIR
-            vm = self.tree.ns.by_name.get(name)
+            vm = ns.by_name.get(name)
             if vm is not None:
                 return inodes.vm_inode(vm.id)
+            alias = ns.aliases.get(name)
+            if alias is not None:
+                return inodes.alias_inode(alias.id)
         elif parent == CONTROL_DIR:
             if name in CONTROL_FILES:
                 return CONTROL_FILES[name]
         elif isinstance(node, VmNode):
+            vm = self._vm(node.vm_id)
             if node.entry == VmEntry.DIR:
                 entry = inodes.VM_DIR_ENTRIES.get(name)
                 if entry is not None:
-                    return inodes.vm_inode(node.vm_id, entry)
+                    return inodes.vm_inode(vm.id, entry)
+                if name == "origin" and self._origin(vm) is not None:
+                    return inodes.vm_inode(vm.id, VmEntry.ORIGIN)
             elif node.entry == VmEntry.VOLUMES:
-                vm = self._vm(node.vm_id)
                 if name.endswith(".img"):
                     volume = vm.volumes.get(name[: -len(".img")])
                     if volume is not None:
                         return inodes.volume_inode(volume.id)
-            elif node.entry not in inodes.VM_SUBDIRS:
+            elif node.entry == VmEntry.CLONES:
+                clone = ns.by_name.get(name)
+                if clone is not None and clone.origin_id == vm.id:
+                    return inodes.vm_inode(clone.id, VmEntry.CLONE_LINK)
+            elif node.entry not in inodes.VM_SUBDIRS and node.entry != VmEntry.CLONE_PLACEHOLDER:
                 raise pyfuse3.FUSEError(errno.ENOTDIR)
         else:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
@@ -341,6 +436,7 @@ class Operations(pyfuse3.Operations):
                 self.lookup_counts[inode] = left
             else:
                 self.lookup_counts.pop(inode, None)
+                self.departed_links.pop(inode, None)
 
     @handler("getattr")
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
@@ -371,8 +467,7 @@ class Operations(pyfuse3.Operations):
 
     @handler("readlink")
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
-        self._node(inode)
-        raise refuse(errno.EINVAL, "not a symbolic link")
+        return os.fsencode(self._link_target(inode))
 
     # Directories
 
@@ -388,6 +483,8 @@ class Operations(pyfuse3.Operations):
                 continue
             if not pyfuse3.readdir_reply(token, os.fsencode(name), self._attributes(inode), inode):
                 break
+            # Entries go out as READDIRPLUS: the kernel now holds a reference to each.
+            self.lookup_counts[inode] = self.lookup_counts.get(inode, 0) + 1
 
     async def releasedir(self, fh: int) -> None:
         pass
@@ -400,13 +497,15 @@ class Operations(pyfuse3.Operations):
         if parent_inode == ROOT:
             vm = await self.tree.create_vm(name)
             return self._entry(inodes.vm_inode(vm.id))
-        if isinstance(node, VmNode) and node.entry in (
-            VmEntry.CLONES,
-            VmEntry.SAVESTATES,
-            VmEntry.VERSIONS,
-        ):
+        if isinstance(node, VmNode) and node.entry == VmEntry.CLONES:
+            clone = await self.tree.clone_vm(node.vm_id, name)
+            # The reply must be a directory, but SRC/clones/NEW is a symlink to ../../NEW:
+            # answer with a placeholder the kernel must look up again at once (entry timeout
+            # 0), and drop its dentry, so one directory inode never has two names.
+            pyfuse3.invalidate_entry_async(parent_inode, name, ignore_enoent=True)
+            return self._entry(inodes.vm_inode(clone.id, VmEntry.CLONE_PLACEHOLDER))
+        if isinstance(node, VmNode) and node.entry in (VmEntry.SAVESTATES, VmEntry.VERSIONS):
             what = {
-                VmEntry.CLONES: "linked clones (mkdir in clones/)",
                 VmEntry.SAVESTATES: "savestates (mkdir in savestates/)",
                 VmEntry.VERSIONS: "versions (made by commits, not by mkdir)",
             }[node.entry]
@@ -419,7 +518,9 @@ class Operations(pyfuse3.Operations):
         inode = self._child(parent_inode, text)
         node = self._node(inode)
         if isinstance(node, VmNode) and node.entry == VmEntry.DIR:
+            before = self._known_links()
             await self.tree.delete_vm(node.vm_id)
+            self._keep_departed(before)
             return
         if inode == CONTROL_DIR or (isinstance(node, VmNode) and node.entry in inodes.VM_SUBDIRS):
             raise refuse(errno.EPERM, f"{text!r} is part of the fixed layout and cannot be removed")
@@ -435,8 +536,17 @@ class Operations(pyfuse3.Operations):
         if isinstance(node, VolumeNode):
             await self.tree.delete_volume(node.volume_id)
             return
+        if isinstance(node, AliasNode):
+            before = self._known_links()
+            await self.tree.remove_alias(text)
+            self._keep_departed(before)
+            return
         if (isinstance(node, VmNode) and node.entry == VmEntry.DIR) or inode == CONTROL_DIR:
             raise refuse(errno.EISDIR, f"{text!r} is a directory")
+        if isinstance(node, VmNode) and node.entry == VmEntry.CLONE_LINK:
+            raise refuse(
+                errno.EPERM, f"{text!r} lists a linked clone: delete it with rmdir of the VM itself"
+            )
         raise refuse(errno.EPERM, f"{text!r} is part of the fixed layout and cannot be removed")
 
     @handler("rename")
@@ -454,7 +564,7 @@ class Operations(pyfuse3.Operations):
         old_text = os.fsdecode(name_old)
         inode = self._child(parent_inode_old, old_text)
         node = self._node(inode)
-        movable = isinstance(node, VolumeNode) or (
+        movable = isinstance(node, (VolumeNode, AliasNode)) or (
             isinstance(node, VmNode) and node.entry == VmEntry.DIR
         )
         if not movable:
@@ -466,6 +576,10 @@ class Operations(pyfuse3.Operations):
             )
         if isinstance(node, VolumeNode):
             await self.tree.rename_volume(node.volume_id, name_new)
+        elif isinstance(node, AliasNode):
+            before = self._known_links()
+            await self.tree.rename_alias(old_text, name_new)
+            self._keep_departed(before)
         elif isinstance(node, VmNode):
             await self.tree.rename_vm(node.vm_id, name_new)
 
@@ -505,6 +619,9 @@ class Operations(pyfuse3.Operations):
         node = self._node(inode)
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
         if isinstance(node, VolumeNode):
+            if writable and flags & os.O_TRUNC:
+                # cp and > over a volume: its old data goes, its size stays (volumes only grow).
+                await self.tree.discard_volume(node.volume_id)
             opened = await self.tree.open_volume(node.volume_id, writable)
             return pyfuse3.FileInfo(fh=self._add_handle(VolumeHandle(opened)))
         handle: Handle
@@ -535,8 +652,13 @@ class Operations(pyfuse3.Operations):
         handle = self._handle(fh)
         if isinstance(handle, VolumeHandle):
             return await self.tree.read_volume(handle.volume, off, size)
-        data = handle.data if isinstance(handle, ContentHandle) else handle.result
-        return data[off : off + size]
+        if isinstance(handle, CtlHandle):
+            # The file offset moved past the command that was written: the result is read
+            # from where the last read stopped, whatever the offset (Plan 9 clone files).
+            chunk = handle.result[handle.read_pos : handle.read_pos + size]
+            handle.read_pos += len(chunk)
+            return chunk
+        return handle.data[off : off + size]
 
     @handler("write")
     async def write(self, fh: int, off: int, buf: bytes) -> int:
@@ -553,10 +675,13 @@ class Operations(pyfuse3.Operations):
         if isinstance(handle, CtlHandle):
             async with handle.lock:
                 handle.result = b""
-                vm = None if handle.vm_id is None else self._vm(handle.vm_id)
-                known = commands.GLOBAL_COMMANDS if vm is None else commands.VM_COMMANDS
+                handle.read_pos = 0
+                if handle.vm_id is not None:
+                    self._vm(handle.vm_id)
+                known = commands.GLOBAL_COMMANDS if handle.vm_id is None else commands.VM_COMMANDS
                 command = commands.parse_command(buf, known)
-                self.tree.check_command(vm, str(command))
+                result = await self.tree.run_command(handle.vm_id, command)
+                handle.result = (result + "\n").encode()
             return len(buf)
         raise pyfuse3.FUSEError(errno.EBADF)
 
@@ -582,8 +707,16 @@ class Operations(pyfuse3.Operations):
     async def symlink(
         self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        self._node(parent_inode)
-        raise refuse(errno.EINVAL, "aliases (symlinks) are not available in this version")
+        node = self._node(parent_inode)
+        if parent_inode == ROOT:
+            alias = await self.tree.create_alias(name, target)
+            return self._entry(inodes.alias_inode(alias.id))
+        if isinstance(node, VmNode) and node.entry == VmEntry.DIR:
+            raise refuse(
+                errno.EINVAL,
+                "template links are not available in this version of vmtreefs",
+            )
+        raise refuse(errno.EPERM, "symlinks can only be made at the top level (aliases)")
 
     @handler("link")
     async def link(
@@ -597,33 +730,83 @@ class Operations(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:
         raise refuse(errno.EPERM, "device nodes, fifos and sockets are never allowed")
 
-    # Extended attributes: properties come with a later version.
+    # Extended attributes: properties of VMs and volumes.
+
+    async def _property_values(self, inode: int) -> dict[str, str] | None:
+        """Every property of a VM directory or volume, or None for other entries."""
+        node = self._node(inode)
+        if isinstance(node, VmNode) and node.entry == VmEntry.DIR:
+            vm = self._vm(node.vm_id)
+            values = {name: vm.props.get(name, p.default) for name, p in VM_PROPERTIES.items()}
+            values["created"] = f"{vm.created:.6f}"
+            values["id"] = str(vm.id)
+            values["usage"] = str(await self.tree.vm_usage(vm.id))
+            return values
+        if isinstance(node, VolumeNode):
+            _, volume = self._volume(node.volume_id)
+            return {properties.POLICY: volume.policy}
+        return None
 
     @handler("listxattr")
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> Sequence[bytes]:
-        self._node(inode)
+        node = self._node(inode)
+        if isinstance(node, VmNode) and node.entry == VmEntry.DIR:
+            return [p.xattr.encode() for p in VM_PROPERTIES.values()]
+        if isinstance(node, VolumeNode):
+            return [p.xattr.encode() for p in VOLUME_PROPERTIES.values()]
         return []
 
     @handler("getxattr", quiet=frozenset({errno.ENODATA}))
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        self._node(inode)
-        raise refuse(pyfuse3.ENOATTR, f"no attribute {os.fsdecode(name)!r}")
+        values = await self._property_values(inode)
+        text = os.fsdecode(name)
+        if values is None or not text.startswith(properties.PREFIX):
+            raise refuse(pyfuse3.ENOATTR, f"no attribute {text!r}")
+        value = values.get(text[len(properties.PREFIX) :])
+        if value is None:
+            raise refuse(pyfuse3.ENOATTR, f"no attribute {text!r}")
+        return value.encode()
+
+    def _settable(self, inode: int, name: bytes) -> tuple[inodes.Node, properties.Property]:
+        node = self._node(inode)
+        table = None
+        if isinstance(node, VmNode) and node.entry == VmEntry.DIR:
+            table = VM_PROPERTIES
+        elif isinstance(node, VolumeNode):
+            table = VOLUME_PROPERTIES
+        prop = properties.lookup(table, name) if table is not None else None
+        if prop is None:
+            raise properties.unknown(name)
+        return node, prop
 
     @handler("setxattr")
     async def setxattr(
         self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
     ) -> None:
-        self._node(inode)
-        raise refuse(
-            errno.ENOTSUP,
-            f"attribute {os.fsdecode(name)!r} is not supported "
-            "(properties come in a later version)",
-        )
+        node, prop = self._settable(inode, name)
+        checked = properties.check_value(prop, value)
+        if isinstance(node, VolumeNode):
+            await self.tree.set_volume_policy(node.volume_id, checked)
+        elif isinstance(node, VmNode):
+            await self.tree.set_property(node.vm_id, prop.name, checked)
+            self.invalidate_volumes_later(node.vm_id)
 
     @handler("removexattr")
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        self._node(inode)
-        raise refuse(errno.ENOTSUP, f"attribute {os.fsdecode(name)!r} cannot be removed")
+        """Removing a property sets it back to its default."""
+        node, prop = self._settable(inode, name)
+        if not prop.writable:
+            properties.check_value(prop, b"")  # the read-only refusal
+        if isinstance(node, VolumeNode):
+            await self.tree.set_volume_policy(node.volume_id, prop.default)
+        elif isinstance(node, VmNode):
+            await self.tree.set_property(node.vm_id, prop.name, None)
+            self.invalidate_volumes_later(node.vm_id)
+
+    def invalidate_volumes_later(self, vm_id: int) -> None:
+        """Volume modes follow immutability: drop the kernel's cached ones."""
+        for volume in self._vm(vm_id).volumes.values():
+            self.invalidate_later(inodes.volume_inode(volume.id))
 
     @handler("statfs")
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
