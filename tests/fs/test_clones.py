@@ -192,9 +192,9 @@ def test_cloning_from_a_vm_being_deleted_is_whole_or_nothing(tree: Tree) -> None
         write_at(private(tree.vms, src), b"data")
         outcome: dict[str, object] = {}
 
-        def clone(src: str = src, outcome: dict[str, object] = outcome) -> None:
+        def clone(src: str = src, outcome: dict[str, object] = outcome, n: int = round_) -> None:
             try:
-                os.mkdir(tree.vms / src / "clones" / f"c{round_}")
+                os.mkdir(tree.vms / src / "clones" / f"c{n}")
                 outcome["clone"] = "ok"
             except OSError as e:
                 outcome["clone"] = errno.errorcode[e.errno or 0]

@@ -196,3 +196,29 @@ def test_sigterm_unmounts_cleanly() -> None:
             assert listing(tree.vms) == ["a"]
         finally:
             tree.unmount()
+
+
+def mount_options(mountpoint: Path) -> set[str]:
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if fields[4] == str(mountpoint):
+                sep = fields.index("-")
+                return set(fields[5].split(",")) | set(fields[sep + 3].split(","))
+    raise AssertionError(f"{mountpoint} is not mounted")
+
+
+def test_allow_other_only_when_asked_for(workdir: Path) -> None:
+    tree = Tree(workdir)
+    tree.mount()
+    try:
+        options = mount_options(tree.vms)
+        assert "default_permissions" in options
+        assert "allow_other" not in options
+    finally:
+        tree.unmount()
+    tree.mount(["allow_other"])
+    try:
+        assert {"default_permissions", "allow_other"} <= mount_options(tree.vms)
+    finally:
+        tree.unmount()

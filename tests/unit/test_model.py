@@ -244,3 +244,136 @@ def test_writes_need_a_halted_mutable_vm() -> None:
     assert errno_of(ns.check_volume_write, "a", "root") == errno.EROFS
     assert errno_of(ns.plan_resize_volume, "a", "root", 20 * GiB) == errno.EROFS
     assert errno_of(ns.plan_rename_volume, "a", "root", "r.img") == errno.EROFS
+
+
+# Clones, aliases and properties
+
+
+def make_alias(ns: Namespace, alias_id: int, name: str, target: str, system: bool = False) -> None:
+    plan = ns.plan_create_alias(name, target)
+    ns.add_alias(model.Alias(alias_id, plan.name, plan.target_vm, plan.target_alias, system=system))
+
+
+def test_clone_plan_snapshots_every_volume_and_filters_properties() -> None:
+    ns = Namespace()
+    src = make_vm(ns, 1, "src")
+    src.props.update({"memory": "1024", "immutable": "1", "versioned": "0"})
+    plan = ns.plan_clone("src", "c")
+    assert plan.source_id == 1
+    assert sorted(s for s, _ in plan.volumes) == sorted(v.id for v in src.volumes.values())
+    assert plan.props == {"memory": "1024"}
+    assert plan.reparent == ()
+    assert errno_of(ns.plan_clone, "src", "c") == errno.EEXIST  # reserved meanwhile
+    assert errno_of(ns.plan_clone, "nope", "d") == errno.ENOENT
+    assert errno_of(ns.plan_clone, "src", "d-next") == errno.EINVAL
+
+
+def test_replace_clone_takes_over_the_other_clones() -> None:
+    ns = Namespace()
+    make_vm(ns, 1, "src")
+    for vm_id, name in ((2, "a"), (3, "b")):
+        make_vm(ns, vm_id, name).origin_id = 1
+    assert ns.plan_clone("src", "new", replace=True).reparent == (2, 3)
+    ns.set_origin(2, 4)
+    assert [c.name for c in ns.clones_of(ns.get("src"))] == ["b"]
+
+
+def test_alias_targets() -> None:
+    ns = Namespace()
+    make_vm(ns, 1, "work")
+    make_alias(ns, 1, "stable", "work")
+    make_alias(ns, 2, "prod", "stable")
+    assert ns.resolve("prod").name == "work"
+    assert ns.alias_target_name(ns.get_alias("prod")) == "stable"
+    for bad in ("/work", "../work", "work/x", ".", "..", "nothing"):
+        assert errno_of(ns.plan_create_alias, "x", bad) == errno.EINVAL
+    assert errno_of(ns.plan_create_alias, "work", "work") == errno.EEXIST
+    assert errno_of(ns.plan_create_alias, "stable", "work") == errno.EEXIST
+    assert errno_of(ns.plan_create_vm, "stable") == errno.EEXIST
+    assert errno_of(ns.get_alias, "nope") == errno.ENOENT
+
+
+def test_alias_removal_rules() -> None:
+    ns = Namespace()
+    make_vm(ns, 1, "work")
+    make_alias(ns, 1, "stable", "work")
+    make_alias(ns, 2, "prod", "stable")
+    make_alias(ns, 3, "work-latest", "work", system=True)
+    assert errno_of(ns.plan_remove_alias, "stable") == errno.EBUSY
+    assert errno_of(ns.plan_remove_alias, "work-latest") == errno.EPERM
+    assert ns.plan_remove_alias("prod").alias_id == 2
+
+
+def test_alias_rename_and_replace() -> None:
+    ns = Namespace()
+    make_vm(ns, 1, "v1")
+    make_vm(ns, 2, "v2")
+    make_alias(ns, 1, "latest", "v1")
+    make_alias(ns, 2, "tmp", "v2")
+    make_alias(ns, 3, "prod", "latest")
+    plan = ns.plan_rename_alias("tmp", "latest")
+    assert isinstance(plan, model.ReplaceAlias)
+    assert (plan.keep_id, plan.drop_id, plan.retarget) == (2, 1, (3,))
+    ns.apply_replace_alias(plan)
+    assert ns.resolve("prod").name == "v2"
+    assert "tmp" not in ns.aliases
+    rename = ns.plan_rename_alias("latest", "newest")
+    assert isinstance(rename, model.RenameAlias)
+    ns.apply_rename_alias(rename)
+    assert ns.alias_target_name(ns.get_alias("prod")) == "newest"
+    assert isinstance(ns.plan_rename_alias("newest", "newest"), model.RenameAlias)
+    assert errno_of(ns.plan_rename_alias, "newest", "v1") == errno.EEXIST
+
+
+def test_a_replace_that_would_loop_is_refused() -> None:
+    ns = Namespace()
+    make_vm(ns, 1, "work")
+    make_alias(ns, 1, "a", "work")
+    make_alias(ns, 2, "b", "a")
+    make_alias(ns, 3, "tmp", "b")
+    assert errno_of(ns.plan_rename_alias, "tmp", "a") == errno.EINVAL
+    make_alias(ns, 4, "tmp2", "a")
+    assert errno_of(ns.plan_rename_alias, "tmp2", "a") == errno.EINVAL
+
+
+def test_system_aliases_cannot_be_moved_or_replaced() -> None:
+    ns = Namespace()
+    make_vm(ns, 1, "work")
+    make_alias(ns, 1, "sys", "work", system=True)
+    make_alias(ns, 2, "mine", "work")
+    assert errno_of(ns.plan_rename_alias, "sys", "other") == errno.EPERM
+    assert errno_of(ns.plan_rename_alias, "mine", "sys") == errno.EPERM
+
+
+def test_deleting_a_vm_takes_its_aliases_dependents_first() -> None:
+    ns = Namespace()
+    make_vm(ns, 1, "work")
+    make_vm(ns, 2, "other")
+    make_alias(ns, 1, "stable", "work")
+    make_alias(ns, 2, "prod", "stable")
+    make_alias(ns, 3, "keep", "other")
+    plan = ns.plan_delete_vm("work")
+    assert plan.aliases == (2, 1)
+    ns.remove_vm(1)
+    assert sorted(ns.aliases) == ["keep"]
+
+
+def test_alias_chains_are_bounded() -> None:
+    ns = Namespace()
+    make_vm(ns, 1, "work")
+    make_alias(ns, 1, "a0", "work")
+    for i in range(1, model.MAX_ALIAS_CHAIN + 2):
+        make_alias(ns, i + 1, f"a{i}", f"a{i - 1}")
+    assert errno_of(ns.resolve, f"a{model.MAX_ALIAS_CHAIN + 1}") == errno.ELOOP
+
+
+def test_property_plans() -> None:
+    ns = Namespace()
+    vm = make_vm(ns, 1, "work")
+    plan = ns.plan_set_property("work", "memory", "512")
+    ns.apply_set_property(plan)
+    assert vm.props == {"memory": "512"}
+    ns.apply_set_property(ns.plan_set_property("work", "memory", None))
+    assert vm.props == {}
+    vm.state = "running"
+    assert errno_of(ns.plan_set_property, "work", "immutable", "1") == errno.EBUSY
