@@ -19,9 +19,11 @@ from vmtreefs.errors import VmtreeError
 from vmtreefs.source import (
     LOG_NAME,
     SourceLock,
+    check_empty,
     check_mountpoint,
     check_source,
     initialise,
+    is_initialised,
     read_lock_info,
 )
 
@@ -54,7 +56,7 @@ def cmd_init(args: argparse.Namespace) -> int:
         store, reason = initialise(source, args.engine, parse_size(args.size))
         store.close()
     finally:
-        lock.release()
+        lock.release(remove=not is_initialised(source))
     print(f"initialised {source}: {reason}")
     return 0
 
@@ -72,9 +74,11 @@ def cmd_mount(args: argparse.Namespace) -> int:
     # Check what we can here, so the user sees the reason on the terminal.
     check_source(source)
     check_mountpoint(mountpoint)
+    if not is_initialised(source):
+        check_empty(source)
     probe = SourceLock(source)
     probe.acquire(None)  # EBUSY, naming the holder, while a daemon serves SOURCE
-    probe.release()
+    probe.release(remove=not is_initialised(source))
     return _spawn_daemon(source, mountpoint, args.options)
 
 
@@ -86,7 +90,8 @@ def _spawn_daemon(source: Path, mountpoint: Path, option_groups: list[str]) -> i
     for group in option_groups:
         command += ["-o", group]
     log_path = source / LOG_NAME
-    with open(log_path, "ab") as log_file:
+    log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    with os.fdopen(log_fd, "ab") as log_file:
         process = subprocess.Popen(
             command,
             stdin=subprocess.DEVNULL,

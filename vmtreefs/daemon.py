@@ -15,7 +15,13 @@ import trio
 from vmtreefs.engine.select import parse_size
 from vmtreefs.errors import VmtreeError
 from vmtreefs.fs.operations import Operations
-from vmtreefs.source import SourceLock, check_mountpoint, check_source, open_source
+from vmtreefs.source import (
+    SourceLock,
+    check_mountpoint,
+    check_source,
+    is_initialised,
+    open_source,
+)
 from vmtreefs.tree import VmTree
 
 log = logging.getLogger("vmtreefs.daemon")
@@ -106,7 +112,7 @@ def serve(source: Path, mountpoint: Path, options: MountOptions, ready_fd: int |
             engine.stop()
             store.close()
     finally:
-        lock.release()
+        lock.release(remove=not is_initialised(source))
     return 0
 
 

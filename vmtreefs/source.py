@@ -75,8 +75,10 @@ class SourceLock:
     def __init__(self, source: Path) -> None:
         self.path = source / LOCK_NAME
         self.fd: int | None = None
+        self.created = False
 
     def acquire(self, mountpoint: Path | None) -> None:
+        self.created = not self.path.exists()
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -92,8 +94,11 @@ class SourceLock:
         os.pwrite(fd, json.dumps(info).encode(), 0)
         self.fd = fd
 
-    def release(self) -> None:
+    def release(self, remove: bool = False) -> None:
+        """Let go; ``remove`` deletes a lock file this process made (a refused init)."""
         if self.fd is not None:
+            if remove and self.created:
+                self.path.unlink(missing_ok=True)
             os.ftruncate(self.fd, 0)
             os.close(self.fd)
             self.fd = None
@@ -107,6 +112,17 @@ def read_lock_info(source: Path) -> dict[str, object]:
     return data if isinstance(data, dict) else {}
 
 
+def check_empty(source: Path) -> None:
+    """A new tree never moves in beside someone else's files."""
+    foreign = sorted(p.name for p in source.iterdir() if p.name not in OWN_NAMES)
+    if foreign:
+        raise VmtreeError(
+            errno.ENOTEMPTY,
+            f"SOURCE {source} is not empty and holds no vmtreefs store "
+            f"(found {', '.join(foreign[:5])})",
+        )
+
+
 def initialise(source: Path, requested_engine: str, size: int) -> tuple[Store, str]:
     """Make SOURCE a new tree: choose the engine, record it, prepare its storage.
 
@@ -115,14 +131,11 @@ def initialise(source: Path, requested_engine: str, size: int) -> tuple[Store, s
     """
     if is_initialised(source):
         raise VmtreeError(errno.EEXIST, f"SOURCE {source} is already a vmtreefs tree")
-    foreign = sorted(p.name for p in source.iterdir() if p.name not in OWN_NAMES)
-    if foreign:
-        raise VmtreeError(
-            errno.ENOTEMPTY,
-            f"SOURCE {source} is not empty and holds no vmtreefs store "
-            f"(found {', '.join(foreign[:5])})",
-        )
+    check_empty(source)
     config, reason = choose_engine(source, requested_engine, size)
+    # The store names every VM: only the mounting user reads it (SQLite gives its
+    # -wal and -shm files the same mode).
+    os.close(os.open(source / STORE_NAME, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
     store = Store.open(source / STORE_NAME)
     with store.transaction() as tx:
         tx.set_meta(META_ENGINE, config.to_json())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import stat
 import subprocess
 import sys
 import time
@@ -56,6 +57,7 @@ def test_init_picks_reflink_in_place_on_xfs(workdir: Path) -> None:
     done = vmtreefs("init", str(source))
     assert done.returncode == 0, done.stderr
     assert "reflink in place" in done.stdout
+    assert stat.S_IMODE((source / "vmtree.db").stat().st_mode) == 0o600
     assert not (source / "reflink.xfs").exists()
     again = vmtreefs("init", str(source))
     assert again.returncode != 0 and "already" in again.stderr
@@ -129,6 +131,10 @@ def test_a_non_empty_foreign_source_is_refused(workdir: Path) -> None:
     (source / "precious.txt").write_text("not ours")
     done = vmtreefs("init", str(source))
     assert done.returncode != 0 and "not empty" in done.stderr
+    (workdir / "vms").mkdir()
+    done = vmtreefs("mount", str(source), str(workdir / "vms"))
+    assert done.returncode != 0 and "not empty" in done.stderr
+    assert os.listdir(source) == ["precious.txt"]  # nothing of ours left behind
     assert (source / "precious.txt").read_text() == "not ours"
 
 
