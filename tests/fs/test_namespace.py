@@ -301,3 +301,25 @@ def test_readdir_offsets_are_stable_while_entries_change(vms: Path) -> None:
     expected = {f"v{i:03d}" for i in range(299)}
     assert expected <= set(seen)
     assert len(seen) == len(set(seen))  # nothing listed twice
+
+
+def test_cp_over_a_volume_replaces_its_data_and_keeps_its_size(tree: Tree) -> None:
+    os.mkdir(tree.vms / "a")
+    private = tree.vms / "a" / "volumes" / "private.img"
+    fd = os.open(private, os.O_WRONLY)
+    try:
+        os.pwrite(fd, b"old data far out", GiB)
+    finally:
+        os.close(fd)
+    image = tree.workdir / "image.raw"
+    image.write_bytes(os.urandom(1024 * 1024))
+    subprocess.run(["cp", str(image), str(private)], check=True)
+    assert private.stat().st_size == 2 * GiB  # volumes never shrink
+    assert head(private, 1024 * 1024) == image.read_bytes()
+    with open(private, "rb") as f:
+        f.seek(GiB)
+        assert f.read(16) == bytes(16)  # the old data is gone
+    assert "discard a/private.img" in (tree.vms / ".vmtree" / "events").read_text()
+    tree.remount()
+    assert head(private, 1024 * 1024) == image.read_bytes()
+    assert tree.status()["inventory"] == "ok"
