@@ -96,15 +96,8 @@ lint: deps ## ruff check, ruff format --check, mypy
 	$(BIN)/ruff format --check vmtreefs tests
 	$(BIN)/mypy
 
-bench: deps ## benchmarks in tests/bench (nothing when there are none)
-	@if [ -n "$$(find tests/bench \( -name 'test_*.py' -o -name '*_test.py' \) -print -quit 2>/dev/null)" ]; then \
-	  echo "$(BIN)/python -m pytest tests/bench -q -s"; \
-	  rc=0; $(BIN)/python -m pytest tests/bench -q -s || rc=$$?; \
-	  if [ $$rc -eq 5 ]; then echo "bench: no benchmark collected"; rc=0; fi; \
-	  exit $$rc; \
-	else \
-	  echo "bench: no benchmarks in tests/bench"; \
-	fi
+bench: deps ## benchmarks (tests/bench), side by side with the raw operations; as root
+	$(BIN)/python -m tests.bench.clone
 
 install-mount-helper: ## install mount/mount.fuse.vmtreefs as /sbin/mount.fuse.vmtreefs (mount -t fuse.vmtreefs)
 	@if [ ! -x "$(VMTREEFS)" ]; then \

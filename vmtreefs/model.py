@@ -510,6 +510,10 @@ class Namespace:
 
     def plan_set_property(self, vm_name: str, name: str, value: str | None) -> SetProperty:
         vm = self.get(vm_name)
+        if vm.immutable and name != "immutable":
+            raise ModelError(
+                errno.EROFS, f"cannot change {name} of VM {vm_name!r}: it is immutable"
+            )
         if name == "immutable" and value == "1" and vm.state != "halted":
             raise ModelError(errno.EBUSY, f"cannot make VM {vm_name!r} immutable: it is {vm.state}")
         return SetProperty(vm.id, name, value)

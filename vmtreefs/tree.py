@@ -94,6 +94,9 @@ class VmTree:
         self.events = EventLog(store.recent_events(EVENTS_KEPT))
         self.recovery = RecoveryReport()
         self._locks: dict[int, trio.Lock] = collections.defaultdict(trio.Lock)
+        # Aliases name VMs by id: making, moving or dropping one must not interleave
+        # with deleting the VM it names.
+        self._alias_lock = trio.Lock()
         self.changed = trio.lowlevel.ParkingLot()
 
     # Start-up (blocking, before the filesystem answers)
@@ -132,8 +135,7 @@ class VmTree:
                 vol_id, size = payload["volume_id"], payload["size"]
                 known = {v.id for v in self.store.load().volumes}
                 if vol_id in known:
-                    self.engine.delete(vol_id, missing_ok=True)
-                    self.engine.create(vol_id, size)
+                    self.engine.discard(vol_id, size)
                 with self.store.transaction() as tx:
                     tx.complete_intent(intent.id)
                 report.rolled_forward.append(what)
@@ -319,8 +321,10 @@ class VmTree:
         return vm
 
     async def delete_vm(self, vm_id: int) -> None:
-        async with self._locked(vm_id) as vm:
+        async with self._locked(vm_id) as vm, self._alias_lock:
             plan = self.ns.plan_delete_vm(vm.name)
+            gone = [self.ns.aliases_by_id[a].name for a in plan.aliases]
+            line = f"rmdir {plan.name}" + (f" (and its aliases {', '.join(gone)})" if gone else "")
 
             def commit() -> tuple[int, float]:
                 with self.store.transaction() as tx:
@@ -333,14 +337,11 @@ class VmTree:
                         "delete_volumes",
                         {"what": f"rmdir {plan.name}", "volume_ids": list(plan.volume_ids)},
                     )
-                    return intent, self._noted(tx, f"rmdir {plan.name}")
+                    return intent, self._noted(tx, line)
 
-            gone = [self.ns.aliases_by_id[a].name for a in plan.aliases]
             intent, t = await in_thread(commit)
             self.ns.remove_vm(plan.vm_id)
-            self._announce(
-                f"rmdir {plan.name}" + (f" (and its aliases {', '.join(gone)})" if gone else ""), t
-            )
+            self._announce(line, t)
             with trio.CancelScope(shield=True):
                 await self._finish_deletion(intent, list(plan.volume_ids))
 
@@ -408,6 +409,10 @@ class VmTree:
     # Aliases
 
     async def create_alias(self, raw_name: str | bytes, raw_target: str | bytes) -> Alias:
+        async with self._alias_lock:
+            return await self._create_alias(raw_name, raw_target)
+
+    async def _create_alias(self, raw_name: str | bytes, raw_target: str | bytes) -> Alias:
         plan = self.ns.plan_create_alias(raw_name, raw_target)
         target = (
             self.ns.get_by_id(plan.target_vm).name
@@ -433,6 +438,10 @@ class VmTree:
         return alias
 
     async def remove_alias(self, name: str) -> None:
+        async with self._alias_lock:
+            await self._remove_alias(name)
+
+    async def _remove_alias(self, name: str) -> None:
         plan = self.ns.plan_remove_alias(name)
         what = f"rm {name}"
 
@@ -447,6 +456,10 @@ class VmTree:
 
     async def rename_alias(self, old: str, raw_new: str | bytes) -> None:
         """Rename an alias, or move it over another (``ln -sfn``), atomically."""
+        async with self._alias_lock:
+            await self._rename_alias(old, raw_new)
+
+    async def _rename_alias(self, old: str, raw_new: str | bytes) -> None:
         plan = self.ns.plan_rename_alias(old, raw_new)
         if isinstance(plan, ReplaceAlias):
             target = self.ns.alias_target_name(self.ns.get_alias(old))
@@ -508,6 +521,10 @@ class VmTree:
         vm, vol = self.ns.volume_by_id(volume_id)
         async with self._locked(vm.id):
             vm, vol = self.ns.volume_by_id(volume_id)
+            if vm.immutable:
+                raise VmtreeError(
+                    errno.EROFS, f"cannot change {vm.name}/{vol.filename}: VM is immutable"
+                )
             if vol.policy == policy:
                 return
             what = f"set {vm.name}/{vol.filename} policy={policy}"
@@ -543,6 +560,7 @@ class VmTree:
         if vm_id is None and command.verb == "gc":
             if command.args:
                 raise VmtreeError(errno.EINVAL, "usage: gc")
+            self._announce("gc: nothing to collect", time.time())
             return "nothing to collect"
         vm = self.ns.get_by_id(vm_id) if vm_id is not None else None
         target = f"VM {vm.name!r}" if vm else "the tree"
@@ -656,9 +674,13 @@ class VmTree:
             try:
                 await in_thread(self.engine.resize, plan.volume_id, plan.new_size)
             except VmtreeError:
-                # The engine refused before changing anything.
-                await in_thread(abandon, intent)
-                raise
+                # Abandon only when the engine really did not grow (a failed fsync may
+                # come after the new size is in place).
+                grown = await in_thread(self.engine.size, plan.volume_id)
+                if grown < plan.new_size:
+                    await in_thread(abandon, intent)
+                    raise
+                log.warning("%s: the engine reported an error but grew; recording it", what)
             # From here the engine has grown: a failed commit leaves the intent open, and
             # the next mount rolls it forward.
             t = await in_thread(commit, intent)
@@ -684,8 +706,7 @@ class VmTree:
                     )
 
             def carry_out(intent: int) -> float:
-                self.engine.delete(volume_id, missing_ok=True)
-                self.engine.create(volume_id, size)
+                self.engine.discard(volume_id, size)
                 with self.store.transaction() as tx:
                     tx.complete_intent(intent)
                     return self._noted(tx, what)

@@ -69,6 +69,7 @@ def test_global_ctl(vms: Path) -> None:
     try:
         os.write(fd, b"gc\n")
         assert os.read(fd, 100) == b"nothing to collect\n"
+        assert "gc: nothing to collect" in (vms / ".vmtree" / "events").read_text()
         try:
             os.write(fd, b"clone x\n")
             raise AssertionError("a VM command was accepted by the global ctl")

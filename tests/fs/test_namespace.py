@@ -323,3 +323,43 @@ def test_cp_over_a_volume_replaces_its_data_and_keeps_its_size(tree: Tree) -> No
     tree.remount()
     assert head(private, 1024 * 1024) == image.read_bytes()
     assert tree.status()["inventory"] == "ok"
+
+
+def test_cp_of_a_sparse_image_over_a_bigger_volume_succeeds(tree: Tree) -> None:
+    os.mkdir(tree.vms / "a")
+    private = tree.vms / "a" / "volumes" / "private.img"
+    image = tree.workdir / "sparse.raw"
+    with open(image, "wb") as f:
+        f.write(b"boot sector")
+        f.truncate(64 * 1024 * 1024)  # ends in a hole: cp finishes with ftruncate
+    done = subprocess.run(["cp", str(image), str(private)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert private.stat().st_size == 2 * GiB
+    assert head(private, 11) == b"boot sector"
+
+
+def test_a_discard_is_seen_by_files_already_open(vms: Path) -> None:
+    os.mkdir(vms / "a")
+    private = vms / "a" / "volumes" / "private.img"
+    fd = os.open(private, os.O_RDWR)
+    try:
+        os.pwrite(fd, b"old", 4096)
+        assert os.pread(fd, 3, 4096) == b"old"
+        with open(private, "wb") as f:  # O_TRUNC: discard
+            f.write(b"new")
+        assert os.pread(fd, 3, 0) == b"new"
+        assert os.pread(fd, 3, 4096) == bytes(3)
+    finally:
+        os.close(fd)
+
+
+def test_refused_writes_never_log_the_data(tree: Tree) -> None:
+    os.mkdir(tree.vms / "a")
+    fd = os.open(tree.vms / "a" / "volumes" / "private.img", os.O_WRONLY)
+    try:
+        os.setxattr(tree.vms / "a", "user.vmtree.immutable", b"1")
+        assert error_of(os.pwrite, fd, b"SECRET-PAYLOAD", 0) == errno.EROFS
+    finally:
+        os.close(fd)
+    assert "SECRET" not in (tree.vms / ".vmtree" / "events").read_text()
+    assert "SECRET" not in tree.log()

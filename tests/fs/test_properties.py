@@ -174,3 +174,21 @@ def test_usage_counts_bytes_held_only_by_the_vm(vms: Path) -> None:
     finally:
         os.close(fd)
     assert int(os.getxattr(vms / "c", "user.vmtree.usage")) == 1024 * 1024
+
+
+def test_an_immutable_vm_keeps_its_properties(vms: Path) -> None:
+    os.mkdir(vms / "work")
+    os.setxattr(vms / "work", "user.vmtree.immutable", b"1")
+    assert error_of(os.setxattr, vms / "work", "user.vmtree.memory", b"512") == errno.EROFS
+    root = vms / "work" / "volumes" / "root.img"
+    assert error_of(os.setxattr, root, "user.vmtree.policy", b"persistent") == errno.EROFS
+    os.setxattr(vms / "work", "user.vmtree.immutable", b"0")  # the way back stays open
+    os.setxattr(vms / "work", "user.vmtree.memory", b"512")
+
+
+def test_removing_a_policy_restores_the_volume_default(vms: Path) -> None:
+    os.mkdir(vms / "work")
+    root = vms / "work" / "volumes" / "root.img"
+    os.setxattr(root, "user.vmtree.policy", b"persistent")
+    os.removexattr(root, "user.vmtree.policy")
+    assert os.getxattr(root, "user.vmtree.policy") == b"template"

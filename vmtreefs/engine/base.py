@@ -80,6 +80,10 @@ class SnapshotEngine(abc.ABC):
         """Remove a volume; its snapshots keep their data."""
 
     @abc.abstractmethod
+    def discard(self, vol_id: int, size: int) -> None:
+        """Make the volume read as zeros at ``size`` bytes, in place: open files see it too."""
+
+    @abc.abstractmethod
     def resize(self, vol_id: int, new_size: int) -> None:
         """Grow a volume; shrinking is refused with EINVAL."""
 

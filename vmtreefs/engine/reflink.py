@@ -355,6 +355,25 @@ class ReflinkEngine(SnapshotEngine):
             raise _error(e, f"delete volume {vol_id}") from e
         _fsync_dir(self.pool)
 
+    def discard(self, vol_id: int, size: int) -> None:
+        """Drop every block (shared ones stay with the snapshots that hold them)."""
+        self._require_started()
+        what = f"discard volume {vol_id}"
+        if size < 0:
+            raise EngineError(errno.EINVAL, f"{what}: negative size")
+        try:
+            fd = os.open(self.path(vol_id), os.O_WRONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise _error(e, what) from e
+        try:
+            os.ftruncate(fd, 0)
+            os.ftruncate(fd, size)
+            os.fsync(fd)
+        except OSError as e:
+            raise _error(e, what) from e
+        finally:
+            os.close(fd)
+
     def resize(self, vol_id: int, new_size: int) -> None:
         self._require_started()
         what = f"resize volume {vol_id} to {new_size} bytes"

@@ -42,7 +42,7 @@ from vmtreefs.fs.inodes import (
     VmNode,
     VolumeNode,
 )
-from vmtreefs.model import Alias, Vm, Volume
+from vmtreefs.model import DEFAULT_VOLUMES, Alias, Vm, Volume
 from vmtreefs.properties import VM_PROPERTIES, VOLUME_PROPERTIES
 from vmtreefs.tree import VmTree
 
@@ -64,12 +64,15 @@ def _short(value: Any) -> str:
 
 
 def handler(
-    operation: str, quiet: frozenset[int] = frozenset()
+    operation: str, quiet: frozenset[int] = frozenset(), names: int = 1
 ) -> Callable[
     [Callable[Concatenate[Operations, P], Coroutine[Any, Any, R]]],
     Callable[Concatenate[Operations, P], Coroutine[Any, Any, R]],
 ]:
-    """Let only FUSEError out; log each refusal (except the expected ``quiet`` ones)."""
+    """Let only FUSEError out; log each refusal (except the expected ``quiet`` ones).
+
+    ``names`` is how many byte-string arguments are names worth logging.
+    """
 
     def decorate(
         fn: Callable[Concatenate[Operations, P], Coroutine[Any, Any, R]],
@@ -81,7 +84,9 @@ def handler(
                 raise
             except VmtreeError as e:
                 if e.errno not in quiet:
-                    what = " ".join([operation, *(_short(a) for a in args if isinstance(a, bytes))])
+                    # The first ``names`` byte strings are names; never log data or values.
+                    shown = [a for a in args if isinstance(a, bytes)][:names]
+                    what = " ".join([operation, *(_short(a) for a in shown)])
                     self.tree.refused(what, e)
                 raise pyfuse3.FUSEError(e.errno) from None
             except OSError as e:
@@ -109,6 +114,8 @@ def refuse(errno_: int, reason: str) -> VmtreeError:
 @dataclass
 class VolumeHandle:
     volume: OpenVolume
+    truncated: bool = False  # opened with O_TRUNC: its old data was discarded
+    written_end: int = 0  # the end of the furthest write through this handle
 
 
 @dataclass
@@ -131,6 +138,14 @@ class CtlHandle:
 Handle = VolumeHandle | ContentHandle | CtlHandle
 
 
+def default_policy(volume_name: str) -> str:
+    """The policy a volume of this name starts with (root: template, volatile: volatile)."""
+    for spec in DEFAULT_VOLUMES:
+        if spec.name == volume_name:
+            return spec.policy
+    return VOLUME_PROPERTIES[properties.POLICY].default
+
+
 class Operations(pyfuse3.Operations):
     supports_dot_lookup = True
     enable_writeback_cache = False
@@ -149,24 +164,26 @@ class Operations(pyfuse3.Operations):
         # that looked the name up just before keeps reading the old target, as on any
         # filesystem, until the kernel forgets the inode.
         self.departed_links: dict[int, str] = {}
-        self._invalidate_send, self._invalidate_receive = trio.open_memory_channel[int](1000)
+        self._invalidate_send, self._invalidate_receive = trio.open_memory_channel[
+            tuple[int, bool]
+        ](1000)
 
     # Invalidation: done after the reply, from a task of its own, never inside a handler.
 
-    def invalidate_later(self, inode: int) -> None:
-        """Ask the kernel to drop cached attributes of ``inode`` once this request is answered."""
+    def invalidate_later(self, inode: int, data: bool = False) -> None:
+        """Ask the kernel to drop what it caches of ``inode`` (attributes, or also its pages)."""
         try:
-            self._invalidate_send.send_nowait(inode)
+            self._invalidate_send.send_nowait((inode, data))
         except trio.WouldBlock:
             log.debug("invalidation queue full; inode %d relies on the attribute timeout", inode)
 
     async def run_invalidations(self) -> None:
-        async for inode in self._invalidate_receive:
+        async for inode, data in self._invalidate_receive:
             if inode not in self.lookup_counts:
                 continue
             try:
                 await trio.to_thread.run_sync(
-                    functools.partial(pyfuse3.invalidate_inode, inode, attr_only=True)
+                    functools.partial(pyfuse3.invalidate_inode, inode, attr_only=not data)
                 )
             except OSError as e:
                 if e.errno != errno.ENOENT:
@@ -456,7 +473,18 @@ class Operations(pyfuse3.Operations):
             raise refuse(errno.EPERM, "chmod and chown are not allowed on vmtreefs entries")
         if fields.update_size:
             if isinstance(node, VolumeNode):
-                await self.tree.resize_volume(node.volume_id, attr.st_size)
+                handle = self.handles.get(fh) if fh is not None else None
+                _, volume = self._volume(node.volume_id)
+                if (
+                    isinstance(handle, VolumeHandle)
+                    and handle.truncated
+                    and handle.written_end <= attr.st_size < volume.size
+                ):
+                    # cp over a bigger volume ends by truncating to its own size; after the
+                    # discard everything past what it wrote already reads as zeros.
+                    log.debug("volume %d keeps its size over a copy's final truncate", volume.id)
+                else:
+                    await self.tree.resize_volume(node.volume_id, attr.st_size)
             elif inode == CONTROL_CTL or (isinstance(node, VmNode) and node.entry == VmEntry.CTL):
                 pass  # "echo cmd > ctl" truncates first: a control file has nothing to truncate.
             else:
@@ -549,7 +577,7 @@ class Operations(pyfuse3.Operations):
             )
         raise refuse(errno.EPERM, f"{text!r} is part of the fixed layout and cannot be removed")
 
-    @handler("rename")
+    @handler("rename", names=2)
     async def rename(
         self,
         parent_inode_old: int,
@@ -619,11 +647,13 @@ class Operations(pyfuse3.Operations):
         node = self._node(inode)
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
         if isinstance(node, VolumeNode):
-            if writable and flags & os.O_TRUNC:
+            truncate = writable and bool(flags & os.O_TRUNC)
+            if truncate:
                 # cp and > over a volume: its old data goes, its size stays (volumes only grow).
                 await self.tree.discard_volume(node.volume_id)
+                self.invalidate_later(inode, data=True)
             opened = await self.tree.open_volume(node.volume_id, writable)
-            return pyfuse3.FileInfo(fh=self._add_handle(VolumeHandle(opened)))
+            return pyfuse3.FileInfo(fh=self._add_handle(VolumeHandle(opened, truncate)))
         handle: Handle
         if inode == CONTROL_CTL:
             handle = CtlHandle(None)
@@ -647,7 +677,7 @@ class Operations(pyfuse3.Operations):
             return self._state_text(self._vm(node.vm_id))
         raise refuse(errno.EISDIR, "not a regular file")
 
-    @handler("read")
+    @handler("read", names=0)
     async def read(self, fh: int, off: int, size: int) -> bytes:
         handle = self._handle(fh)
         if isinstance(handle, VolumeHandle):
@@ -660,13 +690,14 @@ class Operations(pyfuse3.Operations):
             return chunk
         return handle.data[off : off + size]
 
-    @handler("write")
+    @handler("write", names=0)
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         handle = self._handle(fh)
         if isinstance(handle, VolumeHandle):
             _, volume = self._volume(handle.volume.vol_id)
             size_before = volume.size
             written = await self.tree.write_volume(handle.volume, off, buf)
+            handle.written_end = max(handle.written_end, off + written)
             self.volume_mtimes[volume.id] = time.time_ns()
             if volume.size != size_before:
                 # Other open files and cached stat results still hold the old size.
@@ -703,7 +734,7 @@ class Operations(pyfuse3.Operations):
 
     # What this filesystem never allows, or not yet
 
-    @handler("symlink")
+    @handler("symlink", names=2)
     async def symlink(
         self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
@@ -714,7 +745,8 @@ class Operations(pyfuse3.Operations):
         if isinstance(node, VmNode) and node.entry == VmEntry.DIR:
             raise refuse(
                 errno.EINVAL,
-                "template links are not available in this version of vmtreefs",
+                "symlinks inside a VM directory are not allowed "
+                "(template links come in a later version)",
             )
         raise refuse(errno.EPERM, "symlinks can only be made at the top level (aliases)")
 
@@ -732,15 +764,19 @@ class Operations(pyfuse3.Operations):
 
     # Extended attributes: properties of VMs and volumes.
 
-    async def _property_values(self, inode: int) -> dict[str, str] | None:
-        """Every property of a VM directory or volume, or None for other entries."""
+    async def _property_values(self, inode: int, wanted: str) -> dict[str, str] | None:
+        """The properties of a VM directory or volume, or None for other entries.
+
+        ``usage`` asks the engine about every extent, so it is measured only when wanted.
+        """
         node = self._node(inode)
         if isinstance(node, VmNode) and node.entry == VmEntry.DIR:
             vm = self._vm(node.vm_id)
             values = {name: vm.props.get(name, p.default) for name, p in VM_PROPERTIES.items()}
             values["created"] = f"{vm.created:.6f}"
             values["id"] = str(vm.id)
-            values["usage"] = str(await self.tree.vm_usage(vm.id))
+            if wanted == "usage":
+                values["usage"] = str(await self.tree.vm_usage(vm.id))
             return values
         if isinstance(node, VolumeNode):
             _, volume = self._volume(node.volume_id)
@@ -758,9 +794,12 @@ class Operations(pyfuse3.Operations):
 
     @handler("getxattr", quiet=frozenset({errno.ENODATA}))
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        values = await self._property_values(inode)
         text = os.fsdecode(name)
-        if values is None or not text.startswith(properties.PREFIX):
+        if not text.startswith(properties.PREFIX):  # ls -l asks for ACLs and SELinux labels
+            self._node(inode)
+            raise refuse(pyfuse3.ENOATTR, f"no attribute {text!r}")
+        values = await self._property_values(inode, text.removeprefix(properties.PREFIX))
+        if values is None:
             raise refuse(pyfuse3.ENOATTR, f"no attribute {text!r}")
         value = values.get(text[len(properties.PREFIX) :])
         if value is None:
@@ -774,7 +813,9 @@ class Operations(pyfuse3.Operations):
             table = VM_PROPERTIES
         elif isinstance(node, VolumeNode):
             table = VOLUME_PROPERTIES
-        prop = properties.lookup(table, name) if table is not None else None
+        if table is None:
+            raise refuse(errno.ENOTSUP, "only VM directories and volumes have properties")
+        prop = properties.lookup(table, name)
         if prop is None:
             raise properties.unknown(name)
         return node, prop
@@ -798,7 +839,8 @@ class Operations(pyfuse3.Operations):
         if not prop.writable:
             properties.check_value(prop, b"")  # the read-only refusal
         if isinstance(node, VolumeNode):
-            await self.tree.set_volume_policy(node.volume_id, prop.default)
+            _, volume = self._volume(node.volume_id)
+            await self.tree.set_volume_policy(node.volume_id, default_policy(volume.name))
         elif isinstance(node, VmNode):
             await self.tree.set_property(node.vm_id, prop.name, None)
             self.invalidate_volumes_later(node.vm_id)

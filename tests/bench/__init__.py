@@ -1,0 +1,1 @@
+"""Benchmarks: programs run by hand (``python -m tests.bench.NAME``), not collected by pytest."""
