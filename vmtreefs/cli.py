@@ -53,7 +53,9 @@ def cmd_init(args: argparse.Namespace) -> int:
     lock = SourceLock(source)
     lock.acquire(None)
     try:
-        store, reason = initialise(source, args.engine, parse_size(args.size))
+        store, reason = initialise(
+            source, args.engine, parse_size(args.size), args.data, args.metadata
+        )
         store.close()
     finally:
         lock.release(remove=not is_initialised(source))
@@ -180,7 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p_init = sub.add_parser("init", help="make SOURCE a new, empty tree")
     p_init.add_argument("source")
-    p_init.add_argument("--engine", default="auto", choices=["auto", "reflink"])
+    p_init.add_argument("--engine", default="auto", choices=["auto", "reflink", "dm-thin"])
+    p_init.add_argument("--data", help="dm-thin: an existing block device for the pool's data")
+    p_init.add_argument("--metadata", help="dm-thin: an existing block device for its metadata")
     p_init.add_argument("--size", default="20G", help="pool size where an image is made (20G)")
     p_init.set_defaults(func=cmd_init)
 
@@ -193,7 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
         dest="options",
         action="append",
         default=[],
-        help="allow_other, engine=auto|reflink, size=20G (for an empty SOURCE), debug",
+        help="allow_other, debug; for an empty SOURCE: engine=auto|reflink|dm-thin, size=20G, "
+        "data=DEV,metadata=DEV (dm-thin on given devices)",
     )
     p_mount.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     p_mount.set_defaults(func=cmd_mount)

@@ -33,7 +33,7 @@ IGNORED_OPTIONS = frozenset(
 )
 
 
-ENGINE_CHOICES = ("auto", "reflink")
+ENGINE_CHOICES = ("auto", "reflink", "dm-thin")
 
 
 @dataclass
@@ -41,6 +41,8 @@ class MountOptions:
     engine: str = "auto"
     size: int = 20 * 1024**3
     debug: bool = False
+    data_device: str | None = None
+    metadata_device: str | None = None
     fuse: set[str] = field(default_factory=set)
 
 
@@ -58,6 +60,10 @@ def parse_mount_options(groups: list[str]) -> MountOptions:
                 options.engine = value
             elif key == "size" and value:
                 options.size = parse_size(value)
+            elif key == "data" and value:
+                options.data_device = value
+            elif key == "metadata" and value:
+                options.metadata_device = value
             elif key == "debug" and not value:
                 options.debug = True
             elif key in FUSE_OPTIONS and not value:
@@ -87,7 +93,9 @@ def serve(source: Path, mountpoint: Path, options: MountOptions, ready_fd: int |
     lock = SourceLock(source)
     lock.acquire(mountpoint)
     try:
-        store, engine, reason = open_source(source, options.engine, options.size)
+        store, engine, reason = open_source(
+            source, options.engine, options.size, options.data_device, options.metadata_device
+        )
         try:
             log.info("engine: %s (%s)", engine.describe(), reason)
             tree = VmTree(store, engine)

@@ -30,6 +30,7 @@ OWN_NAMES = frozenset(
         LOG_NAME,
         "pool",
         "reflink.xfs",
+        "thin",
     }
 )
 META_ENGINE = "engine"
@@ -123,7 +124,13 @@ def check_empty(source: Path) -> None:
         )
 
 
-def initialise(source: Path, requested_engine: str, size: int) -> tuple[Store, str]:
+def initialise(
+    source: Path,
+    requested_engine: str,
+    size: int,
+    data_device: str | None = None,
+    metadata_device: str | None = None,
+) -> tuple[Store, str]:
     """Make SOURCE a new tree: choose the engine, record it, prepare its storage.
 
     The choice is recorded before the storage is prepared, so a crash in between
@@ -132,7 +139,7 @@ def initialise(source: Path, requested_engine: str, size: int) -> tuple[Store, s
     if is_initialised(source):
         raise VmtreeError(errno.EEXIST, f"SOURCE {source} is already a vmtreefs tree")
     check_empty(source)
-    config, reason = choose_engine(source, requested_engine, size)
+    config, reason = choose_engine(source, requested_engine, size, data_device, metadata_device)
     # The store names every VM: only the mounting user reads it (SQLite gives its
     # -wal and -shm files the same mode).
     os.close(os.open(source / STORE_NAME, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
@@ -145,8 +152,22 @@ def initialise(source: Path, requested_engine: str, size: int) -> tuple[Store, s
 
 
 def _prepare_engine(source: Path, store: Store, config: EngineConfig) -> None:
+    from vmtreefs.engine.dmthin import DmThinEngine
     from vmtreefs.engine.reflink import ReflinkEngine
 
+    if config.engine == "dmthin":
+        thin = source / "thin"
+        if thin.exists():  # an initialisation a crash interrupted: start it again
+            for leftover in thin.iterdir():
+                leftover.unlink()
+        DmThinEngine.initialise(
+            source,
+            config.layout,
+            config.image_size or 0,
+            config.options["pool"],
+            config.options.get("data"),
+            config.options.get("metadata"),
+        )
     if config.engine == "reflink":
         leftover = source / "reflink.xfs"
         if leftover.exists() and not os.path.ismount(source / "pool"):
@@ -157,7 +178,11 @@ def _prepare_engine(source: Path, store: Store, config: EngineConfig) -> None:
 
 
 def open_source(
-    source: Path, requested_engine: str = "auto", size: int = 20 * 1024**3
+    source: Path,
+    requested_engine: str = "auto",
+    size: int = 20 * 1024**3,
+    data_device: str | None = None,
+    metadata_device: str | None = None,
 ) -> tuple[Store, SnapshotEngine, str]:
     """Open (initialising when empty) SOURCE's store and engine; the engine is started."""
     if is_initialised(source):
@@ -172,7 +197,7 @@ def open_source(
             _prepare_engine(source, store, config)
         reason = f"engine recorded in {source / STORE_NAME}"
     else:
-        store, reason = initialise(source, requested_engine, size)
+        store, reason = initialise(source, requested_engine, size, data_device, metadata_device)
         config = EngineConfig.from_json(store.get_meta(META_ENGINE) or "")
     engine = make_engine(source, config)
     try:

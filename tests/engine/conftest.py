@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import secrets
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
 from tests.helpers.images import mounted_image
 from vmtreefs.engine.base import SnapshotEngine
+from vmtreefs.engine.dmthin import DmThinEngine
 from vmtreefs.engine.reflink import ReflinkEngine
+from vmtreefs.engine.select import dmthin_available
 
 
 @pytest.fixture
@@ -26,7 +32,10 @@ def ext4_dir() -> Iterator[Path]:
         yield mnt
 
 
-def _started(engine: ReflinkEngine) -> Iterator[ReflinkEngine]:
+E = TypeVar("E", bound=SnapshotEngine)
+
+
+def _started(engine: E) -> Iterator[E]:
     engine.start()
     try:
         yield engine
@@ -48,7 +57,25 @@ def reflink_image(ext4_dir: Path) -> Iterator[ReflinkEngine]:
     yield from _started(ReflinkEngine.initialise(ext4_dir, "xfs-image", 1 << 30))
 
 
-@pytest.fixture(params=["reflink_inplace", "reflink_image"])
+@pytest.fixture
+def dmthin() -> Iterator[DmThinEngine]:
+    """A started dm-thin engine on two sparse loop files, torn down and thin_check'ed after.
+
+    Skipped where the kernel has no dm-thin: ``tests/dmthin`` runs these same tests
+    inside a guest with a real dm-thin and fails if any of them is skipped there.
+    """
+    ok, why = dmthin_available()
+    if not ok:
+        pytest.skip(f"no dm-thin here ({why}); tests/dmthin runs this in a guest")
+    top = Path(tempfile.mkdtemp(prefix="vmtree-dmthin-", dir="/tmp"))
+    try:
+        engine = DmThinEngine.initialise(top, "loop-files", 512 << 20, secrets.token_hex(4))
+        yield from _started(engine)
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+
+
+@pytest.fixture(params=["reflink_inplace", "reflink_image", "dmthin"])
 def engine(request: pytest.FixtureRequest) -> SnapshotEngine:
     """Every engine under the contract tests; add new engines' fixtures to ``params``."""
     eng: SnapshotEngine = request.getfixturevalue(request.param)

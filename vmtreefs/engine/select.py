@@ -14,13 +14,16 @@ import fcntl
 import json
 import os
 import re
+import secrets
+import shutil
 import subprocess
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 from vmtreefs.engine.base import EngineError, SnapshotEngine
+from vmtreefs.engine.dmthin import DmThinEngine
 from vmtreefs.engine.reflink import (
     FICLONE,
     LAYOUTS,
@@ -29,7 +32,7 @@ from vmtreefs.engine.reflink import (
     filesystem_type,
 )
 
-ENGINES = ("auto", "reflink")
+ENGINES = ("auto", "reflink", "dm-thin")
 """What a user may ask for at init."""
 
 # Errors that mean "this filesystem (or this pair of files) cannot clone".
@@ -51,10 +54,16 @@ class EngineConfig:
     engine: str
     layout: str
     image_size: int | None
+    options: dict[str, str] = field(default_factory=dict)  # dm-thin: pool id, devices
 
     def to_json(self) -> str:
         return json.dumps(
-            {"engine": self.engine, "layout": self.layout, "image_size": self.image_size},
+            {
+                "engine": self.engine,
+                "layout": self.layout,
+                "image_size": self.image_size,
+                "options": self.options,
+            },
             sort_keys=True,
         )
 
@@ -72,7 +81,12 @@ class EngineConfig:
             raise EngineError(errno.EINVAL, f"engine config lacks engine or layout: {s!r}")
         if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size <= 0):
             raise EngineError(errno.EINVAL, f"engine config has a bad image_size: {size!r}")
-        return cls(engine=engine, layout=layout, image_size=size)
+        options = data.get("options", {})
+        if not isinstance(options, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in options.items()
+        ):
+            raise EngineError(errno.EINVAL, f"engine config has bad options: {s!r}")
+        return cls(engine=engine, layout=layout, image_size=size, options=options)
 
 
 def parse_size(text: str) -> int:
@@ -162,32 +176,56 @@ def _device_mapper_state() -> str:
 
 
 def dmthin_available() -> tuple[bool, str]:
-    """Whether ``auto`` may choose dm-thin, and why not; the dm-thin work switches this on."""
-    return False, f"dm-thin engine not implemented yet; {_device_mapper_state()}"
+    """Whether dm-thin can be used here: the thin-pool target loads and the tools are there."""
+    for tool in ("dmsetup", "thin_check", "thin_ls", "thin_metadata_size", "losetup"):
+        if shutil.which(tool) is None:
+            return False, f"{tool} is not installed (Debian: lvm2, thin-provisioning-tools)"
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        subprocess.run(["modprobe", "dm-thin-pool"], capture_output=True, timeout=60, check=False)
+    state = _device_mapper_state()
+    return state.endswith("thin-pool loaded") or state.endswith("thin-pool available"), state
 
 
-def choose_engine(source: Path, requested: str, size: int) -> tuple[EngineConfig, str]:
+def choose_engine(
+    source: Path,
+    requested: str,
+    size: int,
+    data_device: str | None = None,
+    metadata_device: str | None = None,
+) -> tuple[EngineConfig, str]:
     """The engine for a new SOURCE and a one-line reason why.
 
-    ``size`` is the pool size, used only when the choice makes a pool (an XFS image).
+    ``size`` is the pool size, used only when the choice makes a pool (loop files or
+    an XFS image). Given devices make a dm-thin pool on them.
     """
+    if requested == "dmthin":
+        requested = "dm-thin"
     if requested not in ENGINES:
-        extra = f" ({dmthin_available()[1]})" if requested in ("dmthin", "dm-thin") else ""
         raise EngineError(
-            errno.EINVAL,
-            f"unknown engine {requested!r}{extra}; expected one of {', '.join(ENGINES)}",
+            errno.EINVAL, f"unknown engine {requested!r}; expected one of {', '.join(ENGINES)}"
         )
     if not Path(source).is_dir():
         raise EngineError(errno.ENOENT, f"SOURCE {source} is not a directory")
+    if bool(data_device) != bool(metadata_device):
+        raise EngineError(errno.EINVAL, "give both data= and metadata= devices, or neither")
     auto_note = ""
-    if requested == "auto":
+    if requested in ("auto", "dm-thin") or data_device:
         ok, why = dmthin_available()
+        pool_id = secrets.token_hex(4)
+        if ok and data_device:
+            options = {"pool": pool_id, "data": data_device, "metadata": metadata_device or ""}
+            return (
+                EngineConfig("dmthin", "devices", None, options),
+                f"dm-thin on data {data_device} and metadata {metadata_device}: {why}",
+            )
         if ok:
             return (
-                EngineConfig(engine="dmthin", layout="loop-files", image_size=size),
+                EngineConfig("dmthin", "loop-files", size, {"pool": pool_id}),
                 f"dm-thin on {format_size(size)} of sparse loop files: {why}",
             )
-        auto_note = f" (auto: {why})"
+        if requested == "dm-thin" or data_device:
+            raise EngineError(errno.ENOTSUP, f"dm-thin is not usable here: {why}")
+        auto_note = f" (auto: dm-thin is not usable: {why})"
     fstype = filesystem_type(source)
     if supports_reflink(source):
         return (
@@ -209,6 +247,15 @@ def choose_engine(source: Path, requested: str, size: int) -> tuple[EngineConfig
 
 def make_engine(source: Path, config: EngineConfig) -> SnapshotEngine:
     """The (not yet started) engine a recorded config names."""
+    if config.engine == "dmthin":
+        return DmThinEngine(
+            source,
+            config.layout,
+            config.image_size or 0,
+            config.options.get("pool", ""),
+            config.options.get("data"),
+            config.options.get("metadata"),
+        )
     if config.engine == "reflink":
         if config.layout not in LAYOUTS:
             raise EngineError(errno.EINVAL, f"unknown reflink layout {config.layout!r}")
