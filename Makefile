@@ -31,7 +31,7 @@ APT_GET ?= $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export PIP_NO_INPUT := 1
 
-.PHONY: help deps deps-system venv run test lint bench install-mount-helper \
+.PHONY: help deps deps-system deps-guest venv run test test-guest lint bench install-mount-helper \
         uninstall-mount-helper clean
 
 help: ## list the targets
@@ -88,8 +88,14 @@ run: deps ## mount ./state at ./vms in the foreground (Ctrl-C or `.venv/bin/vmtr
 	  done ) &
 	$(BIN)/vmtreefs mount $(STATE) $(MNT) -f
 
-test: deps lint ## lint, then the test suite (pytest -q)
-	$(BIN)/python -m pytest -q
+test: deps lint ## lint, then the test suite (pytest -q), without the guest tests
+	$(BIN)/python -m pytest -q -m "not guest"
+
+deps-guest: venv ## kernel, QEMU, dm/thin tools and virtme-ng for the dm-thin guest tests
+	VENV=$(VENV) scripts/guest-deps.sh
+
+test-guest: deps deps-guest ## the dm-thin tests, in a virtme-ng guest with a real dm-thin (~15 min under TCG)
+	$(BIN)/python -m pytest -q -m guest tests/dmthin
 
 lint: deps ## ruff check, ruff format --check, mypy
 	$(BIN)/ruff check vmtreefs tests

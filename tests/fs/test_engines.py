@@ -35,7 +35,9 @@ def read_at(path: Path, size: int, offset: int) -> bytes:
         os.close(fd)
 
 
-@pytest.mark.parametrize("engine", ["reflink", "dm-thin"])
+@pytest.mark.parametrize(
+    "engine", [pytest.param("reflink", id="reflink"), pytest.param("dm-thin", id="dmthin")]
+)
 def test_the_user_story_on_every_engine(workdir: Path, engine: str) -> None:
     if engine == "dm-thin" and not dmthin_available()[0]:
         pytest.skip("no dm-thin in this kernel; tests/dmthin runs this in a guest")
