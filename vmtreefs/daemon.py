@@ -115,6 +115,7 @@ def serve(source: Path, mountpoint: Path, options: MountOptions, ready_fd: int |
                 trio.run(_run, ops, mountpoint, ready_fd)
             finally:
                 pyfuse3.close(unmount=True)
+                ops.close_all()
                 log.info("unmounted %s", mountpoint)
         finally:
             engine.stop()

@@ -631,6 +631,13 @@ class Operations(pyfuse3.Operations):
         fh = self._add_handle(VolumeHandle(opened))
         return pyfuse3.FileInfo(fh=fh), self._entry(inodes.volume_inode(volume.id))
 
+    def close_all(self) -> None:
+        """Close the files the kernel never released (it does not, after an unmount)."""
+        for handle in self.handles.values():
+            if isinstance(handle, VolumeHandle):
+                handle.volume.close()
+        self.handles.clear()
+
     def _add_handle(self, handle: Handle) -> int:
         fh = next(self._fh_counter)
         self.handles[fh] = handle
