@@ -746,6 +746,14 @@ class VmTree:
             f"pool_size: {usage.total_bytes}",
             f"pool_used: {usage.used_bytes}",
             f"pool_free: {usage.total_bytes - usage.used_bytes}",
+            *(
+                [
+                    f"metadata_size: {usage.metadata_total_bytes}",
+                    f"metadata_used: {usage.metadata_used_bytes}",
+                ]
+                if usage.metadata_total_bytes
+                else []
+            ),
             f"vms: {len(self.ns)}",
             f"volumes: {self.ns.volume_count()}",
             f"open_intents: {open_intents}",

@@ -46,6 +46,8 @@ def test_the_user_story_on_every_engine(workdir: Path, engine: str) -> None:
     try:
         status = tree.status()
         assert status["engine"] == engine.replace("-", "")
+        if engine == "dm-thin":
+            assert 0 < int(status["metadata_used"]) < int(status["metadata_size"])
         vms = tree.vms
         os.mkdir(vms / "origin")
         origin = vms / "origin" / "volumes" / "private.img"

@@ -24,6 +24,8 @@ class EngineError(VmtreeError):
 class PoolUsage:
     total_bytes: int
     used_bytes: int
+    metadata_total_bytes: int = 0  # engines with separate metadata (dm-thin)
+    metadata_used_bytes: int = 0
 
 
 class OpenVolume:

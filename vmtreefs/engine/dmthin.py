@@ -591,7 +591,13 @@ class DmThinEngine(SnapshotEngine):
     def usage(self) -> PoolUsage:
         status = self.status()
         block = BLOCK_SECTORS * SECTOR
-        return PoolUsage(status.data_total * block, status.data_used * block)
+        meta_block = 4096
+        return PoolUsage(
+            status.data_total * block,
+            status.data_used * block,
+            status.metadata_total * meta_block,
+            status.metadata_used * meta_block,
+        )
 
 
 class DmOpenVolume(OpenVolume):
