@@ -8,16 +8,7 @@ import subprocess
 import threading
 from pathlib import Path
 
-from tests.helpers.tree import Tree, listing
-
-
-def error_of(fn: object, *args: object) -> int:
-    try:
-        fn(*args)  # type: ignore[operator]
-    except OSError as e:
-        assert e.errno is not None
-        return e.errno
-    raise AssertionError(f"{fn} did not fail")
+from tests.helpers.tree import Tree, error_of, listing
 
 
 def test_ln_s_makes_an_alias_that_leads_to_the_vm(vms: Path) -> None:

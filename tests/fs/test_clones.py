@@ -7,16 +7,7 @@ import os
 import threading
 from pathlib import Path
 
-from tests.helpers.tree import Tree, head, listing
-
-
-def error_of(fn: object, *args: object) -> int:
-    try:
-        fn(*args)  # type: ignore[operator]
-    except OSError as e:
-        assert e.errno is not None
-        return e.errno
-    raise AssertionError(f"{fn} did not fail")
+from tests.helpers.tree import Tree, error_of, head, listing
 
 
 def write_at(path: Path, data: bytes, offset: int = 0) -> None:

@@ -11,16 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.tree import Tree, head, listing
+from tests.helpers.tree import Tree, error_of, head, listing
 
 GiB = 1024**3
-
-
-def error_of(fn: object, *args: object) -> int:
-    with pytest.raises(OSError) as info:
-        fn(*args)  # type: ignore[operator]
-    assert info.value.errno is not None
-    return info.value.errno
 
 
 def test_mkdir_makes_a_vm_with_the_default_layout(vms: Path) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.tree import Tree
+from tests.helpers.tree import Tree, error_of
 
 ALL = [
     "user.vmtree.immutable",
@@ -26,15 +26,6 @@ ALL = [
     "user.vmtree.id",
     "user.vmtree.usage",
 ]
-
-
-def error_of(fn: object, *args: object) -> int:
-    try:
-        fn(*args)  # type: ignore[operator]
-    except OSError as e:
-        assert e.errno is not None
-        return e.errno
-    raise AssertionError(f"{fn} did not fail")
 
 
 def test_getfattr_dumps_every_property(vms: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from tests.helpers.mounts import Daemon
@@ -52,3 +53,13 @@ def head(path: Path, size: int) -> bytes:
     """The first bytes of a file, without reading a multi-GiB volume to the end."""
     with open(path, "rb") as f:
         return f.read(size)
+
+
+def error_of(fn: Callable[..., object], *args: object) -> int:
+    """The errno a call fails with; a call that succeeds fails the test."""
+    try:
+        fn(*args)
+    except OSError as e:
+        assert e.errno is not None
+        return e.errno
+    raise AssertionError(f"{fn} did not fail")
