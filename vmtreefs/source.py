@@ -140,6 +140,12 @@ def initialise(
         raise VmtreeError(errno.EEXIST, f"SOURCE {source} is already a vmtreefs tree")
     check_empty(source)
     config, reason = choose_engine(source, requested_engine, size, data_device, metadata_device)
+    if config.engine == "dmthin":  # checked before the choice is recorded
+        from vmtreefs.engine.dmthin import DmThinEngine
+
+        DmThinEngine.check_request(
+            config.layout, config.image_size or 0, data_device, metadata_device
+        )
     # The store names every VM: only the mounting user reads it (SQLite gives its
     # -wal and -shm files the same mode).
     os.close(os.open(source / STORE_NAME, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))

@@ -77,7 +77,10 @@ def test_the_user_story_on_every_engine(workdir: Path, engine: str) -> None:
         status = tree.status()
         assert (status["inventory"], status["vms"], status["volumes"]) == ("ok", "1", "4")
     finally:
+        daemon = tree.daemon
         tree.unmount()
+    assert daemon is not None and daemon.process is not None
+    assert daemon.process.returncode == 0, daemon.log()  # thin_check after the teardown passed
     for name in ("data.img", "metadata.img"):
         pool_file = tree.source / "thin" / name
         if pool_file.exists():

@@ -166,6 +166,25 @@ class DmThinEngine(SnapshotEngine):
         return max(2 * step, -(-size // step) * step)
 
     @classmethod
+    def check_request(
+        cls,
+        layout: str,
+        data_size: int,
+        data_device: str | None = None,
+        metadata_device: str | None = None,
+    ) -> int:
+        """Refuse a pool that cannot be built, before anything is written; returns its data size."""
+        if layout == "loop-files":
+            if data_size < MIN_DATA_SIZE:
+                raise EngineError(
+                    errno.EINVAL, f"a dm-thin pool needs at least {MIN_DATA_SIZE} bytes of data"
+                )
+            return data_size
+        probe = cls(Path("/"), layout, 0, "probe", data_device, metadata_device)
+        probe._check_given_devices()
+        return probe.data_size
+
+    @classmethod
     def initialise(
         cls,
         source: Path,
@@ -219,7 +238,7 @@ class DmThinEngine(SnapshotEngine):
         data_bytes = int(run(["blockdev", "--getsize64", self.given_data or ""], "size data"))
         meta_bytes = int(run(["blockdev", "--getsize64", self.given_meta or ""], "size metadata"))
         needed = self.metadata_size(data_bytes)
-        if meta_bytes < min(needed, 16 * 1024 * 1024):
+        if meta_bytes < needed:
             raise EngineError(
                 errno.EINVAL,
                 f"metadata device {self.given_meta} has {meta_bytes} bytes; the pool needs "
@@ -276,6 +295,7 @@ class DmThinEngine(SnapshotEngine):
                 )
                 run(["dmsetup", "create", self.pool_name, "--table", table], "assemble pool")
                 log.info("assembled %s: %s", self.pool_name, table)
+            self._clear_stale_devices()
             status = self.status()
             if status.mode == "Fail":
                 raise EngineError(errno.EIO, f"pool {self.pool_name} has failed; run thin_check")
@@ -291,6 +311,16 @@ class DmThinEngine(SnapshotEngine):
                     "it is not this tree's pool",
                 )
             self._started = True
+
+    def _clear_stale_devices(self) -> None:
+        """Thin devices a killed daemon left active: remove the idle ones so they can be
+        activated afresh; one still open elsewhere (a running VM) stays and is reported."""
+        for name in self._our_devices():
+            try:
+                run(["dmsetup", "remove", name], f"remove stale {name}")
+                log.info("removed %s, left active by an earlier daemon", name)
+            except EngineError as e:
+                log.warning("%s stays active: %s", name, e.reason)
 
     def stop(self) -> None:
         """Remove idle thin devices and the pool, detach the loops, check the metadata."""
@@ -343,12 +373,14 @@ class DmThinEngine(SnapshotEngine):
         except ValueError as e:
             raise EngineError(errno.EINVAL, f"{self.state_file} is damaged: {e}") from None
         self._transaction = int(data.get("transaction", 0))
+        self.data_size = int(data.get("data_size", self.data_size))
         self._sizes = {int(k): int(v) for k, v in data.get("sizes", {}).items()}
 
     def _save_state(self) -> None:
         tmp = self.state_file.with_suffix(".tmp")
         data = {
             "transaction": self._transaction,
+            "data_size": self.data_size,
             "sizes": {str(k): v for k, v in self._sizes.items()},
         }
         fd = os.open(tmp, os.O_CREAT | os.O_TRUNC | os.O_WRONLY | os.O_CLOEXEC, 0o600)
