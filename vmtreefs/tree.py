@@ -287,18 +287,39 @@ class VmTree:
 
     async def create_vm(self, raw_name: str | bytes) -> Vm:
         plan = self.ns.plan_create_vm(raw_name)
+        sizes = ", ".join(f"{v.name} {format_bytes(v.size)}" for v in plan.volumes)
+        return await self._make_vm(plan.name, f"mkdir {plan.name}", plan.volumes, f": {sizes}")
+
+    async def _make_vm(
+        self,
+        name: str,
+        what: str,
+        specs: tuple[VolumeSpec, ...],
+        detail: str = "",
+        sources: tuple[int, ...] | None = None,
+        origin_id: int | None = None,
+        props: dict[str, str] | None = None,
+        reparent: tuple[int, ...] = (),
+    ) -> Vm:
+        """Make the volumes (new, or snapshots of ``sources``), then record the VM.
+
+        ``name`` is reserved by the caller's plan; it is given back on failure, and
+        nothing made in the engine outlives a failure.
+        """
+        props = dict(props or {})
         try:
-            intent, ids = await self._create_volumes(f"mkdir {plan.name}", plan.volumes)
+            intent, ids = await self._create_volumes(what, specs, sources)
 
             def commit() -> tuple[int, float, float]:
                 with self.store.transaction() as tx:
                     created = time.time()
-                    vm_id = tx.insert_vm(plan.name, created)
-                    for vol_id, spec in zip(ids, plan.volumes, strict=True):
+                    vm_id = tx.insert_vm(name, created, origin_id, props)
+                    for vol_id, spec in zip(ids, specs, strict=True):
                         tx.insert_volume(vol_id, vm_id, spec.name, spec.size, spec.policy, created)
+                    for child in reparent:
+                        tx.set_vm_origin(child, vm_id)
                     tx.complete_intent(intent)
-                    t = self._noted(tx, f"mkdir {plan.name}")
-                return vm_id, created, t
+                    return vm_id, created, self._noted(tx, what)
 
             try:
                 vm_id, created, t = await in_thread(commit)
@@ -307,17 +328,15 @@ class VmTree:
                     await self._undo_creation(intent, ids)
                 raise
         except BaseException:
-            self.ns.release(plan.name)
+            self.ns.release(name)
             raise
-        vm = Vm(vm_id, plan.name, created)
-        for vol_id, spec in zip(ids, plan.volumes, strict=True):
+        vm = Vm(vm_id, name, created, origin_id, props)
+        for vol_id, spec in zip(ids, specs, strict=True):
             vm.volumes[spec.name] = Volume(vol_id, spec.name, spec.size, spec.policy, created)
         self.ns.add_vm(vm)
-        self._announce(
-            f"mkdir {vm.name}: "
-            + ", ".join(f"{s.name} {format_bytes(s.size)}" for s in plan.volumes),
-            t,
-        )
+        for child in reparent:
+            self.ns.set_origin(child, vm.id)
+        self._announce(what + detail, t)
         return vm
 
     async def delete_vm(self, vm_id: int) -> None:
@@ -369,42 +388,15 @@ class VmTree:
         async with self._locked(source_id) as source:
             plan = self.ns.plan_clone(source.name, raw_new, replace)
             verb = "clone --replace" if replace else "clone"
-            what = f"{verb} {source.name} {plan.name}"
-            specs = tuple(spec for _, spec in plan.volumes)
-            sources = tuple(src for src, _ in plan.volumes)
-            try:
-                intent, ids = await self._create_volumes(what, specs, sources)
-
-                def commit() -> tuple[int, float, float]:
-                    with self.store.transaction() as tx:
-                        created = time.time()
-                        vm_id = tx.insert_vm(plan.name, created, plan.source_id, plan.props)
-                        for vol_id, spec in zip(ids, specs, strict=True):
-                            tx.insert_volume(
-                                vol_id, vm_id, spec.name, spec.size, spec.policy, created
-                            )
-                        for child in plan.reparent:
-                            tx.set_vm_origin(child, vm_id)
-                        tx.complete_intent(intent)
-                        return vm_id, created, self._noted(tx, what)
-
-                try:
-                    vm_id, created, t = await in_thread(commit)
-                except BaseException:
-                    with trio.CancelScope(shield=True):
-                        await self._undo_creation(intent, ids)
-                    raise
-            except BaseException:
-                self.ns.release(plan.name)
-                raise
-            vm = Vm(vm_id, plan.name, created, plan.source_id, dict(plan.props))
-            for vol_id, spec in zip(ids, specs, strict=True):
-                vm.volumes[spec.name] = Volume(vol_id, spec.name, spec.size, spec.policy, created)
-            self.ns.add_vm(vm)
-            for child in plan.reparent:
-                self.ns.set_origin(child, vm.id)
-            self._announce(what, t)
-            return vm
+            return await self._make_vm(
+                plan.name,
+                f"{verb} {source.name} {plan.name}",
+                tuple(spec for _, spec in plan.volumes),
+                sources=tuple(src for src, _ in plan.volumes),
+                origin_id=plan.source_id,
+                props=plan.props,
+                reparent=plan.reparent,
+            )
 
     # Aliases
 
