@@ -22,14 +22,13 @@ import json
 import logging
 import os
 import re
-import subprocess
 import threading
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
 from vmtreefs.engine.base import EngineError, OpenVolume, PoolUsage, SnapshotEngine
+from vmtreefs.engine.tools import run
 
 log = logging.getLogger("vmtreefs.engine.dmthin")
 
@@ -44,41 +43,6 @@ MAX_THIN_DEVICES = 10000  # sizes the metadata (thin_metadata_size -m)
 LOW_WATER_PERCENT = 10
 MIN_DATA_SIZE = 64 * 1024 * 1024
 MAX_ID = (1 << 24) - 1  # thin device ids are 24 bits
-_COMMAND_TIMEOUT = 300.0
-
-
-def run(argv: Sequence[str], what: str, input_text: str | None = None) -> str:
-    """Run a device-mapper tool; a failure is an EngineError with the tool's own words."""
-    try:
-        done = subprocess.run(
-            list(argv),
-            capture_output=True,
-            text=True,
-            timeout=_COMMAND_TIMEOUT,
-            input=input_text,
-            check=False,
-        )
-    except FileNotFoundError:
-        raise EngineError(errno.ENOENT, f"{what}: {argv[0]} is not installed") from None
-    except subprocess.TimeoutExpired:
-        raise EngineError(errno.ETIMEDOUT, f"{what}: {argv[0]} did not finish") from None
-    if done.returncode != 0:
-        detail = (done.stderr or done.stdout).strip().replace("\n", "; ")
-        raise EngineError(_errno_of(detail), f"{what}: {detail or f'exit {done.returncode}'}")
-    return done.stdout
-
-
-def _errno_of(message: str) -> int:
-    lowered = message.lower()
-    if "no space" in lowered or "out of data space" in lowered:
-        return errno.ENOSPC
-    if "no data available" in lowered or "does not exist" in lowered or "not found" in lowered:
-        return errno.ENOENT
-    if "file exists" in lowered or "already exists" in lowered:
-        return errno.EEXIST
-    if "busy" in lowered:
-        return errno.EBUSY
-    return errno.EIO
 
 
 @dataclass(frozen=True)

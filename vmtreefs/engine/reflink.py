@@ -17,14 +17,14 @@ import fcntl
 import os
 import re
 import secrets
-import subprocess
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
 from vmtreefs.engine import fiemap
 from vmtreefs.engine.base import EngineError, OpenVolume, PoolUsage, SnapshotEngine
+from vmtreefs.engine.tools import run
 
 FICLONE = 0x40049409
 """``_IOW(0x94, 9, int)``: clone all of the source file's extents into the destination."""
@@ -37,7 +37,6 @@ XFS_MIN_IMAGE_SIZE = 300 * 1024 * 1024
 
 _VOL_RE = re.compile(r"vol-(0|[1-9][0-9]*)\.img")
 _TMP_PREFIX = ".tmp-vol-"
-_COMMAND_TIMEOUT = 300.0
 
 
 @dataclass(frozen=True)
@@ -95,27 +94,7 @@ def filesystem_type(path: Path) -> str:
     return mount_of(path).fstype
 
 
-def run_command(argv: Sequence[str]) -> str:
-    """Run a system tool; a failure becomes EIO with the tool's own words in the reason."""
-    cmd = " ".join(argv)
-    try:
-        done = subprocess.run(
-            list(argv),
-            check=True,
-            capture_output=True,
-            text=True,
-            timeout=_COMMAND_TIMEOUT,
-        )
-    except FileNotFoundError as e:
-        raise EngineError(errno.EIO, f"{argv[0]} not found: cannot run '{cmd}'") from e
-    except subprocess.TimeoutExpired as e:
-        raise EngineError(errno.EIO, f"'{cmd}' timed out after {e.timeout:.0f} s") from e
-    except subprocess.CalledProcessError as e:
-        detail = (e.stderr or e.stdout or "").strip() or "no message"
-        raise EngineError(
-            errno.EIO, f"'{cmd}' failed with exit status {e.returncode}: {detail}"
-        ) from e
-    return done.stdout
+run_command = run  # the engine's tools all go through one wrapper
 
 
 def loop_devices_of(image: Path) -> list[str]:
