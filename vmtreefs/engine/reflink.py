@@ -334,45 +334,48 @@ class ReflinkEngine(SnapshotEngine):
             raise _error(e, f"delete volume {vol_id}") from e
         _fsync_dir(self.pool)
 
+    def _change_file(self, vol_id: int, what: str, change: Callable[[int], None]) -> None:
+        """Open a volume's file for writing, ``change`` it, close it; errors name ``what``."""
+        try:
+            fd = os.open(self.path(vol_id), os.O_WRONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise _error(e, what) from e
+        try:
+            change(fd)
+        except OSError as e:
+            raise _error(e, what) from e
+        finally:
+            os.close(fd)
+
     def discard(self, vol_id: int, size: int) -> None:
         """Drop every block (shared ones stay with the snapshots that hold them)."""
         self._require_started()
         what = f"discard volume {vol_id}"
         if size < 0:
             raise EngineError(errno.EINVAL, f"{what}: negative size")
-        try:
-            fd = os.open(self.path(vol_id), os.O_WRONLY | os.O_CLOEXEC)
-        except OSError as e:
-            raise _error(e, what) from e
-        try:
+
+        def empty(fd: int) -> None:
             os.ftruncate(fd, 0)
             os.ftruncate(fd, size)
             os.fsync(fd)
-        except OSError as e:
-            raise _error(e, what) from e
-        finally:
-            os.close(fd)
+
+        self._change_file(vol_id, what, empty)
 
     def resize(self, vol_id: int, new_size: int) -> None:
         self._require_started()
         what = f"resize volume {vol_id} to {new_size} bytes"
         if new_size < 0:
             raise EngineError(errno.EINVAL, f"{what}: negative size")
-        try:
-            fd = os.open(self.path(vol_id), os.O_WRONLY | os.O_CLOEXEC)
-        except OSError as e:
-            raise _error(e, what) from e
-        try:
+
+        def grow(fd: int) -> None:
             current = os.fstat(fd).st_size
             if new_size < current:
                 raise EngineError(errno.EINVAL, f"{what}: volumes only grow (now {current})")
             if new_size > current:
                 os.ftruncate(fd, new_size)
                 os.fsync(fd)
-        except OSError as e:
-            raise _error(e, what) from e
-        finally:
-            os.close(fd)
+
+        self._change_file(vol_id, what, grow)
 
     def size(self, vol_id: int) -> int:
         self._require_started()
