@@ -159,13 +159,10 @@ class DmThinEngine(SnapshotEngine):
         metadata_device: str | None = None,
     ) -> DmThinEngine:
         """Prepare a new, empty pool; returns the engine, not started."""
+        data_size = cls.check_request(layout, data_size, data_device, metadata_device)
         engine = cls(source, layout, data_size, pool_id, data_device, metadata_device)
         engine.dir.mkdir(exist_ok=True)
         if layout == "loop-files":
-            if data_size < MIN_DATA_SIZE:
-                raise EngineError(
-                    errno.EINVAL, f"a dm-thin pool needs at least {MIN_DATA_SIZE} bytes of data"
-                )
             for path, size in (
                 (engine.data_file, data_size),
                 (engine.meta_file, cls.metadata_size(data_size)),
@@ -177,7 +174,6 @@ class DmThinEngine(SnapshotEngine):
                 finally:
                     os.close(fd)
         else:
-            engine._check_given_devices()
             # A new pool starts from zeroed metadata: the kernel then formats it.
             with open(engine.given_meta or "", "r+b") as f:
                 f.write(bytes(4096))
