@@ -31,7 +31,7 @@ APT_GET ?= $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export PIP_NO_INPUT := 1
 
-.PHONY: help deps deps-system deps-guest venv run test test-guest lint bench install-mount-helper \
+.PHONY: help deps deps-system deps-guest venv run test test-guest lint bench bench-dmthin install-mount-helper \
         uninstall-mount-helper clean
 
 help: ## list the targets
@@ -104,6 +104,9 @@ lint: deps ## ruff check, ruff format --check, mypy
 
 bench: deps ## benchmarks (tests/bench), side by side with the raw operations; as root
 	$(BIN)/python -m tests.bench.clone
+
+bench-dmthin: deps deps-guest ## dm-thin clones: vmtreefs vs dmsetup vs ioctl vs lvcreate (in the guest where needed)
+	$(BIN)/python -m tests.bench.dmthin_clone
 
 install-mount-helper: ## install mount/mount.fuse.vmtreefs as /sbin/mount.fuse.vmtreefs (mount -t fuse.vmtreefs)
 	@if [ ! -x "$(VMTREEFS)" ]; then \

@@ -28,7 +28,7 @@ VM_COMMANDS = frozenset(
         "clone",
     }
 )
-GLOBAL_COMMANDS = frozenset({"gc"})
+GLOBAL_COMMANDS = frozenset({"gc", "grow-pool"})
 
 
 @dataclass(frozen=True)

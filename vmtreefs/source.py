@@ -171,6 +171,7 @@ def _prepare_engine(source: Path, store: Store, config: EngineConfig) -> None:
             config.layout,
             config.image_size or 0,
             config.options["pool"],
+            store,
             config.options.get("data"),
             config.options.get("metadata"),
         )
@@ -205,7 +206,7 @@ def open_source(
     else:
         store, reason = initialise(source, requested_engine, size, data_device, metadata_device)
         config = EngineConfig.from_json(store.get_meta(META_ENGINE) or "")
-    engine = make_engine(source, config)
+    engine = make_engine(source, config, store)
     try:
         engine.start()
     except BaseException:

@@ -24,7 +24,7 @@ import re
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,6 +126,20 @@ WHEN EXISTS (SELECT 1 FROM vms WHERE name = NEW.name)
 BEGIN
     SELECT RAISE(ABORT, 'a VM has that name');
 END;
+"""
+
+# What an engine keeps beside its storage, in the same file as the intent journal:
+# for dm-thin the pool's transaction id, the change under way and the volume sizes
+# (a thin device has no size of its own). See engine/dmthin.py.
+_SCHEMA_V3 = """
+CREATE TABLE engine_meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE engine_volumes (
+    id INTEGER PRIMARY KEY,
+    size INTEGER NOT NULL CHECK (size >= 0)
+);
 """
 
 
@@ -557,6 +571,30 @@ class Txn:
             "prune completed intents",
         )
 
+    def set_engine_state(
+        self, meta: Mapping[str, str | None], sizes: Mapping[int, int | None]
+    ) -> None:
+        for key, value in meta.items():
+            if value is None:
+                self._run("DELETE FROM engine_meta WHERE key = ?", (key,), "engine state")
+            else:
+                self._run(
+                    "INSERT INTO engine_meta (key, value) VALUES (?, ?) "
+                    "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                    (key, value),
+                    "engine state",
+                )
+        for vol_id, size in sizes.items():
+            if size is None:
+                self._run("DELETE FROM engine_volumes WHERE id = ?", (vol_id,), "engine state")
+            else:
+                self._run(
+                    "INSERT INTO engine_volumes (id, size) VALUES (?, ?) "
+                    "ON CONFLICT (id) DO UPDATE SET size = excluded.size",
+                    (vol_id, size),
+                    "engine state",
+                )
+
     # Miscellany
 
     def set_meta(self, key: str, value: str) -> None:
@@ -582,7 +620,7 @@ class Store:
     """The open metadata store. Every method blocks; call it from a worker thread."""
 
     #: MIGRATIONS[i] takes the schema from version i to i + 1.
-    MIGRATIONS: ClassVar[tuple[str, ...]] = (_SCHEMA_V1, _SCHEMA_V2)
+    MIGRATIONS: ClassVar[tuple[str, ...]] = (_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3)
     SCHEMA_VERSION: ClassVar[int] = len(MIGRATIONS)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -800,6 +838,23 @@ class Store:
         with self._reading() as conn:
             row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return None if row is None else str(row[0])
+
+    # The engine's ledger (EngineLedger in engine/base.py)
+
+    def load_engine_state(self) -> tuple[dict[str, str], dict[int, int]]:
+        with self._reading() as conn:
+            meta = {str(k): str(v) for k, v in conn.execute("SELECT key, value FROM engine_meta")}
+            sizes = {int(i): int(n) for i, n in conn.execute("SELECT id, size FROM engine_volumes")}
+        return meta, sizes
+
+    def save_engine_state(
+        self,
+        meta: Mapping[str, str | None] | None = None,
+        sizes: Mapping[int, int | None] | None = None,
+    ) -> None:
+        """Change some keys and sizes in one commit; None deletes one."""
+        with self.transaction() as tx:
+            tx.set_engine_state(meta or {}, sizes or {})
 
     def recent_events(self, limit: int = 100) -> list[tuple[float, str]]:
         """The newest ``limit`` events, oldest first (insertion order, whatever the clock did)."""

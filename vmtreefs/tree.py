@@ -29,6 +29,7 @@ import trio
 from vmtreefs import model
 from vmtreefs.commands import Command
 from vmtreefs.engine.base import OpenVolume, SnapshotEngine
+from vmtreefs.engine.select import format_size, parse_size
 from vmtreefs.errors import VmtreeError
 from vmtreefs.model import Alias, Namespace, ReplaceAlias, Vm, Volume, VolumeSpec
 from vmtreefs.store import Intent, Store, Txn
@@ -142,10 +143,10 @@ class VmTree:
             elif intent.kind == "resize_volume":
                 vol_id, size = payload["volume_id"], payload["size"]
                 known = {v.id for v in self.store.load().volumes}
+                if vol_id in known and self.engine.size(vol_id) < size:
+                    self.engine.resize(vol_id, size)
                 with self.store.transaction() as tx:
                     if vol_id in known:
-                        if self.engine.size(vol_id) < size:
-                            self.engine.resize(vol_id, size)
                         tx.set_volume_size(vol_id, size)
                     tx.complete_intent(intent.id)
                 report.rolled_forward.append(what)
@@ -554,6 +555,19 @@ class VmTree:
                 raise VmtreeError(errno.EINVAL, "usage: gc")
             self._announce("gc: nothing to collect", time.time())
             return "nothing to collect"
+        if vm_id is None and command.verb == "grow-pool":
+            if len(command.args) > 1:
+                raise VmtreeError(errno.EINVAL, "usage: grow-pool [SIZE]")
+            wanted = parse_size(command.args[0]) if command.args else None
+            size = await in_thread(self.engine.grow_pool, wanted)
+            what = f"grew the pool to {format_size(size)}"
+
+            def note() -> float:
+                with self.store.transaction() as tx:
+                    return self._noted(tx, what)
+
+            self._announce(what, await in_thread(note))
+            return f"pool size {size}"
         vm = self.ns.get_by_id(vm_id) if vm_id is not None else None
         target = f"VM {vm.name!r}" if vm else "the tree"
         raise VmtreeError(

@@ -8,7 +8,14 @@ from pathlib import Path
 
 from tests.helpers.guest import GuestRunner, run_pytest
 
-DMTHIN_TESTS = ["tests/engine/test_reflink.py", "tests/fs/test_engines.py", "-k", "dmthin"]
+DMTHIN_TESTS = [
+    "tests/engine/test_reflink.py",
+    "tests/engine/test_dmthin.py",
+    "tests/fs/test_engines.py",
+    "tests/fs/test_dmthin_mount.py",
+    "-k",
+    "dmthin",
+]
 
 
 def test_dmthin_engine_in_a_real_kernel(guest: GuestRunner, shared_dir: Path) -> None:
@@ -17,9 +24,10 @@ def test_dmthin_engine_in_a_real_kernel(guest: GuestRunner, shared_dir: Path) ->
         results_dir=shared_dir,
         native=guest.native,
         timeout=3000,
+        memory="3G",  # the guest's /tmp lives in its memory, and the tests fill pools
         log_path=guest.log_dir / "dmthin-contract.log",
     )
     out = report.result.script_output
-    assert report.tests >= 20, out
+    assert report.tests >= 38, out
     assert (report.failures, report.errors, report.skipped) == (0, 0, 0), out
     assert report.result.returncode == 0, out

@@ -16,6 +16,7 @@ from vmtreefs.engine.base import SnapshotEngine
 from vmtreefs.engine.dmthin import DmThinEngine
 from vmtreefs.engine.reflink import ReflinkEngine
 from vmtreefs.engine.select import dmthin_available
+from vmtreefs.store import Store
 
 
 @pytest.fixture
@@ -69,8 +70,11 @@ def dmthin() -> Iterator[DmThinEngine]:
         pytest.skip(f"no dm-thin here ({why}); tests/dmthin runs this in a guest")
     top = Path(tempfile.mkdtemp(prefix="vmtree-dmthin-", dir="/tmp"))
     try:
-        engine = DmThinEngine.initialise(top, "loop-files", 512 << 20, secrets.token_hex(4))
-        yield from _started(engine)
+        with Store.open(top / "vmtree.db") as store:
+            engine = DmThinEngine.initialise(
+                top, "loop-files", 256 << 20, secrets.token_hex(4), store
+            )
+            yield from _started(engine)
     finally:
         shutil.rmtree(top, ignore_errors=True)
 

@@ -22,8 +22,16 @@ from vmtreefs.engine.select import (
     parse_size,
     supports_reflink,
 )
+from vmtreefs.store import Store
 
 GiB = 1 << 30
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    """A store to be the engines' ledger."""
+    with Store.open(tmp_path / "vmtree.db") as opened:
+        yield opened
 
 
 @contextmanager
@@ -50,7 +58,7 @@ DMTHIN_HERE = dmthin_available()[0]
 
 
 @pytest.mark.skipif(DMTHIN_HERE, reason="auto picks dm-thin where the kernel has it")
-def test_auto_on_xfs_is_inplace(xfs_dir: Path) -> None:
+def test_auto_on_xfs_is_inplace(xfs_dir: Path, store: Store) -> None:
     config, reason = choose_engine(xfs_dir, "auto", 20 * GiB)
     assert config == EngineConfig(engine="reflink", layout="inplace", image_size=None)
     assert reason.startswith(f"reflink in place: {xfs_dir} is on xfs, which supports FICLONE")
@@ -58,19 +66,19 @@ def test_auto_on_xfs_is_inplace(xfs_dir: Path) -> None:
     config, reason = choose_engine(xfs_dir, "reflink", 20 * GiB)
     assert config.layout == "inplace"
     assert "dm-thin" not in reason
-    engine = make_engine(xfs_dir, config)
+    engine = make_engine(xfs_dir, config, store)
     assert isinstance(engine, ReflinkEngine)
     assert engine.layout == "inplace"
 
 
 @pytest.mark.skipif(DMTHIN_HERE, reason="auto picks dm-thin where the kernel has it")
-def test_auto_on_ext4_is_an_xfs_image(ext4_dir: Path) -> None:
+def test_auto_on_ext4_is_an_xfs_image(ext4_dir: Path, store: Store) -> None:
     config, reason = choose_engine(ext4_dir, "auto", 20 * GiB)
     assert config == EngineConfig(engine="reflink", layout="xfs-image", image_size=20 * GiB)
     assert "ext4" in reason
     assert reason.startswith("reflink on a 20.0 GiB sparse XFS image:")
     assert "dm-thin is not usable" in reason
-    engine = make_engine(ext4_dir, config)
+    engine = make_engine(ext4_dir, config, store)
     assert isinstance(engine, ReflinkEngine)
     assert (engine.layout, engine.image_size) == ("xfs-image", 20 * GiB)
     # Choosing changes nothing in SOURCE.
@@ -110,13 +118,13 @@ def test_asking_for_dm_thin_without_it_is_enotsup(xfs_dir: Path) -> None:
         choose_engine(xfs_dir, "auto", 20 * GiB, "/dev/loop0", None)
 
 
-def test_make_engine_refuses_unknown_engines(tmp_path: Path) -> None:
+def test_make_engine_refuses_unknown_engines(tmp_path: Path, store: Store) -> None:
     with expect_errno(errno.EINVAL):
-        make_engine(tmp_path, EngineConfig("zfs", "pool", GiB))
+        make_engine(tmp_path, EngineConfig("zfs", "pool", GiB), store)
     with expect_errno(errno.EINVAL):
-        make_engine(tmp_path, EngineConfig("dmthin", "loop-files", GiB, {"pool": "Bad Id"}))
+        make_engine(tmp_path, EngineConfig("dmthin", "loop-files", GiB, {"pool": "Bad Id"}), store)
     with expect_errno(errno.EINVAL):
-        make_engine(tmp_path, EngineConfig("reflink", "zfs", None))
+        make_engine(tmp_path, EngineConfig("reflink", "zfs", None), store)
 
 
 @pytest.mark.parametrize(

@@ -7,23 +7,7 @@ import os
 import threading
 from pathlib import Path
 
-from tests.helpers.tree import Tree, error_of, head, listing
-
-
-def write_at(path: Path, data: bytes, offset: int = 0) -> None:
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        os.pwrite(fd, data, offset)
-    finally:
-        os.close(fd)
-
-
-def read_at(path: Path, size: int, offset: int = 0) -> bytes:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return os.pread(fd, size, offset)
-    finally:
-        os.close(fd)
+from tests.helpers.tree import Tree, error_of, head, listing, read_at, write_at
 
 
 def private(vms: Path, name: str) -> Path:

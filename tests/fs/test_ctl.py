@@ -77,3 +77,21 @@ def test_global_ctl(vms: Path) -> None:
             assert e.errno == errno.EINVAL
     finally:
         os.close(fd)
+
+
+def test_grow_pool_on_reflink_says_how_instead(tree: Tree) -> None:
+    fd = os.open(tree.vms / ".vmtree" / "ctl", os.O_RDWR)
+    try:
+        for command, expected in (
+            (b"grow-pool 8G\n", errno.ENOTSUP),
+            (b"grow-pool lots\n", errno.EINVAL),
+            (b"grow-pool 1G 2G\n", errno.EINVAL),
+        ):
+            try:
+                os.write(fd, command)
+                raise AssertionError(f"{command!r} was accepted")
+            except OSError as e:
+                assert e.errno == expected, command
+    finally:
+        os.close(fd)
+    assert "cannot grow its pool: grow its filesystem" in tree.log()

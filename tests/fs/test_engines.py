@@ -12,27 +12,10 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.images import loop_devices
-from tests.helpers.tree import Tree, head, listing
+from tests.helpers.tree import Tree, head, listing, read_at, write_at
 from vmtreefs.engine.select import dmthin_available
 
 MiB = 1024 * 1024
-
-
-def write_at(path: Path, data: bytes, offset: int) -> None:
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        os.pwrite(fd, data, offset)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def read_at(path: Path, size: int, offset: int) -> bytes:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return os.pread(fd, size, offset)
-    finally:
-        os.close(fd)
 
 
 @pytest.mark.parametrize(

@@ -41,12 +41,33 @@ class Tree:
         )
 
     def log(self) -> str:
-        return self.daemon.log() if self.daemon else ""
+        """Everything the daemons of this tree logged, also after they stopped."""
+        try:
+            return (self.vms.parent / f"{self.vms.name}.daemon.log").read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
 
 
 def listing(directory: Path) -> list[str]:
     """What `ls` shows: the names, sorted, without the hidden .vmtree."""
     return sorted(name for name in os.listdir(directory) if not name.startswith("."))
+
+
+def write_at(path: Path, data: bytes, offset: int = 0) -> None:
+    """pwrite into a file; the close syncs a volume, so a refused write fails here at the latest."""
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.pwrite(fd, data, offset)
+    finally:
+        os.close(fd)
+
+
+def read_at(path: Path, size: int, offset: int = 0) -> bytes:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.pread(fd, size, offset)
+    finally:
+        os.close(fd)
 
 
 def head(path: Path, size: int) -> bytes:

@@ -75,7 +75,7 @@ def run_child(
 
 
 def test_fresh_store_has_the_current_schema(store: Store, db: Path) -> None:
-    assert Store.SCHEMA_VERSION == len(Store.MIGRATIONS) == 2
+    assert Store.SCHEMA_VERSION == len(Store.MIGRATIONS) == 3
     assert store.pragma("user_version") == Store.SCHEMA_VERSION
     assert store.pragma("application_id") == APPLICATION_ID
     assert store.pragma("journal_mode") == "wal"
@@ -153,7 +153,7 @@ def test_pending_migrations_run_and_keep_data(db: Path) -> None:
         assert c.execute("SELECT count(*) FROM tags").fetchone() == (0,)
 
 
-def test_v1_store_upgrades_to_v2_in_place_keeping_its_data(db: Path) -> None:
+def test_v1_store_upgrades_to_current_in_place_keeping_its_data(db: Path) -> None:
     with V1Store.open(db) as s:
         with s.transaction() as tx:
             base = tx.insert_vm("base", 1.0, props={"template": "1"})
@@ -172,7 +172,8 @@ def test_v1_store_upgrades_to_v2_in_place_keeping_its_data(db: Path) -> None:
         assert c.execute("SELECT 1 FROM sqlite_master WHERE name = 'aliases'").fetchone() is None
 
     with Store.open(db) as s:
-        assert s.pragma("user_version") == 2
+        assert s.pragma("user_version") == Store.SCHEMA_VERSION
+        assert s.load_engine_state() == ({}, {})
         snap = s.load()
         assert [(v.id, v.name, v.created, v.origin_id, v.props) for v in snap.vms] == [
             (base, "base", 1.0, None, {"template": "1"}),
@@ -194,7 +195,7 @@ def test_v1_store_upgrades_to_v2_in_place_keeping_its_data(db: Path) -> None:
             alias = tx.insert_alias("latest", clone, None, 4.0)
         assert s.load().aliases == [AliasRow(alias, "latest", clone, None, False, 4.0)]
     with Store.open(db) as s:  # already current: opening again changes nothing
-        assert s.pragma("user_version") == 2
+        assert s.pragma("user_version") == Store.SCHEMA_VERSION
         assert [a.name for a in s.load().aliases] == ["latest"]
 
 
@@ -1121,3 +1122,14 @@ class StoreMachine(RuleBasedStateMachine):
 
 StoreMachine.TestCase.settings = settings(max_examples=25, stateful_step_count=25, deadline=None)
 test_store_matches_model = StoreMachine.TestCase
+
+
+def test_engine_state_sets_and_deletes_keys_and_sizes_in_one_commit(db: Path) -> None:
+    with Store.open(db) as s:
+        s.save_engine_state({"a": "1", "b": "2"}, {7: 512, 8: 1024})
+        s.save_engine_state({"a": None, "b": "3"}, {7: None, 8: 2048})
+    with Store.open(db) as s:  # durable across a reopen
+        assert s.load_engine_state() == ({"b": "3"}, {8: 2048})
+        with pytest.raises(VmtreeError):
+            s.save_engine_state({"c": "1"}, {9: -1})  # a bad size: the key is not kept either
+        assert s.load_engine_state() == ({"b": "3"}, {8: 2048})

@@ -9,15 +9,35 @@ refusal is an :class:`EngineError` carrying the errno the user should see.
 from __future__ import annotations
 
 import abc
+import errno
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Protocol
 
 from vmtreefs.errors import VmtreeError
 
 
 class EngineError(VmtreeError):
     """An engine refusal or failure; ``errno`` is what the user sees (ENOSPC, ENOENT, EEXIST...)."""
+
+
+class EngineLedger(Protocol):
+    """Where an engine keeps what its storage cannot record itself, durably and in the
+    same store as the intent journal (the store implements it): a crash between an
+    engine change and its record is then reconciled from one place."""
+
+    def load_engine_state(self) -> tuple[dict[str, str], dict[int, int]]:
+        """(keys, volume sizes) as last saved."""
+        ...
+
+    def save_engine_state(
+        self,
+        meta: Mapping[str, str | None] | None = None,
+        sizes: Mapping[int, int | None] | None = None,
+    ) -> None:
+        """Set or (with None) delete keys and sizes, all in one durable commit."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -104,6 +124,13 @@ class SnapshotEngine(abc.ABC):
     @abc.abstractmethod
     def usage(self) -> PoolUsage:
         """Pool capacity and bytes in use."""
+
+    def grow_pool(self, new_size: int | None) -> int:
+        """Make the pool bigger (``None``: to what its device now holds); returns the size."""
+        raise EngineError(
+            errno.ENOTSUP,
+            f"the {self.name} engine cannot grow its pool: grow its filesystem (docs/engines.md)",
+        )
 
     @abc.abstractmethod
     def exclusive_bytes(self, vol_id: int) -> int:

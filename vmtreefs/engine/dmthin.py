@@ -1,18 +1,25 @@
 """The dm-thin engine: volumes are thin devices of a raw dm-thin pool that vmtreefs manages.
 
 The pool is built from two sparse loop files in ``SOURCE/thin/`` (or from given
-block devices). Thin device ids are the store's volume ids. A thin device has
-no size of its own in the pool's metadata, so the engine keeps one small state
-file beside it (``SOURCE/thin/state.json``: sizes and the pool's transaction
-id), replaced atomically after every change.
+block devices). Thin device ids are the store's volume ids.
 
-Every message that changes the pool is followed by ``set_transaction_id``, and
-the state file records the id. At start a pool whose transaction id is neither
-the recorded one nor the next (a crash between message and state write) is not
+What the pool's metadata cannot say lives in the store, beside the intent
+journal (the :class:`EngineLedger`): the volume sizes (a thin device has none of
+its own) and the pool's transaction id. Docker's devicemapper driver is the
+precedent. Every message that changes the pool is bracketed:
+
+1. the ledger records the change as pending, with the transaction id it will bring;
+2. the message, then ``set_transaction_id`` old -> new;
+3. the ledger records the new id and size, and clears the pending change.
+
+At start, a pending change the pool already carries (its id is the new one) is
+recorded; one it does not (the old id) is rolled back: a created or snapshotted
+device is deleted again, a deletion is finished. A pool with any other id is not
 ours and is refused: vmtreefs never touches another program's pool.
 
 Devices are activated on demand as ``/dev/mapper/vmtree-<pool>-<id>`` and
-removed when the last open file lets go.
+removed when the last open file lets go. A watcher thread sleeps in ``dmsetup
+wait`` on the pool and logs when it passes its low-water mark or fills.
 """
 
 from __future__ import annotations
@@ -22,12 +29,20 @@ import json
 import logging
 import os
 import re
+import subprocess
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
-from vmtreefs.engine.base import EngineError, OpenVolume, PoolUsage, SnapshotEngine
+from vmtreefs.engine.base import (
+    EngineError,
+    EngineLedger,
+    OpenVolume,
+    PoolUsage,
+    SnapshotEngine,
+)
+from vmtreefs.engine.dmioctl import DmControl
 from vmtreefs.engine.tools import run
 
 log = logging.getLogger("vmtreefs.engine.dmthin")
@@ -36,17 +51,51 @@ LAYOUTS = ("loop-files", "devices")
 THIN_DIR = "thin"
 DATA_NAME = "data.img"
 META_NAME = "metadata.img"
-STATE_NAME = "state.json"
+LEGACY_STATE_NAME = "state.json"  # the ledger before it moved into the store
 SECTOR = 512
 BLOCK_SECTORS = 128  # 64 KiB pool blocks: LVM's default for thin pools
 MAX_THIN_DEVICES = 10000  # sizes the metadata (thin_metadata_size -m)
 LOW_WATER_PERCENT = 10
 MIN_DATA_SIZE = 64 * 1024 * 1024
 MAX_ID = (1 << 24) - 1  # thin device ids are 24 bits
+THIN_MAGIC = 27022010  # thin_disk_superblock.magic, a little-endian u64 at byte 32
+# Ledger keys
+TRANSACTION = "dmthin.transaction"
+DATA_SIZE = "dmthin.data_size"
+PENDING = "dmthin.pending"
+
+
+def check_block_device(role: str, path: str | None) -> None:
+    if not path or not Path(path).exists():
+        raise EngineError(errno.ENOENT, f"{role} device {path!r} does not exist")
+    if not Path(path).is_block_device():
+        raise EngineError(errno.EINVAL, f"{role} device {path} is not a block device")
+
+
+def check_no_thin_metadata(path: str) -> None:
+    with open(path, "rb") as f:
+        f.seek(32)
+        if int.from_bytes(f.read(8), "little") == THIN_MAGIC:
+            raise EngineError(
+                errno.EEXIST,
+                f"metadata device {path} already holds a dm-thin pool's metadata "
+                "(another program's?): vmtreefs will not format it (zero its first 4 KiB "
+                "if it is really free)",
+            )
+
+
+def backing_deleted(loop_device: str) -> bool:
+    """Whether the file behind a loop device was deleted (the kernel marks it so)."""
+    sysfs = Path("/sys/block") / Path(loop_device).name / "loop" / "backing_file"
+    try:
+        return sysfs.read_text().rstrip("\n").endswith("(deleted)")
+    except OSError:
+        return False
 
 
 @dataclass(frozen=True)
 class PoolStatus:
+    sectors: int  # the table's length: the data size the pool runs with
     transaction_id: int
     metadata_used: int  # blocks of 4 KiB
     metadata_total: int
@@ -61,10 +110,12 @@ class PoolStatus:
         if len(fields) < 8 or fields[2] != "thin-pool":
             raise EngineError(errno.EIO, f"unexpected thin-pool status {line.strip()!r}")
         if fields[3] == "Fail":
-            return cls(0, 0, 0, 0, 0, "Fail")
+            return cls(int(fields[1]), 0, 0, 0, 0, 0, "Fail")
         meta_used, meta_total = (int(x) for x in fields[4].split("/"))
         data_used, data_total = (int(x) for x in fields[5].split("/"))
-        return cls(int(fields[3]), meta_used, meta_total, data_used, data_total, fields[7])
+        return cls(
+            int(fields[1]), int(fields[3]), meta_used, meta_total, data_used, data_total, fields[7]
+        )
 
 
 class DmThinEngine(SnapshotEngine):
@@ -78,6 +129,7 @@ class DmThinEngine(SnapshotEngine):
         layout: str,
         data_size: int,
         pool_id: str,
+        ledger: EngineLedger,
         data_device: str | None = None,
         metadata_device: str | None = None,
     ) -> None:
@@ -92,13 +144,18 @@ class DmThinEngine(SnapshotEngine):
         self.dir = self.source / THIN_DIR
         self.data_file = self.dir / DATA_NAME
         self.meta_file = self.dir / META_NAME
-        self.state_file = self.dir / STATE_NAME
+        self.ledger = ledger
         self.given_data = data_device
         self.given_meta = metadata_device
         self.pool_name = f"vmtree-{pool_id}-pool"
         self.pool_path = f"/dev/mapper/{self.pool_name}"
         self._sizes: dict[int, int] = {}
         self._transaction = 0
+        self._broken: str | None = None  # why changes are refused until the next start
+        self._pending: dict[str, Any] | None = None  # a change a crash interrupted
+        self._loops: list[str] = []  # loop devices under the pool (loop-files layout)
+        self._watcher: PoolWatcher | None = None
+        self._dm = DmControl()  # pool messages and status without a process each
         self._users: dict[int, int] = {}  # open files per active device
         self._writable: set[int] = set()  # devices active read-write
         self._doomed: set[int] = set()  # deleted while open: removed at the last close
@@ -144,9 +201,7 @@ class DmThinEngine(SnapshotEngine):
                     errno.EINVAL, f"a dm-thin pool needs at least {MIN_DATA_SIZE} bytes of data"
                 )
             return data_size
-        probe = cls(Path("/"), layout, 0, "probe", data_device, metadata_device)
-        probe._check_given_devices()
-        return probe.data_size
+        return cls._check_given_devices(data_device, metadata_device)
 
     @classmethod
     def initialise(
@@ -155,12 +210,13 @@ class DmThinEngine(SnapshotEngine):
         layout: str,
         data_size: int,
         pool_id: str,
+        ledger: EngineLedger,
         data_device: str | None = None,
         metadata_device: str | None = None,
     ) -> DmThinEngine:
         """Prepare a new, empty pool; returns the engine, not started."""
         data_size = cls.check_request(layout, data_size, data_device, metadata_device)
-        engine = cls(source, layout, data_size, pool_id, data_device, metadata_device)
+        engine = cls(source, layout, data_size, pool_id, ledger, data_device, metadata_device)
         engine.dir.mkdir(exist_ok=True)
         if layout == "loop-files":
             for path, size in (
@@ -179,32 +235,46 @@ class DmThinEngine(SnapshotEngine):
                 f.write(bytes(4096))
                 f.flush()
                 os.fsync(f.fileno())
-        engine._save_state()
+        ledger.save_engine_state({TRANSACTION: "0", DATA_SIZE: str(data_size), PENDING: None})
         return engine
 
-    def _check_given_devices(self) -> None:
-        for role, path in (("data", self.given_data), ("metadata", self.given_meta)):
-            if not path or not Path(path).exists():
-                raise EngineError(errno.ENOENT, f"{role} device {path!r} does not exist")
-            if not Path(path).is_block_device():
-                raise EngineError(errno.EINVAL, f"{role} device {path} is not a block device")
+    @classmethod
+    def _check_given_devices(cls, data: str | None, metadata: str | None) -> int:
+        """Refuse devices that are missing, in use, too small or someone else's; returns
+        the data size."""
+        for role, path in (("data", data), ("metadata", metadata)):
+            check_block_device(role, path)
             try:
-                fd = os.open(path, os.O_RDONLY | os.O_EXCL)
+                fd = os.open(path or "", os.O_RDONLY | os.O_EXCL)
             except OSError as e:
                 raise EngineError(
                     errno.EBUSY, f"{role} device {path} is in use: {e.strerror}"
                 ) from None
             os.close(fd)
-        data_bytes = int(run(["blockdev", "--getsize64", self.given_data or ""], "size data"))
-        meta_bytes = int(run(["blockdev", "--getsize64", self.given_meta or ""], "size metadata"))
-        needed = self.metadata_size(data_bytes)
+            if role == "metadata":
+                check_no_thin_metadata(path or "")
+            found = run(["wipefs", "--noheadings", "--output", "TYPE", path or ""], "wipefs")
+            if found.split():
+                raise EngineError(
+                    errno.EEXIST,
+                    f"{role} device {path} holds {', '.join(found.split())}: vmtreefs will "
+                    "not overwrite it (wipefs -a it first if it is really free)",
+                )
+        data_bytes = int(run(["blockdev", "--getsize64", data or ""], "size data"))
+        meta_bytes = int(run(["blockdev", "--getsize64", metadata or ""], "size metadata"))
+        if data_bytes < MIN_DATA_SIZE:
+            raise EngineError(
+                errno.EINVAL,
+                f"data device {data} has {data_bytes} bytes; a pool needs at least {MIN_DATA_SIZE}",
+            )
+        needed = cls.metadata_size(data_bytes)
         if meta_bytes < needed:
             raise EngineError(
                 errno.EINVAL,
-                f"metadata device {self.given_meta} has {meta_bytes} bytes; the pool needs "
-                f"{needed}",
+                f"metadata device {metadata} has {meta_bytes} bytes; a pool of "
+                f"{data_bytes} bytes of data needs {needed}",
             )
-        self.data_size = data_bytes
+        return data_bytes
 
     def describe(self) -> str:
         where = (
@@ -224,53 +294,162 @@ class DmThinEngine(SnapshotEngine):
 
     def _devices(self) -> tuple[str, str]:
         if self.layout == "devices":
+            check_block_device("data", self.given_data)
+            check_block_device("metadata", self.given_meta)
             return self.given_data or "", self.given_meta or ""
         for path in (self.data_file, self.meta_file):
             if not path.is_file():
-                raise EngineError(errno.ENOENT, f"pool file {path} is missing")
-        return self._loop_of(self.data_file), self._loop_of(self.meta_file)
+                raise EngineError(
+                    errno.ENOENT,
+                    f"pool file {path} is missing: the pool cannot be assembled. If it was "
+                    "deleted while mounted, `losetup -l` still lists its loop device, marked "
+                    "(deleted): copy that device back to the file before mounting",
+                )
+        self._loops = [self._loop_of(self.data_file), self._loop_of(self.meta_file)]
+        return self._loops[0], self._loops[1]
 
     def _pool_active(self) -> bool:
         try:
-            run(["dmsetup", "status", self.pool_name], "pool status")
+            self._dm.status(self.pool_name, "pool status")
         except EngineError:
             return False
         return True
 
     def status(self) -> PoolStatus:
-        return PoolStatus.parse(run(["dmsetup", "status", self.pool_name], "pool status"))
+        lines = self._dm.status(self.pool_name, f"status of {self.pool_name}")
+        if len(lines) != 1:
+            raise EngineError(errno.EIO, f"{self.pool_name} has {len(lines)} targets, not 1")
+        return PoolStatus.parse(lines[0])
 
     def start(self) -> None:
         with self._lock:
+            self._broken = None
             self._load_state()
-            data_dev, meta_dev = self._devices()
-            self._meta_dev = meta_dev
+            self._data_dev, self._meta_dev = self._devices()
             if not self._pool_active():
-                sectors = self.data_size // SECTOR
-                blocks = sectors // BLOCK_SECTORS
-                low_water = max(1, blocks * LOW_WATER_PERCENT // 100)
-                table = (
-                    f"0 {sectors} thin-pool {meta_dev} {data_dev} {BLOCK_SECTORS} {low_water} "
-                    "1 error_if_no_space"
-                )
+                table = self._pool_table()
                 run(["dmsetup", "create", self.pool_name, "--table", table], "assemble pool")
                 log.info("assembled %s: %s", self.pool_name, table)
-            self._clear_stale_devices()
             status = self.status()
             if status.mode == "Fail":
                 raise EngineError(errno.EIO, f"pool {self.pool_name} has failed; run thin_check")
-            if status.transaction_id == self._transaction + 1:
-                log.warning("pool is one transaction ahead of %s: adopting it", self.state_file)
-                self._transaction = status.transaction_id
-                self._save_state()
-            elif status.transaction_id != self._transaction:
+            if self._pending is None and status.transaction_id != self._transaction:
+                raise self._foreign(status.transaction_id)  # before we touch anything
+            if status.sectors < self.data_size // SECTOR:
+                log.warning("finishing the growth of %s that a crash interrupted", self.pool_name)
+                self._reload_pool()
+            self._clear_stale_devices()
+            if self._pending is not None:
+                self._settle_pending(self._pending, status.transaction_id)
+            self._started = True
+            self._watcher = PoolWatcher(self)
+            self._watcher.start()
+
+    def _foreign(self, found: int) -> EngineError:
+        return EngineError(
+            errno.EINVAL,
+            f"pool {self.pool_name} carries transaction id {found}, not {self._transaction} "
+            "as the store records: it is not this tree's pool, or not as the store knows it; "
+            "vmtreefs leaves it alone",
+        )
+
+    def _settle_pending(self, pending: dict[str, Any], found: int) -> None:
+        """Finish or undo the change a crash interrupted (see the module docstring)."""
+        new, vol_id, size = int(pending["transaction"]), int(pending["volume"]), pending["size"]
+        action = str(pending["message"]).split()[0]
+        if found == new:
+            self._record(new, vol_id, size)
+            log.warning("recorded %r: the pool had it, the store not yet", pending["message"])
+        elif found == self._transaction and action in ("create_thin", "create_snap"):
+            self._delete_thin(vol_id)
+            self.ledger.save_engine_state({PENDING: None})
+            log.warning("rolled back %r that a crash interrupted", pending["message"])
+        elif found == self._transaction and action == "delete":
+            self._delete_thin(vol_id)
+            self._set_transaction(new)
+            self._record(new, vol_id, None)
+            log.warning("finished %r that a crash interrupted", pending["message"])
+        elif found == self._transaction:
+            raise EngineError(errno.EIO, f"unknown pending pool change {pending!r}")
+        else:
+            raise self._foreign(found)
+
+    def _delete_thin(self, vol_id: int) -> None:
+        """Delete a thin device from the pool if it is there."""
+        try:
+            self._dm.message(self.pool_name, f"delete {vol_id}", f"delete volume {vol_id}")
+        except EngineError as e:
+            if e.errno != errno.ENOENT:
+                raise
+
+    def _set_transaction(self, new: int) -> None:
+        self._dm.message(
+            self.pool_name,
+            f"set_transaction_id {self._transaction} {new}",
+            f"set pool transaction id {new}",
+        )
+
+    def _record(self, transaction: int, vol_id: int, size: int | None) -> None:
+        """The pool carries ``transaction``: write it, and the volume's new size, to the ledger."""
+        self.ledger.save_engine_state(
+            {TRANSACTION: str(transaction), PENDING: None}, {vol_id: size}
+        )
+        self._transaction = transaction
+        self._pending = None
+        if size is None:
+            self._sizes.pop(vol_id, None)
+        else:
+            self._sizes[vol_id] = size
+
+    def _pool_table(self) -> str:
+        sectors = self.data_size // SECTOR
+        low_water = max(1, sectors // BLOCK_SECTORS * LOW_WATER_PERCENT // 100)
+        return (
+            f"0 {sectors} thin-pool {self._meta_dev} {self._data_dev} {BLOCK_SECTORS} "
+            f"{low_water} 1 error_if_no_space"
+        )
+
+    def _reload_pool(self) -> None:
+        """Swap in a table for the recorded data size (the kernel grows the metadata's
+        record of the data device when the pool resumes)."""
+        table = self._pool_table()
+        run(["dmsetup", "reload", self.pool_name, "--table", table], "reload the pool")
+        run(["dmsetup", "resume", self.pool_name], "resume the pool")
+        log.info("reloaded %s: %s", self.pool_name, table)
+
+    def grow_pool(self, new_size: int | None) -> int:
+        """Grow the pool's data: the loop file to ``new_size``, or to the whole data device
+        after its owner grew it. Recorded before the table is reloaded, so a crash in
+        between is finished at the next start, never left as a pool shorter than its
+        metadata."""
+        with self._lock:
+            self._require_started()
+            if self.layout == "loop-files":
+                if new_size is None:
+                    raise EngineError(errno.EINVAL, "give the new size of the pool's data")
+                new_size -= new_size % (BLOCK_SECTORS * SECTOR)
+            else:
+                if new_size is not None:
+                    raise EngineError(
+                        errno.EINVAL, "a pool on a device takes its size from the device"
+                    )
+                new_size = int(run(["blockdev", "--getsize64", self._data_dev], "size data"))
+            if new_size <= self.data_size:
                 raise EngineError(
                     errno.EINVAL,
-                    f"pool {self.pool_name} carries transaction id {status.transaction_id}, "
-                    f"not {self._transaction} as recorded in {self.state_file}: "
-                    "it is not this tree's pool",
+                    f"the pool has {self.data_size} bytes of data; it only grows"
+                    + ("" if self.layout == "loop-files" else ": grow the data device first"),
                 )
-            self._started = True
+            if self.layout == "loop-files":
+                os.truncate(self.data_file, new_size)
+                run(["losetup", "-c", self._data_dev], f"refresh {self._data_dev}")
+            self.ledger.save_engine_state({DATA_SIZE: str(new_size)})
+            old, self.data_size = self.data_size, new_size
+            self._reload_pool()
+            log.info("grew pool %s from %d to %d bytes", self.pool_name, old, new_size)
+            if self._watcher is not None:
+                self._watcher.check()
+            return new_size
 
     def _clear_stale_devices(self) -> None:
         """Thin devices a killed daemon left active: remove the idle ones so they can be
@@ -286,21 +465,39 @@ class DmThinEngine(SnapshotEngine):
         """Remove idle thin devices and the pool, detach the loops, check the metadata."""
         with self._lock:
             self._started = False
+            if self._watcher is not None:
+                self._watcher.stop()
+                self._watcher = None
             for vol_id in list(self._users):
                 if self._users[vol_id] == 0:
                     self._deactivate(vol_id)
             if any(self._users.values()):
                 log.warning("pool %s stays up: volumes are still open", self.pool_name)
                 return
+            if any(backing_deleted(dev) for dev in self._loops):
+                steps = "; ".join(
+                    f"dd if={dev} of={path} bs=1M conv=sparse; losetup -d {dev}"
+                    for dev, path in zip(self._loops, (self.data_file, self.meta_file), strict=True)
+                )
+                log.error(
+                    "the pool's loop files in %s were deleted while mounted: pool %s stays "
+                    "assembled and its data lives only in %s until reboot. To keep it: "
+                    "dmsetup remove %s; %s; then mount again",
+                    self.dir,
+                    self.pool_name,
+                    " and ".join(self._loops),
+                    self.pool_name,
+                    steps,
+                )
+                return
             for name in self._our_devices():
                 run(["dmsetup", "remove", "--retry", name], f"remove {name}")
             if self._pool_active():
                 run(["dmsetup", "remove", "--retry", self.pool_name], "remove pool")
-            if self.layout == "loop-files":
-                for path in (self.data_file, self.meta_file):
-                    out = run(["losetup", "--noheadings", "-O", "NAME", "-j", str(path)], "loop")
-                    for dev in out.split():
-                        run(["losetup", "-d", dev], f"detach {dev}")
+            for dev in self._loops:
+                run(["losetup", "-d", dev], f"detach {dev}")
+            self._loops = []
+            self._dm.close()
             self.check_metadata()
 
     def check_metadata(self) -> str:
@@ -323,63 +520,89 @@ class DmThinEngine(SnapshotEngine):
         names = [line.split()[0] for line in out.splitlines() if line.strip()]
         return [n for n in names if n.startswith(prefix) and n != self.pool_name]
 
-    # The state file
+    # The ledger
 
     def _load_state(self) -> None:
+        meta, sizes = self.ledger.load_engine_state()
+        if TRANSACTION not in meta:
+            meta, sizes = self._import_legacy_state()
         try:
-            data = json.loads(self.state_file.read_text())
+            self._transaction = int(meta[TRANSACTION])
+            self.data_size = int(meta.get(DATA_SIZE, self.data_size))
+            self._pending = json.loads(meta[PENDING]) if PENDING in meta else None
+        except (KeyError, ValueError) as e:
+            raise EngineError(
+                errno.EINVAL, f"the store's record of the pool is damaged: {e}"
+            ) from None
+        self._sizes = sizes
+
+    def _import_legacy_state(self) -> tuple[dict[str, str], dict[int, int]]:
+        """Trees made before the ledger moved into the store kept it in thin/state.json."""
+        legacy = self.dir / LEGACY_STATE_NAME
+        try:
+            data = json.loads(legacy.read_text())
+            meta = {TRANSACTION: str(int(data["transaction"])), DATA_SIZE: str(data["data_size"])}
+            sizes = {int(k): int(v) for k, v in data.get("sizes", {}).items()}
         except FileNotFoundError:
-            raise EngineError(errno.ENOENT, f"{self.state_file} is missing") from None
-        except ValueError as e:
-            raise EngineError(errno.EINVAL, f"{self.state_file} is damaged: {e}") from None
-        self._transaction = int(data.get("transaction", 0))
-        self.data_size = int(data.get("data_size", self.data_size))
-        self._sizes = {int(k): int(v) for k, v in data.get("sizes", {}).items()}
+            raise EngineError(
+                errno.ENOENT, f"the store holds no record of pool {self.pool_name}"
+            ) from None
+        except (KeyError, TypeError, ValueError) as e:
+            raise EngineError(errno.EINVAL, f"{legacy} is damaged: {e}") from None
+        self.ledger.save_engine_state(meta, sizes)
+        legacy.rename(legacy.with_name(LEGACY_STATE_NAME + ".imported"))
+        log.info("moved the pool's record from %s into the store", legacy)
+        return meta, sizes
 
-    def _save_state(self) -> None:
-        tmp = self.state_file.with_suffix(".tmp")
-        data = {
-            "transaction": self._transaction,
-            "data_size": self.data_size,
-            "sizes": {str(k): v for k, v in self._sizes.items()},
-        }
-        fd = os.open(tmp, os.O_CREAT | os.O_TRUNC | os.O_WRONLY | os.O_CLOEXEC, 0o600)
-        try:
-            os.write(fd, json.dumps(data, sort_keys=True).encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.state_file)
-        dir_fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+    def _change(
+        self, message: str, what: str, vol_id: int, size: int | None, quiet: int | None = None
+    ) -> None:
+        """Change the pool by one message, bracketed in the ledger (see the module docstring).
 
-    def _change(self, message: str, what: str) -> None:
-        """Send a pool message and move the transaction id on with it."""
+        ``size`` is the volume's size afterwards (None: gone); ``quiet`` a volume
+        whose active device is suspended around the message.
+        """
         self._require_started()
-        run(["dmsetup", "message", self.pool_name, "0", message], what)
         new = self._transaction + 1
-        run(
-            [
-                "dmsetup",
-                "message",
-                self.pool_name,
-                "0",
-                f"set_transaction_id {self._transaction} {new}",
-            ],
-            f"{what}: set transaction id",
-        )
-        self._transaction = new
+        pending = {"transaction": new, "message": message, "volume": vol_id, "size": size}
+        self.ledger.save_engine_state({PENDING: json.dumps(pending)})
+        try:
+            if quiet is not None:
+                self._dm.suspend(self.device_name(quiet), f"{what}: suspend")
+            try:
+                self._dm.message(self.pool_name, message, what)
+            finally:
+                if quiet is not None:
+                    self._resume(quiet, what)
+        except EngineError:
+            if self._broken is None:  # the kernel refused: the pool is as it was
+                self.ledger.save_engine_state({PENDING: None})
+            raise
+        try:
+            self._set_transaction(new)
+        except EngineError as e:
+            self._broken = f"{what}: {e.reason}"
+            raise EngineError(errno.EIO, f"{self._broken}; remount to reconcile") from None
+        self._record(new, vol_id, size)
+
+    def _resume(self, vol_id: int, what: str) -> None:
+        try:
+            self._dm.resume(self.device_name(vol_id), f"{what}: resume")
+        except EngineError as e:
+            self._broken = f"{what}: {e.reason}"
+            raise
 
     def _require_started(self) -> None:
         if not self._started:
             raise EngineError(errno.EIO, f"dm-thin pool {self.pool_name} is not started")
+        if self._broken is not None:
+            raise EngineError(errno.EIO, f"pool {self.pool_name} needs a remount: {self._broken}")
 
     def _full(self) -> bool:
+        """No free data block. The pool's mode is not asked: it leaves out_of_data_space
+        only at its next commit, up to a second after space was freed."""
         status = self.status()
-        return status.mode == "out_of_data_space" or status.data_used >= status.data_total
+        return status.data_used >= status.data_total
 
     # Thin devices
 
@@ -433,9 +656,10 @@ class DmThinEngine(SnapshotEngine):
                 raise EngineError(errno.EEXIST, f"volume {vol_id} already exists")
             if size < 0 or size % SECTOR:
                 raise EngineError(errno.EINVAL, f"volume size {size} is not whole sectors")
-            self._change(f"create_thin {vol_id}", f"create volume {vol_id}")
-            self._sizes[vol_id] = size
-            self._save_state()
+            self._require_started()
+            if self._full():
+                raise EngineError(errno.ENOSPC, f"pool {self.pool_name} is full")
+            self._change(f"create_thin {vol_id}", f"create volume {vol_id}", vol_id, size)
 
     def snapshot(self, src_id: int, new_id: int) -> None:
         with self._lock:
@@ -445,17 +669,14 @@ class DmThinEngine(SnapshotEngine):
                 raise EngineError(errno.EEXIST, f"volume {new_id} already exists")
             if self._full():
                 raise EngineError(errno.ENOSPC, f"pool {self.pool_name} is full")
-            what = f"snapshot volume {src_id} as {new_id}"
-            active = src_id in self._users
-            if active:  # the origin must be quiet while the snapshot is taken
-                run(["dmsetup", "suspend", self.device_name(src_id)], f"{what}: suspend")
-            try:
-                self._change(f"create_snap {new_id} {src_id}", what)
-            finally:
-                if active:
-                    run(["dmsetup", "resume", self.device_name(src_id)], f"{what}: resume")
-            self._sizes[new_id] = self._sizes[src_id]
-            self._save_state()
+            self._change(
+                f"create_snap {new_id} {src_id}",
+                f"snapshot volume {src_id} as {new_id}",
+                new_id,
+                self._sizes[src_id],
+                # the origin must be quiet while the snapshot is taken
+                quiet=src_id if src_id in self._users else None,
+            )
 
     def delete(self, vol_id: int, missing_ok: bool = False) -> None:
         with self._lock:
@@ -473,13 +694,16 @@ class DmThinEngine(SnapshotEngine):
         if vol_id in self._users:
             self._deactivate(vol_id)
         try:
-            self._change(f"delete {vol_id}", f"delete volume {vol_id}")
+            self._change(f"delete {vol_id}", f"delete volume {vol_id}", vol_id, None)
         except EngineError as e:
             if e.errno != errno.ENOENT:
                 raise
-        self._sizes.pop(vol_id, None)
+            log.warning("volume %d was already gone from pool %s", vol_id, self.pool_name)
+            self.ledger.save_engine_state(sizes={vol_id: None})
+            self._sizes.pop(vol_id, None)
         self._doomed.discard(vol_id)
-        self._save_state()
+        if self._watcher is not None and self._watcher.level != "ok":
+            self._watcher.check()  # freeing space raises no pool event to wake the watcher
 
     def resize(self, vol_id: int, new_size: int) -> None:
         with self._lock:
@@ -488,8 +712,9 @@ class DmThinEngine(SnapshotEngine):
                 raise EngineError(errno.EINVAL, f"volume {vol_id}: volumes only grow")
             if new_size % SECTOR:
                 raise EngineError(errno.EINVAL, f"volume size {new_size} is not whole sectors")
+            self._require_started()
+            self.ledger.save_engine_state(sizes={vol_id: new_size})
             self._sizes[vol_id] = new_size
-            self._save_state()
             if vol_id in self._users:
                 name = self.device_name(vol_id)
                 argv = ["dmsetup", "reload", name, "--table", self._table(vol_id)]
@@ -501,8 +726,10 @@ class DmThinEngine(SnapshotEngine):
     def discard(self, vol_id: int, size: int) -> None:
         with self._lock:
             self._check_known(vol_id)
-            self._sizes[vol_id] = max(self._sizes[vol_id], size)
-            self._save_state()
+            self._require_started()
+            if size > self._sizes[vol_id]:
+                self.ledger.save_engine_state(sizes={vol_id: size})
+                self._sizes[vol_id] = size
             if self._sizes[vol_id] == 0:
                 return
             was_active = vol_id in self._users
@@ -549,7 +776,7 @@ class DmThinEngine(SnapshotEngine):
         """id -> (mapped bytes, exclusive bytes), from a metadata snapshot of the live pool."""
         with self._lock:
             self._require_started()
-            run(["dmsetup", "message", self.pool_name, "0", "reserve_metadata_snap"], "reserve")
+            self._dm.message(self.pool_name, "reserve_metadata_snap", "reserve a metadata snap")
             try:
                 out = run(
                     [
@@ -563,7 +790,7 @@ class DmThinEngine(SnapshotEngine):
                     "thin_ls",
                 )
             finally:
-                run(["dmsetup", "message", self.pool_name, "0", "release_metadata_snap"], "release")
+                self._dm.message(self.pool_name, "release_metadata_snap", "release metadata snap")
         found: dict[int, tuple[int, int]] = {}
         for line in out.splitlines():
             fields = line.split()
@@ -620,8 +847,14 @@ class DmOpenVolume(OpenVolume):
             raise
 
     def fsync(self) -> None:
+        """A write into a full pool fails only at write-back: this is where it shows."""
         if self.fd >= 0:
-            os.fsync(self.fd)
+            try:
+                os.fsync(self.fd)
+            except OSError as e:
+                if e.errno in (errno.EIO, errno.ENOSPC) and self.engine._full():
+                    raise EngineError(errno.ENOSPC, "the dm-thin pool is full") from None
+                raise
 
     def close(self) -> None:
         if not self.closed:
@@ -629,3 +862,96 @@ class DmOpenVolume(OpenVolume):
             if self.fd >= 0:
                 self.engine._release(self.vol_id, self.fd)
                 self.fd = -1
+
+
+class PoolWatcher:
+    """Logs when the pool passes its low-water mark, fills, or fails.
+
+    dm-thin raises a device event for each; a thread sleeps in ``dmsetup wait``
+    for the next one (as dmeventd does), so there is no polling.
+    """
+
+    def __init__(self, engine: DmThinEngine) -> None:
+        self.engine = engine
+        self._stopping = threading.Event()
+        self._waiter: subprocess.Popen[bytes] | None = None
+        self._thread = threading.Thread(target=self._run, name="pool-watcher", daemon=True)
+        self.level = "ok"
+        self._checking = threading.Lock()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        waiter = self._waiter
+        if waiter is not None and waiter.poll() is None:
+            waiter.terminate()  # our own child, by its pid
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        pool = self.engine.pool_name
+        try:
+            while not self._stopping.is_set():
+                events = run(["dmsetup", "info", "-c", "--noheadings", "-o", "events", pool])
+                self.check()
+                self._waiter = subprocess.Popen(
+                    ["dmsetup", "wait", pool, events.strip()],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+                if self._waiter.wait() != 0 and not self._stopping.is_set():
+                    self._stopping.wait(1.0)  # the pool went away or dmsetup failed
+        except EngineError as e:
+            if not self._stopping.is_set():
+                log.warning("stopped watching pool %s: %s", pool, e.reason)
+
+    def check(self) -> None:
+        """Log a change of level: ok, low (past the low-water mark), full, read-only, failed."""
+        with self._checking:
+            self._check()
+
+    def _check(self) -> None:
+        status = self.engine.status()
+        free = status.data_total - status.data_used
+        low_water = max(1, status.data_total * LOW_WATER_PERCENT // 100)
+        if status.mode == "Fail":
+            level = "failed"
+        elif status.mode == "ro":
+            level = "read-only"
+        elif status.mode == "out_of_data_space" or free == 0:
+            level = "full"
+        elif free <= low_water:
+            level = "low"
+        else:
+            level = "ok"
+        if level == self.level:
+            return
+        self.level = level
+        block = BLOCK_SECTORS * SECTOR
+        figures = (
+            f"{free * block // 2**20} MiB of {status.data_total * block // 2**20} MiB free, "
+            f"metadata {status.metadata_used}/{status.metadata_total} blocks"
+        )
+        pool = self.engine.pool_name
+        if level == "ok":
+            log.info("pool %s has room again: %s", pool, figures)
+        elif level == "low":
+            log.warning(
+                "pool %s passed its low-water mark (%d%% free): %s; delete VMs or grow the "
+                "pool (docs/engines.md)",
+                pool,
+                LOW_WATER_PERCENT,
+                figures,
+            )
+        elif level == "full":
+            log.error("pool %s is full: writes and new snapshots get ENOSPC; %s", pool, figures)
+        elif level == "read-only":
+            log.error(
+                "pool %s went read-only (its metadata is full or damaged): nothing can be "
+                "written or made; %s",
+                pool,
+                figures,
+            )
+        else:
+            log.error("pool %s has failed: run thin_check on its metadata", pool)

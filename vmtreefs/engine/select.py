@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
-from vmtreefs.engine.base import EngineError, SnapshotEngine
+from vmtreefs.engine.base import EngineError, EngineLedger, SnapshotEngine
 from vmtreefs.engine.dmthin import DmThinEngine
 from vmtreefs.engine.reflink import (
     FICLONE,
@@ -245,14 +245,15 @@ def choose_engine(
     )
 
 
-def make_engine(source: Path, config: EngineConfig) -> SnapshotEngine:
-    """The (not yet started) engine a recorded config names."""
+def make_engine(source: Path, config: EngineConfig, ledger: EngineLedger) -> SnapshotEngine:
+    """The (not yet started) engine a recorded config names; ``ledger`` is the store."""
     if config.engine == "dmthin":
         return DmThinEngine(
             source,
             config.layout,
             config.image_size or 0,
             config.options.get("pool", ""),
+            ledger,
             config.options.get("data"),
             config.options.get("metadata"),
         )

@@ -116,6 +116,7 @@ class VolumeHandle:
     volume: OpenVolume
     truncated: bool = False  # opened with O_TRUNC: its old data was discarded
     written_end: int = 0  # the end of the furthest write through this handle
+    unsynced: bool = False  # written since the last fsync
 
 
 @dataclass
@@ -705,6 +706,7 @@ class Operations(pyfuse3.Operations):
             size_before = volume.size
             written = await self.tree.write_volume(handle.volume, off, buf)
             handle.written_end = max(handle.written_end, off + written)
+            handle.unsynced = True
             self.volume_mtimes[volume.id] = time.time_ns()
             if volume.size != size_before:
                 # Other open files and cached stat results still hold the old size.
@@ -725,12 +727,18 @@ class Operations(pyfuse3.Operations):
 
     @handler("flush")
     async def flush(self, fh: int) -> None:
-        self._handle(fh)
+        """Every close() of a written volume syncs it: a write the storage refuses late
+        (dm-thin reports a full pool only at write-back) then fails the close, which cp
+        and dd report, instead of vanishing."""
+        handle = self._handle(fh)
+        if isinstance(handle, VolumeHandle) and handle.unsynced:
+            await self.fsync(fh, False)
 
     @handler("fsync")
     async def fsync(self, fh: int, datasync: bool) -> None:
         handle = self._handle(fh)
         if isinstance(handle, VolumeHandle):
+            handle.unsynced = False
             await trio.to_thread.run_sync(handle.volume.fsync)
 
     @handler("release")
