@@ -28,7 +28,7 @@ import trio
 
 from vmtreefs import model
 from vmtreefs.commands import Command
-from vmtreefs.engine.base import OpenVolume, SnapshotEngine
+from vmtreefs.engine.base import NewVolume, OpenVolume, SnapshotEngine
 from vmtreefs.engine.select import format_size, parse_size
 from vmtreefs.errors import VmtreeError
 from vmtreefs.model import Alias, Namespace, ReplaceAlias, Vm, Volume, VolumeSpec
@@ -248,12 +248,12 @@ class VmTree:
             return intent, ids
 
         intent, ids = await in_thread(begin)
+        new = [
+            NewVolume(vol_id, spec.size, None if sources is None else sources[n])
+            for n, (vol_id, spec) in enumerate(zip(ids, specs, strict=True))
+        ]
         try:
-            for n, (vol_id, spec) in enumerate(zip(ids, specs, strict=True)):
-                if sources is None:
-                    await in_thread(self.engine.create, vol_id, spec.size)
-                else:
-                    await in_thread(self.engine.snapshot, sources[n], vol_id)
+            await in_thread(self.engine.make_volumes, new)
         except BaseException:
             with trio.CancelScope(shield=True):
                 await self._undo_creation(intent, ids)

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from tests.engine.test_reflink import expect_errno, read, write
-from vmtreefs.engine.base import EngineError
+from vmtreefs.engine.base import EngineError, NewVolume
 from vmtreefs.engine.dmthin import PENDING, TRANSACTION, DmThinEngine
 from vmtreefs.engine.select import dmthin_available
 from vmtreefs.store import Store
@@ -208,11 +208,47 @@ def test_change_cut_before_its_message_leaves_the_pool_as_it_was(
         crash_on_message(m, rig.engine, lambda text: text.startswith("create_snap"))
         with pytest.raises(Crash):
             rig.engine.snapshot(1, 2)
-    assert json.loads(rig.store.load_engine_state()[0][PENDING])["volume"] == 2
+    assert json.loads(rig.store.load_engine_state()[0][PENDING])["sizes"] == {"2": MiB}
     engine = rig.restart()
     assert rig.pool_devices() == {1}
     assert engine.inventory() == {1: MiB}
     assert PENDING not in rig.store.load_engine_state()[0]
+
+
+def test_a_vms_volumes_are_one_change_and_one_transaction_id(rig: Rig) -> None:
+    rig.engine.create(1, MiB)
+    before = rig.engine.status().transaction_id
+    rig.engine.make_volumes([NewVolume(2, 4 * MiB), NewVolume(3, source=1), NewVolume(4, MiB)])
+    assert rig.engine.status().transaction_id == before + 1
+    assert rig.engine.inventory() == {1: MiB, 2: 4 * MiB, 3: MiB, 4: MiB}
+    assert rig.pool_devices() == {1, 2, 3, 4}
+
+
+def test_a_batch_cut_before_its_transaction_id_is_undone_whole(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rig.engine.create(1, MiB)
+    with monkeypatch.context() as m:
+        crash_on_message(m, rig.engine, sets_transaction)
+        with pytest.raises(Crash):
+            rig.engine.make_volumes([NewVolume(2, source=1), NewVolume(3, source=1)])
+    assert rig.pool_devices() == {1, 2, 3}
+    engine = rig.restart()
+    assert rig.pool_devices() == {1}
+    assert engine.inventory() == {1: MiB}
+
+
+def test_a_batch_the_kernel_refuses_half_way_is_taken_back(rig: Rig) -> None:
+    rig.engine.create(1, MiB)
+    transaction = rig.engine.status().transaction_id
+    rig.message("create_thin 9")  # another program's device in our pool, by our id 9
+    with expect_errno(errno.EEXIST):
+        rig.engine.make_volumes([NewVolume(7, source=1), NewVolume(8, MiB), NewVolume(9, MiB)])
+    assert rig.pool_devices() == {1, 9}  # 7 and 8 were made, then taken back
+    meta, sizes = rig.store.load_engine_state()
+    assert PENDING not in meta and sizes == {1: MiB}
+    assert rig.engine.status().transaction_id == transaction
+    rig.message("delete 9")
 
 
 def test_a_refused_message_records_nothing(rig: Rig) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.images import is_mountpoint, loop_devices, run
-from vmtreefs.engine.base import EngineError, SnapshotEngine
+from vmtreefs.engine.base import EngineError, NewVolume, SnapshotEngine
 from vmtreefs.engine.reflink import ReflinkEngine, filesystem_type
 
 KiB = 1024
@@ -198,6 +198,17 @@ def test_stop_and_start_reassemble_the_pool_with_everything_in_it(
     assert read(engine, 1, 6, MiB) == bytes(6)
     engine.snapshot(2, 3)  # and it still changes
     assert read(engine, 3, 6, MiB) == b"second"
+
+
+def test_making_several_volumes_is_all_or_nothing(engine: SnapshotEngine) -> None:
+    engine.create(1, MiB)
+    write(engine, 1, b"one")
+    engine.make_volumes([NewVolume(2, 2 * MiB), NewVolume(3, source=1)])
+    assert engine.inventory() == {1: MiB, 2: 2 * MiB, 3: MiB}
+    assert read(engine, 3, 3) == b"one"
+    with expect_errno(errno.ENOENT):  # the last one's source is missing
+        engine.make_volumes([NewVolume(4, MiB), NewVolume(5, source=1), NewVolume(6, source=99)])
+    assert engine.inventory() == {1: MiB, 2: 2 * MiB, 3: MiB}
 
 
 def test_inventory_follows_creates_snapshots_and_deletes(engine: SnapshotEngine) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import abc
 import errno
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Protocol
 
@@ -38,6 +38,15 @@ class EngineLedger(Protocol):
     ) -> None:
         """Set or (with None) delete keys and sizes, all in one durable commit."""
         ...
+
+
+@dataclass(frozen=True)
+class NewVolume:
+    """One volume of a :meth:`SnapshotEngine.make_volumes` call."""
+
+    vol_id: int
+    size: int = 0  # of a new, empty volume
+    source: int | None = None  # or a snapshot of this volume (at its size)
 
 
 @dataclass(frozen=True)
@@ -96,6 +105,25 @@ class SnapshotEngine(abc.ABC):
     @abc.abstractmethod
     def snapshot(self, src_id: int, new_id: int) -> None:
         """A copy-on-write copy of ``src_id``; later writes to either never show in the other."""
+
+    def make_volumes(self, volumes: Sequence[NewVolume]) -> None:
+        """Create or snapshot several volumes (a VM's) as one step: all, or none.
+
+        Engines that can do it in one transaction override this; here each is
+        made in turn, and on a failure the ones made are deleted again.
+        """
+        made: list[int] = []
+        try:
+            for volume in volumes:
+                if volume.source is None:
+                    self.create(volume.vol_id, volume.size)
+                else:
+                    self.snapshot(volume.source, volume.vol_id)
+                made.append(volume.vol_id)
+        except BaseException:
+            for vol_id in reversed(made):
+                self.delete(vol_id, missing_ok=True)
+            raise
 
     @abc.abstractmethod
     def delete(self, vol_id: int, missing_ok: bool = False) -> None:

@@ -1,7 +1,7 @@
 """Device-mapper ioctls for the hot path: pool messages, status, suspend and resume.
 
 ``dmsetup`` costs a process per call (2-5 ms on a host, a third of a second in a
-TCG guest), and a clone sends three pool messages per volume. These are the
+TCG guest), and every clone reads the pool's status and sends it messages. These are the
 ioctls dmsetup itself makes (``linux/dm-ioctl.h``), on ``/dev/mapper/control``.
 Creating, loading and removing devices stays with dmsetup, which also makes
 their ``/dev/mapper`` nodes.

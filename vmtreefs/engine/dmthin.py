@@ -6,15 +6,16 @@ block devices). Thin device ids are the store's volume ids.
 What the pool's metadata cannot say lives in the store, beside the intent
 journal (the :class:`EngineLedger`): the volume sizes (a thin device has none of
 its own) and the pool's transaction id. Docker's devicemapper driver is the
-precedent. Every message that changes the pool is bracketed:
+precedent. Every change of the pool (one message, or all the creations and
+snapshots of a VM together) is bracketed:
 
 1. the ledger records the change as pending, with the transaction id it will bring;
-2. the message, then ``set_transaction_id`` old -> new;
-3. the ledger records the new id and size, and clears the pending change.
+2. the messages, then ``set_transaction_id`` old -> new;
+3. the ledger records the new id and sizes, and clears the pending change.
 
 At start, a pending change the pool already carries (its id is the new one) is
-recorded; one it does not (the old id) is rolled back: a created or snapshotted
-device is deleted again, a deletion is finished. A pool with any other id is not
+recorded; one it does not (the old id) is settled the other way: the devices
+its messages created are deleted again, a deletion is finished. A pool with any other id is not
 ours and is refused: vmtreefs never touches another program's pool.
 
 Devices are activated on demand as ``/dev/mapper/vmtree-<pool>-<id>`` and
@@ -31,6 +32,7 @@ import os
 import re
 import subprocess
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -38,6 +40,7 @@ from typing import Any, ClassVar
 from vmtreefs.engine.base import (
     EngineError,
     EngineLedger,
+    NewVolume,
     OpenVolume,
     PoolUsage,
     SnapshotEngine,
@@ -91,6 +94,16 @@ def backing_deleted(loop_device: str) -> bool:
         return sysfs.read_text().rstrip("\n").endswith("(deleted)")
     except OSError:
         return False
+
+
+@dataclass(frozen=True)
+class Step:
+    """One pool message of a change, and what it leaves."""
+
+    message: str
+    volume: int
+    size: int | None  # the volume's size afterwards; None: deleted
+    quiet: int | None = None  # a volume whose active device is suspended around it
 
 
 @dataclass(frozen=True)
@@ -355,22 +368,23 @@ class DmThinEngine(SnapshotEngine):
 
     def _settle_pending(self, pending: dict[str, Any], found: int) -> None:
         """Finish or undo the change a crash interrupted (see the module docstring)."""
-        new, vol_id, size = int(pending["transaction"]), int(pending["volume"]), pending["size"]
-        action = str(pending["message"]).split()[0]
+        new = int(pending["transaction"])
+        sizes = {int(k): v for k, v in pending["sizes"].items()}
+        what = "; ".join(pending["messages"])
         if found == new:
-            self._record(new, vol_id, size)
-            log.warning("recorded %r: the pool had it, the store not yet", pending["message"])
-        elif found == self._transaction and action in ("create_thin", "create_snap"):
-            self._delete_thin(vol_id)
-            self.ledger.save_engine_state({PENDING: None})
-            log.warning("rolled back %r that a crash interrupted", pending["message"])
-        elif found == self._transaction and action == "delete":
-            self._delete_thin(vol_id)
-            self._set_transaction(new)
-            self._record(new, vol_id, None)
-            log.warning("finished %r that a crash interrupted", pending["message"])
+            self._record(new, sizes)
+            log.warning("recorded %r: the pool had it, the store not yet", what)
         elif found == self._transaction:
-            raise EngineError(errno.EIO, f"unknown pending pool change {pending!r}")
+            # Some of the messages may have been taken: delete what they made (undone)
+            # and what they were to delete (finished).
+            for vol_id in sizes:
+                self._delete_thin(vol_id)
+            gone = {vol_id: None for vol_id, size in sizes.items() if size is None}
+            self.ledger.save_engine_state({PENDING: None}, gone)
+            for vol_id in gone:
+                self._sizes.pop(vol_id, None)
+            self._pending = None
+            log.warning("settled %r that a crash interrupted: creations undone", what)
         else:
             raise self._foreign(found)
 
@@ -389,17 +403,17 @@ class DmThinEngine(SnapshotEngine):
             f"set pool transaction id {new}",
         )
 
-    def _record(self, transaction: int, vol_id: int, size: int | None) -> None:
-        """The pool carries ``transaction``: write it, and the volume's new size, to the ledger."""
-        self.ledger.save_engine_state(
-            {TRANSACTION: str(transaction), PENDING: None}, {vol_id: size}
-        )
+    def _record(self, transaction: int, sizes: dict[int, int | None]) -> None:
+        """The pool carries ``transaction``: write it, and the volumes' new sizes (None:
+        gone), to the ledger."""
+        self.ledger.save_engine_state({TRANSACTION: str(transaction), PENDING: None}, sizes)
         self._transaction = transaction
         self._pending = None
-        if size is None:
-            self._sizes.pop(vol_id, None)
-        else:
-            self._sizes[vol_id] = size
+        for vol_id, size in sizes.items():
+            if size is None:
+                self._sizes.pop(vol_id, None)
+            else:
+                self._sizes[vol_id] = size
 
     def _pool_table(self) -> str:
         sectors = self.data_size // SECTOR
@@ -554,28 +568,26 @@ class DmThinEngine(SnapshotEngine):
         log.info("moved the pool's record from %s into the store", legacy)
         return meta, sizes
 
-    def _change(
-        self, message: str, what: str, vol_id: int, size: int | None, quiet: int | None = None
-    ) -> None:
-        """Change the pool by one message, bracketed in the ledger (see the module docstring).
-
-        ``size`` is the volume's size afterwards (None: gone); ``quiet`` a volume
-        whose active device is suspended around the message.
-        """
+    def _change(self, steps: Sequence[Step], what: str) -> None:
+        """Change the pool by one or more messages under one transaction id, bracketed in
+        the ledger (see the module docstring): all of them, or none."""
         self._require_started()
         new = self._transaction + 1
-        pending = {"transaction": new, "message": message, "volume": vol_id, "size": size}
+        pending = {
+            "transaction": new,
+            "messages": [step.message for step in steps],
+            "sizes": {str(step.volume): step.size for step in steps},
+        }
         self.ledger.save_engine_state({PENDING: json.dumps(pending)})
+        sent: list[Step] = []
         try:
-            if quiet is not None:
-                self._dm.suspend(self.device_name(quiet), f"{what}: suspend")
-            try:
-                self._dm.message(self.pool_name, message, what)
-            finally:
-                if quiet is not None:
-                    self._resume(quiet, what)
+            for step in steps:
+                self._send(step, what)
+                sent.append(step)
         except EngineError:
-            if self._broken is None:  # the kernel refused: the pool is as it was
+            if self._broken is None:  # the kernel refused one: take back those before it
+                self._take_back(sent, what)
+            if self._broken is None:
                 self.ledger.save_engine_state({PENDING: None})
             raise
         try:
@@ -583,7 +595,27 @@ class DmThinEngine(SnapshotEngine):
         except EngineError as e:
             self._broken = f"{what}: {e.reason}"
             raise EngineError(errno.EIO, f"{self._broken}; remount to reconcile") from None
-        self._record(new, vol_id, size)
+        self._record(new, {step.volume: step.size for step in steps})
+
+    def _send(self, step: Step, what: str) -> None:
+        if step.quiet is not None:
+            self._dm.suspend(self.device_name(step.quiet), f"{what}: suspend")
+        try:
+            self._dm.message(self.pool_name, step.message, what)
+        finally:
+            if step.quiet is not None:
+                self._resume(step.quiet, what)
+
+    def _take_back(self, sent: list[Step], what: str) -> None:
+        """Delete what the messages sent so far made (only creations come in batches)."""
+        for step in reversed(sent):
+            try:
+                if step.size is None:
+                    raise EngineError(errno.EIO, f"{step.message!r} cannot be undone")
+                self._delete_thin(step.volume)
+            except EngineError as e:
+                self._broken = f"{what}: could not take back {step.message!r}: {e.reason}"
+                return
 
     def _resume(self, vol_id: int, what: str) -> None:
         try:
@@ -650,33 +682,43 @@ class DmThinEngine(SnapshotEngine):
             raise EngineError(errno.ENOENT, f"volume {vol_id} does not exist")
 
     def create(self, vol_id: int, size: int) -> None:
+        self.make_volumes([NewVolume(vol_id, size)])
+
+    def snapshot(self, src_id: int, new_id: int) -> None:
+        self.make_volumes([NewVolume(new_id, source=src_id)])
+
+    def make_volumes(self, volumes: Sequence[NewVolume]) -> None:
+        """All the creations and snapshots under one transaction id: a VM's clone is one
+        pending record, its messages, one ``set_transaction_id`` and one record."""
         with self._lock:
-            self._check_id(vol_id)
-            if vol_id in self._sizes:
-                raise EngineError(errno.EEXIST, f"volume {vol_id} already exists")
-            if size < 0 or size % SECTOR:
-                raise EngineError(errno.EINVAL, f"volume size {size} is not whole sectors")
+            steps: list[Step] = []
+            for volume in volumes:
+                vol_id = volume.vol_id
+                self._check_id(vol_id)
+                if vol_id in self._sizes or any(s.volume == vol_id for s in steps):
+                    raise EngineError(errno.EEXIST, f"volume {vol_id} already exists")
+                if volume.source is None:
+                    if volume.size < 0 or volume.size % SECTOR:
+                        raise EngineError(
+                            errno.EINVAL, f"volume size {volume.size} is not whole sectors"
+                        )
+                    steps.append(Step(f"create_thin {vol_id}", vol_id, volume.size))
+                else:
+                    self._check_known(volume.source)
+                    # the origin must be quiet while the snapshot is taken
+                    quiet = volume.source if volume.source in self._users else None
+                    message = f"create_snap {vol_id} {volume.source}"
+                    steps.append(Step(message, vol_id, self._sizes[volume.source], quiet))
+            if not steps:
+                return
             self._require_started()
             if self._full():
                 raise EngineError(errno.ENOSPC, f"pool {self.pool_name} is full")
-            self._change(f"create_thin {vol_id}", f"create volume {vol_id}", vol_id, size)
-
-    def snapshot(self, src_id: int, new_id: int) -> None:
-        with self._lock:
-            self._check_known(src_id)
-            self._check_id(new_id)
-            if new_id in self._sizes:
-                raise EngineError(errno.EEXIST, f"volume {new_id} already exists")
-            if self._full():
-                raise EngineError(errno.ENOSPC, f"pool {self.pool_name} is full")
-            self._change(
-                f"create_snap {new_id} {src_id}",
-                f"snapshot volume {src_id} as {new_id}",
-                new_id,
-                self._sizes[src_id],
-                # the origin must be quiet while the snapshot is taken
-                quiet=src_id if src_id in self._users else None,
+            made = ", ".join(
+                f"snapshot {v.source} as {v.vol_id}" if v.source is not None else f"new {v.vol_id}"
+                for v in volumes
             )
+            self._change(steps, f"make volumes {made}")
 
     def delete(self, vol_id: int, missing_ok: bool = False) -> None:
         with self._lock:
@@ -694,7 +736,7 @@ class DmThinEngine(SnapshotEngine):
         if vol_id in self._users:
             self._deactivate(vol_id)
         try:
-            self._change(f"delete {vol_id}", f"delete volume {vol_id}", vol_id, None)
+            self._change([Step(f"delete {vol_id}", vol_id, None)], f"delete volume {vol_id}")
         except EngineError as e:
             if e.errno != errno.ENOENT:
                 raise
