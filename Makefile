@@ -31,7 +31,7 @@ APT_GET ?= $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export PIP_NO_INPUT := 1
 
-.PHONY: help deps deps-system deps-guest venv run test test-guest lint bench bench-dmthin install-mount-helper \
+.PHONY: help deps deps-system deps-guest venv run test test-guest lint bench bench-dmthin demo-guest install-mount-helper \
         uninstall-mount-helper clean
 
 help: ## list the targets
@@ -101,6 +101,9 @@ lint: deps ## ruff check, ruff format --check, mypy
 	$(BIN)/ruff check vmtreefs tests
 	$(BIN)/ruff format --check vmtreefs tests
 	$(BIN)/mypy
+
+demo-guest: deps-guest ## build the demo guest (kernel + busybox initramfs) into build/demo
+	bash scripts/build-demo-guest.sh $(BUILD)/demo
 
 bench: deps ## benchmarks (tests/bench), side by side with the raw operations; as root
 	$(BIN)/python -m tests.bench.clone

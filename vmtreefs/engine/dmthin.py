@@ -120,10 +120,10 @@ class PoolStatus:
     def parse(cls, line: str) -> PoolStatus:
         # 0 41943040 thin-pool 3 152/12800 2/327680 - rw discard_passdown ...
         fields = line.split()
+        if len(fields) == 4 and fields[2:] == ["thin-pool", "Fail"]:
+            return cls(int(fields[1]), 0, 0, 0, 0, 0, "Fail")
         if len(fields) < 8 or fields[2] != "thin-pool":
             raise EngineError(errno.EIO, f"unexpected thin-pool status {line.strip()!r}")
-        if fields[3] == "Fail":
-            return cls(int(fields[1]), 0, 0, 0, 0, 0, "Fail")
         meta_used, meta_total = (int(x) for x in fields[4].split("/"))
         data_used, data_total = (int(x) for x in fields[5].split("/"))
         return cls(
