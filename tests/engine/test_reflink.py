@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.images import is_mountpoint, loop_devices, run
+from vmtreefs.engine import reflink
 from vmtreefs.engine.base import EngineError, NewVolume, SnapshotEngine
 from vmtreefs.engine.reflink import ReflinkEngine, filesystem_type
 
@@ -564,3 +565,22 @@ def test_unmounted_behind_its_back_is_eio(reflink_image: ReflinkEngine) -> None:
         engine.create(2, MiB)
     with expect_errno(errno.EIO):
         engine.inventory()
+
+
+def test_a_vms_volumes_share_one_fsync_of_the_pool_directory(
+    reflink_inplace: ReflinkEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = reflink_inplace
+    engine.create(1, MiB)
+    synced: list[Path] = []
+    real = reflink._fsync_dir
+
+    def counting(directory: Path) -> None:
+        synced.append(directory)
+        real(directory)
+
+    monkeypatch.setattr(reflink, "_fsync_dir", counting)
+    engine.make_volumes([NewVolume(2, MiB), NewVolume(3, source=1), NewVolume(4, source=1)])
+    assert synced == [engine.pool]  # after all three names, not once per volume
+    engine.create(5, MiB)  # outside a batch, each volume syncs its own name
+    assert synced == [engine.pool, engine.pool]
