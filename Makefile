@@ -22,7 +22,8 @@ VMTREEFS ?= $(CURDIR)/$(BIN)/vmtreefs
 HELPER_DEST ?= /sbin/mount.fuse.vmtreefs
 
 SYSTEM_PACKAGES := fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv \
-                   xfsprogs btrfs-progs e2fsprogs util-linux attr libvirt-dev
+                   xfsprogs btrfs-progs e2fsprogs util-linux attr libvirt-dev \
+                   libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients
 
 # Root runs apt-get as it is; anyone else goes through sudo when there is one.
 SUDO := $(shell if [ "$$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1; then echo sudo; fi)
@@ -75,18 +76,8 @@ $(STAMP): pyproject.toml | deps-system
 	$(BIN)/python -m pip install -e '.[test]'
 	@touch $@
 
-run: deps ## mount ./state at ./vms in the foreground (Ctrl-C or `.venv/bin/vmtreefs umount vms` stops it)
-	@mkdir -p $(STATE) $(MNT) || { \
-	  echo "run: cannot use $(MNT); a stale mount? try: fusermount3 -u -z $(MNT)" >&2; exit 1; }
-	@# Once the mount answers, an empty tree gets a demo VM (in the background:
-	@# the mount itself stays in the foreground).
-	@( for i in $$(seq 600); do \
-	    if [ -e $(MNT)/.vmtree/status ]; then \
-	      [ -n "$$(ls $(MNT))" ] || { mkdir $(MNT)/demo && echo "run: made the demo VM $(MNT)/demo"; }; \
-	      break; \
-	    fi; sleep 0.2; \
-	  done ) &
-	$(BIN)/vmtreefs mount $(STATE) $(MNT) -f
+run: deps deps-guest ## mount ./state at ./vms in the foreground with a bootable demo VM (Ctrl-C or `.venv/bin/vmtreefs umount vms` stops it)
+	bash scripts/run.sh $(BIN)/vmtreefs $(STATE) $(MNT) $(BUILD)/demo
 
 test: deps deps-guest lint ## lint, then every test; the dm-thin ones boot a guest (~10 min under TCG)
 	$(BIN)/python -m pytest -q

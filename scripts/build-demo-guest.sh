@@ -6,11 +6,16 @@
 #     boot counter kept in the first 32 bytes of the private volume (the second
 #     virtio disk, /dev/vdb; the cmdline "vmtree.private=vdX" names another), and
 #     synced there before READY;
-#   - then "VMTREE-TICK N" once a second, for ever.
+#   - then "VMTREE-TICK N" once a second, until the ACPI power button is pressed
+#     (libvirt's virDomainShutdown by default, QEMU's system_powerdown): then it prints
+#     "VMTREE-SHUTDOWN", syncs and powers off, so QEMU exits by itself. The button's
+#     /dev/input/eventN (named "Power Button" in sysfs) is opened before READY, so a
+#     press right after READY is not lost; "VMTREE-NO-POWER-BUTTON" if there is none.
 #
 # Usage: scripts/build-demo-guest.sh OUTDIR
 #   OUTDIR gets vmlinuz and initrd.img (mode 0644: libvirt's qemu user reads them).
-# Needs: linux-image-amd64 (kernel and its virtio modules), busybox-static, kmod, cpio, gzip.
+# Needs: linux-image-amd64 (kernel and its virtio, ACPI button and evdev modules),
+# busybox-static, kmod, cpio, gzip.
 set -euo pipefail
 
 out=${1:?usage: $0 OUTDIR}
@@ -31,10 +36,12 @@ trap 'rm -rf "$root"' EXIT
 mkdir -p "$root"/{bin,dev,proc,sys,modules}
 cp "$busybox" "$root/bin/busybox"
 
-# Virtio is modular in Debian's kernel: the PCI transport and the block driver, with
-# their dependencies in load order (modprobe resolves them), listed for /init.
+# Virtio is modular in Debian's kernel: the PCI transport and the block driver, and so
+# are the ACPI power button and its /dev/input/event* interface (evdev); with their
+# dependencies in load order (modprobe resolves them), listed for /init. A module built
+# into the kernel shows as "builtin NAME", not "insmod PATH", and is skipped.
 : >"$root/modules/order"
-for module in virtio_pci virtio_blk; do
+for module in virtio_pci virtio_blk button evdev; do
   modprobe --show-depends -S "$kver" "$module" | while read -r verb path _; do
     [ "$verb" = insmod ] || continue
     name=$(basename "$path")
@@ -73,6 +80,38 @@ else
   echo "VMTREE-NO-PRIVATE /dev/$private"
 fi
 echo "VMTREE-BOOT $n"
+# The power button: each "Power Button" event device is opened here, before READY (an
+# evdev client queues the events that come after it opens), and a background job waits
+# for its first event (24 bytes: one struct input_event) to shut down.
+shut_down() {
+  echo "VMTREE-SHUTDOWN"
+  sync
+  poweroff -f
+}
+buttons=0
+for _ in $(seq 50); do
+  for name in /sys/class/input/event*/device/name; do
+    [ "$(cat "$name" 2>/dev/null)" = "Power Button" ] || continue
+    event=${name%/device/name}
+    event=/dev/input/${event##*/}
+    fd=$((3 + buttons))
+    [ "$fd" -le 9 ] || break
+    # Tried in a subshell first: a failed redirection of exec would end this shell.
+    [ -c "$event" ] && (exec <"$event") 2>/dev/null || continue
+    eval "exec $fd<$event"
+    buttons=$((buttons + 1))
+    (
+      if eval "dd bs=24 count=1 of=/dev/null <&$fd" 2>/dev/null; then
+        shut_down
+      else
+        echo "VMTREE-POWER-BUTTON-FAILED $event"
+      fi
+    ) &
+  done
+  [ "$buttons" -gt 0 ] && break
+  sleep 0.1
+done
+[ "$buttons" -gt 0 ] || echo "VMTREE-NO-POWER-BUTTON"
 echo "VMTREE-READY"
 tick=0
 while true; do

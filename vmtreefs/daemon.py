@@ -12,9 +12,12 @@ from pathlib import Path
 import pyfuse3
 import trio
 
+from vmtreefs.accel import ACCEL_CHOICES
 from vmtreefs.engine.select import parse_size
 from vmtreefs.errors import VmtreeError
 from vmtreefs.fs.operations import Operations
+from vmtreefs.hypervisor import DEFAULT_URI, Hypervisor
+from vmtreefs.lifecycle import Lifecycle
 from vmtreefs.source import (
     SourceLock,
     check_mountpoint,
@@ -44,6 +47,9 @@ class MountOptions:
     data_device: str | None = None
     metadata_device: str | None = None
     fuse: set[str] = field(default_factory=set)
+    libvirt: str | None = DEFAULT_URI  # None: run no VMs
+    guest_dir: Path | None = None  # None: SOURCE/guest
+    accel: str = "auto"
 
 
 def parse_mount_options(groups: list[str]) -> MountOptions:
@@ -64,6 +70,16 @@ def parse_mount_options(groups: list[str]) -> MountOptions:
                 options.data_device = value
             elif key == "metadata" and value:
                 options.metadata_device = value
+            elif key == "libvirt" and value:
+                options.libvirt = None if value == "none" else value
+            elif key == "guest" and value:
+                options.guest_dir = Path(value)
+            elif key == "accel" and value:
+                if value not in ACCEL_CHOICES:
+                    raise VmtreeError(
+                        errno.EINVAL, f"accel must be one of {', '.join(ACCEL_CHOICES)}"
+                    )
+                options.accel = value
             elif key == "debug" and not value:
                 options.debug = True
             elif key in FUSE_OPTIONS and not value:
@@ -108,14 +124,24 @@ def serve(source: Path, mountpoint: Path, options: MountOptions, ready_fd: int |
                 len(report.left_open),
                 len(report.differences),
             )
+            hypervisor = Hypervisor(options.libvirt) if options.libvirt else None
+            tree.lifecycle = Lifecycle(
+                tree,
+                hypervisor,
+                run_dir=source / "run",
+                guest_dir=(options.guest_dir or source / "guest").resolve(),
+                accel=options.accel,
+            )
             ops = Operations(tree)
             pyfuse3.init(ops, str(mountpoint), fuse_options(source, options))
             log.info("mounted %s at %s (%d VMs)", source, mountpoint, len(tree.ns))
             try:
-                trio.run(_run, ops, mountpoint, ready_fd)
+                trio.run(_run, ops, tree.lifecycle, mountpoint, ready_fd)
             finally:
                 pyfuse3.close(unmount=True)
                 ops.close_all()
+                if hypervisor is not None:
+                    hypervisor.close()
                 log.info("unmounted %s", mountpoint)
         finally:
             engine.stop()
@@ -125,11 +151,14 @@ def serve(source: Path, mountpoint: Path, options: MountOptions, ready_fd: int |
     return 0
 
 
-async def _run(ops: Operations, mountpoint: Path, ready_fd: int | None) -> None:
+async def _run(
+    ops: Operations, lifecycle: Lifecycle, mountpoint: Path, ready_fd: int | None
+) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(ops.run_invalidations)
+        nursery.start_soon(lifecycle.run)
         nursery.start_soon(_stop_on_signal)
-        nursery.start_soon(_announce_ready, mountpoint, ready_fd)
+        nursery.start_soon(_announce_ready, lifecycle, mountpoint, ready_fd)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
 
@@ -142,8 +171,10 @@ async def _stop_on_signal() -> None:
             return
 
 
-async def _announce_ready(mountpoint: Path, ready_fd: int | None) -> None:
-    """Tell the waiting `vmtreefs mount` once the mount really answers a request."""
+async def _announce_ready(lifecycle: Lifecycle, mountpoint: Path, ready_fd: int | None) -> None:
+    """Tell the waiting `vmtreefs mount` once the mount really answers a request
+    and every VM's state is libvirt's (or libvirt did not answer)."""
+    await lifecycle.settled.wait()
     await trio.to_thread.run_sync(os.stat, mountpoint / ".vmtree" / "status")
     log.info("ready: %s answers", mountpoint)
     if ready_fd is not None:

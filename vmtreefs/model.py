@@ -142,6 +142,7 @@ class Vm:
     props: dict[str, str] = field(default_factory=dict)
     volumes: dict[str, Volume] = field(default_factory=dict)
     state: str = "halted"
+    domain_xml: str | None = None  # the base description; None: the default one
 
     @property
     def immutable(self) -> bool:

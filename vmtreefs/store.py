@@ -142,6 +142,16 @@ CREATE TABLE engine_volumes (
 );
 """
 
+# A VM's base libvirt description, when it is not the default one; the tree's
+# id makes its libvirt domain names and uuids differ from any other tree's.
+_SCHEMA_V4 = """
+CREATE TABLE domains (
+    vm_id INTEGER PRIMARY KEY REFERENCES vms(id) ON DELETE CASCADE,
+    xml TEXT NOT NULL
+);
+INSERT OR IGNORE INTO meta (key, value) VALUES ('tree_id', lower(hex(randomblob(4))));
+"""
+
 
 @dataclass(frozen=True)
 class VmRow:
@@ -189,6 +199,7 @@ class Snapshot:
     open_intents: list[Intent]
     meta: dict[str, str]
     aliases: list[AliasRow] = field(default_factory=list)
+    domains: dict[int, str] = field(default_factory=dict)
 
 
 # sqlite3's primary result codes -> the errno a user or the administrator sees.
@@ -380,6 +391,19 @@ class Txn:
             ),
         )
         self._one_row(cur, f"no VM with id {vm_id} to delete")
+
+    def set_domain_xml(self, vm_id: int, xml: str | None) -> None:
+        """A VM's base description; None goes back to the default."""
+        if xml is None:
+            self._run("DELETE FROM domains WHERE vm_id = ?", (vm_id,), "reset domain.xml")
+            return
+        self._run(
+            "INSERT INTO domains (vm_id, xml) VALUES (?, ?) "
+            "ON CONFLICT (vm_id) DO UPDATE SET xml = excluded.xml",
+            (vm_id, xml),
+            f"store domain.xml of VM {vm_id}",
+            missing=f"no VM with id {vm_id} to store domain.xml for",
+        )
 
     # Aliases
 
@@ -620,7 +644,7 @@ class Store:
     """The open metadata store. Every method blocks; call it from a worker thread."""
 
     #: MIGRATIONS[i] takes the schema from version i to i + 1.
-    MIGRATIONS: ClassVar[tuple[str, ...]] = (_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3)
+    MIGRATIONS: ClassVar[tuple[str, ...]] = (_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3, _SCHEMA_V4)
     SCHEMA_VERSION: ClassVar[int] = len(MIGRATIONS)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -832,7 +856,8 @@ class Store:
                     "FROM aliases ORDER BY id"
                 )
             ]
-        return Snapshot(vms, volumes, intents, meta, aliases)
+            domains = {int(i): str(x) for i, x in conn.execute("SELECT vm_id, xml FROM domains")}
+        return Snapshot(vms, volumes, intents, meta, aliases, domains)
 
     def get_meta(self, key: str) -> str | None:
         with self._reading() as conn:

@@ -22,11 +22,11 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
 
-from vmtreefs import model
+from vmtreefs import domain, model
 from vmtreefs.commands import Command
 from vmtreefs.engine.base import NewVolume, OpenVolume, SnapshotEngine
 from vmtreefs.engine.select import format_size, parse_size
@@ -34,7 +34,13 @@ from vmtreefs.errors import VmtreeError
 from vmtreefs.model import Alias, Namespace, ReplaceAlias, Vm, Volume, VolumeSpec
 from vmtreefs.store import Intent, Store, Txn
 
+if TYPE_CHECKING:
+    from vmtreefs.lifecycle import Lifecycle
+
 log = logging.getLogger("vmtreefs.tree")
+
+# Commands the lifecycle carries out (lifecycle.LIFECYCLE_COMMANDS, without importing it).
+LIFECYCLE_COMMANDS = frozenset({"start", "shutdown", "kill", "pause", "resume"})
 
 T = TypeVar("T")
 
@@ -99,6 +105,8 @@ class VmTree:
         # with deleting the VM it names.
         self._alias_lock = trio.Lock()
         self.changed = trio.lowlevel.ParkingLot()
+        self.lifecycle: Lifecycle | None = None
+        self.on_volumes_written_outside: Callable[[list[int]], None] = lambda _ids: None
 
     # Start-up (blocking, before the filesystem answers)
 
@@ -169,6 +177,8 @@ class VmTree:
             vms[vol.vm_id].volumes[vol.name] = Volume(
                 vol.id, vol.name, vol.size, vol.policy, vol.created
             )
+        for vm_id, xml in snapshot.domains.items():
+            vms[vm_id].domain_xml = xml
         self.ns = Namespace()
         for vm in vms.values():
             self.ns.add_vm(vm)
@@ -214,7 +224,7 @@ class VmTree:
         tx.add_event(now, line)
         return now
 
-    def _announce(self, line: str, t: float) -> None:
+    def announce(self, line: str, t: float) -> None:
         log.info("%s", line)
         self.events.add(line, t)
         self.changed.unpark_all()
@@ -301,6 +311,7 @@ class VmTree:
         origin_id: int | None = None,
         props: dict[str, str] | None = None,
         reparent: tuple[int, ...] = (),
+        domain_xml: str | None = None,
     ) -> Vm:
         """Make the volumes (new, or snapshots of ``sources``), then record the VM.
 
@@ -319,6 +330,8 @@ class VmTree:
                         tx.insert_volume(vol_id, vm_id, spec.name, spec.size, spec.policy, created)
                     for child in reparent:
                         tx.set_vm_origin(child, vm_id)
+                    if domain_xml is not None:
+                        tx.set_domain_xml(vm_id, domain_xml)
                     tx.complete_intent(intent)
                     return vm_id, created, self._noted(tx, what)
 
@@ -331,13 +344,13 @@ class VmTree:
         except BaseException:
             self.ns.release(name)
             raise
-        vm = Vm(vm_id, name, created, origin_id, props)
+        vm = Vm(vm_id, name, created, origin_id, props, domain_xml=domain_xml)
         for vol_id, spec in zip(ids, specs, strict=True):
             vm.volumes[spec.name] = Volume(vol_id, spec.name, spec.size, spec.policy, created)
         self.ns.add_vm(vm)
         for child in reparent:
             self.ns.set_origin(child, vm.id)
-        self._announce(what + detail, t)
+        self.announce(what + detail, t)
         return vm
 
     async def delete_vm(self, vm_id: int) -> None:
@@ -361,7 +374,7 @@ class VmTree:
 
             intent, t = await in_thread(commit)
             self.ns.remove_vm(plan.vm_id)
-            self._announce(line, t)
+            self.announce(line, t)
             with trio.CancelScope(shield=True):
                 await self._finish_deletion(intent, list(plan.volume_ids))
 
@@ -382,7 +395,7 @@ class VmTree:
                 self.ns.release(plan.new)
                 raise
             self.ns.apply_rename_vm(plan)
-            self._announce(f"mv {plan.old} {plan.new}", t)
+            self.announce(f"mv {plan.old} {plan.new}", t)
 
     async def clone_vm(self, source_id: int, raw_new: str | bytes, replace: bool = False) -> Vm:
         """A linked clone: a snapshot of every volume, the source's properties, origin = source."""
@@ -397,6 +410,7 @@ class VmTree:
                 origin_id=plan.source_id,
                 props=plan.props,
                 reparent=plan.reparent,
+                domain_xml=source.domain_xml,
             )
 
     # Aliases
@@ -427,7 +441,7 @@ class VmTree:
             raise
         alias = Alias(alias_id, plan.name, plan.target_vm, plan.target_alias, False, created)
         self.ns.add_alias(alias)
-        self._announce(what, t)
+        self.announce(what, t)
         return alias
 
     async def remove_alias(self, name: str) -> None:
@@ -445,7 +459,7 @@ class VmTree:
 
         t = await in_thread(commit)
         self.ns.remove_alias(plan.alias_id)
-        self._announce(what, t)
+        self.announce(what, t)
 
     async def rename_alias(self, old: str, raw_new: str | bytes) -> None:
         """Rename an alias, or move it over another (``ln -sfn``), atomically."""
@@ -484,7 +498,7 @@ class VmTree:
                 self.ns.release(plan.new)
                 raise
             self.ns.apply_rename_alias(plan)
-        self._announce(what, t)
+        self.announce(what, t)
 
     # Properties
 
@@ -508,7 +522,7 @@ class VmTree:
 
             t = await in_thread(commit)
             self.ns.apply_set_property(plan)
-            self._announce(what, t)
+            self.announce(what, t)
 
     async def set_volume_policy(self, volume_id: int, policy: str) -> None:
         vm, vol = self.ns.volume_by_id(volume_id)
@@ -529,7 +543,7 @@ class VmTree:
 
             t = await in_thread(commit)
             vol.policy = policy
-            self._announce(what, t)
+            self.announce(what, t)
 
     async def vm_usage(self, vm_id: int) -> int:
         """Bytes held only by this VM: what deleting it would free."""
@@ -538,6 +552,33 @@ class VmTree:
         for vol in list(vm.volumes.values()):
             total += await in_thread(self.engine.exclusive_bytes, vol.id)
         return total
+
+    # domain.xml
+
+    def check_domain_writable(self, vm: Vm) -> None:
+        """A VM's description changes only while it is halted and not immutable."""
+        if vm.immutable:
+            raise VmtreeError(errno.EROFS, f"cannot change domain.xml of {vm.name!r}: immutable")
+        if vm.state != "halted":
+            raise VmtreeError(
+                errno.EBUSY, f"cannot change domain.xml of {vm.name!r}: it is {vm.state}"
+            )
+
+    async def set_domain_xml(self, vm_id: int, raw: bytes) -> None:
+        """Store a new base description (empty: back to the default), checked first."""
+        async with self._locked(vm_id) as vm:
+            self.check_domain_writable(vm)
+            xml = domain.check_base(raw) if raw.strip() else None
+            what = f"domain.xml of {vm.name} " + ("set" if xml else "reset to the default")
+
+            def commit() -> float:
+                with self.store.transaction() as tx:
+                    tx.set_domain_xml(vm.id, xml)
+                    return self._noted(tx, what)
+
+            t = await in_thread(commit)
+            vm.domain_xml = xml
+            self.announce(what, t)
 
     # Control commands
 
@@ -553,7 +594,7 @@ class VmTree:
         if vm_id is None and command.verb == "gc":
             if command.args:
                 raise VmtreeError(errno.EINVAL, "usage: gc")
-            self._announce("gc: nothing to collect", time.time())
+            self.announce("gc: nothing to collect", time.time())
             return "nothing to collect"
         if vm_id is None and command.verb == "grow-pool":
             if len(command.args) > 1:
@@ -566,9 +607,16 @@ class VmTree:
                 with self.store.transaction() as tx:
                     return self._noted(tx, what)
 
-            self._announce(what, await in_thread(note))
+            self.announce(what, await in_thread(note))
             return f"pool size {size}"
         vm = self.ns.get_by_id(vm_id) if vm_id is not None else None
+        if vm is not None and command.verb in LIFECYCLE_COMMANDS:
+            if self.lifecycle is None:
+                raise VmtreeError(errno.ENOTCONN, "this mount runs no VMs")
+            if command.verb in ("shutdown", "kill"):
+                return await self.lifecycle.run_command(vm, command)
+            async with self._locked(vm.id) as locked:
+                return await self.lifecycle.run_command(locked, command)
         target = f"VM {vm.name!r}" if vm else "the tree"
         raise VmtreeError(
             errno.EINVAL,
@@ -601,7 +649,7 @@ class VmTree:
                 raise
             volume = Volume(ids[0], plan.spec.name, plan.spec.size, plan.spec.policy, created)
             self.ns.add_volume(vm.id, volume)
-            self._announce(what, t)
+            self.announce(what, t)
             return volume
 
     async def delete_volume(self, volume_id: int) -> None:
@@ -621,7 +669,7 @@ class VmTree:
 
             intent, t = await in_thread(commit)
             self.ns.remove_volume(vm.id, vol.name)
-            self._announce(what, t)
+            self.announce(what, t)
             with trio.CancelScope(shield=True):
                 await self._finish_deletion(intent, [plan.volume_id])
 
@@ -641,7 +689,7 @@ class VmTree:
 
             t = await in_thread(commit)
             self.ns.apply_rename_volume(plan)
-            self._announce(what, t)
+            self.announce(what, t)
 
     async def resize_volume(self, volume_id: int, new_size: int, at_least: bool = False) -> None:
         """Grow a volume; with ``at_least`` a volume already that big is left alone.
@@ -694,7 +742,7 @@ class VmTree:
             if at_least:
                 log.debug("%s", what)
             else:
-                self._announce(what, t)
+                self.announce(what, t)
 
     async def discard_volume(self, volume_id: int) -> None:
         """Make a volume read as zeros again, keeping its size (an O_TRUNC open: cp, >)."""
@@ -719,7 +767,7 @@ class VmTree:
 
             intent = await in_thread(begin)
             t = await in_thread(carry_out, intent)
-            self._announce(what, t)
+            self.announce(what, t)
 
     # Volume data
 
@@ -748,6 +796,7 @@ class VmTree:
         open_intents = len((await in_thread(self.store.load)).open_intents)
         lines = [
             f"engine: {self.engine.name}",
+            f"tree_id: {self.store.get_meta('tree_id')}",
             f"engine_detail: {self.engine.describe()}",
             f"pool_size: {usage.total_bytes}",
             f"pool_used: {usage.used_bytes}",

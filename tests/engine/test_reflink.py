@@ -65,6 +65,27 @@ def test_create_reads_zeros_and_takes_no_space(engine: SnapshotEngine) -> None:
     assert engine.inventory() == {1: 4 * GiB}
 
 
+def test_attached_volume_is_the_disk_a_vm_writes(engine: SnapshotEngine) -> None:
+    """What a hypervisor writes through the attachment is the volume's data, and it stays."""
+    engine.create(1, 4 * MiB)
+    engine.snapshot(1, 2)
+    attachment = engine.attach(2)
+    try:
+        fd = os.open(attachment.path, os.O_RDWR)
+        try:
+            os.pwrite(fd, b"written by the VM", MiB)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    finally:
+        engine.detach(2)
+    assert read(engine, 2, 17, MiB) == b"written by the VM"
+    assert read(engine, 1, 17, MiB) == bytes(17)
+    engine.detach(2)  # a second detach is harmless
+    with expect_errno(errno.ENOENT):
+        engine.attach(99)
+
+
 def test_create_existing_is_eexist(engine: SnapshotEngine) -> None:
     engine.create(1, MiB)
     write(engine, 1, b"keep")

@@ -24,7 +24,7 @@ def test_mkdir_makes_a_vm_with_the_default_layout(vms: Path) -> None:
     )
     work = vms / "work"
     assert sorted(os.listdir(work)) == sorted(
-        ["ctl", "state", "clones", "volumes", "savestates", "versions"]
+        ["ctl", "state", "domain.xml", "console", "clones", "volumes", "savestates", "versions"]
     )
     assert (work / "state").read_text() == "halted\n"
     sizes = {p.name: p.stat().st_size for p in (work / "volumes").iterdir()}
@@ -232,7 +232,7 @@ def test_what_comes_later_answers_einval(vms: Path) -> None:
 def test_ctl_refuses_bad_and_oversized_commands(vms: Path) -> None:
     os.mkdir(vms / "a")
     ctl = vms / "a" / "ctl"
-    for command in (b"frobnicate\n", b"start\n", b"\n"):
+    for command in (b"frobnicate\n", b"start now\n", b"\n"):
         fd = os.open(ctl, os.O_WRONLY)
         try:
             assert error_of(os.write, fd, command) == errno.EINVAL

@@ -71,11 +71,17 @@ def run_child(
     )
 
 
+def user_meta(snap: Snapshot) -> dict[str, str]:
+    """The meta keys a test wrote: the store adds its own tree_id."""
+    assert len(snap.meta.get("tree_id", "")) == 8
+    return {k: v for k, v in snap.meta.items() if k != "tree_id"}
+
+
 # Schema and pragmas
 
 
 def test_fresh_store_has_the_current_schema(store: Store, db: Path) -> None:
-    assert Store.SCHEMA_VERSION == len(Store.MIGRATIONS) == 3
+    assert Store.SCHEMA_VERSION == len(Store.MIGRATIONS) == 4
     assert store.pragma("user_version") == Store.SCHEMA_VERSION
     assert store.pragma("application_id") == APPLICATION_ID
     assert store.pragma("journal_mode") == "wal"
@@ -89,7 +95,7 @@ def test_fresh_store_has_the_current_schema(store: Store, db: Path) -> None:
 
 def test_fresh_store_is_empty_and_sound(store: Store) -> None:
     snap = store.load()
-    assert (snap.vms, snap.volumes, snap.open_intents, snap.meta) == ([], [], [], {})
+    assert (snap.vms, snap.volumes, snap.open_intents, user_meta(snap)) == ([], [], [], {})
     assert snap.aliases == []
     assert store.integrity_check() == []
     assert store.recent_events() == []
@@ -184,7 +190,7 @@ def test_v1_store_upgrades_to_current_in_place_keeping_its_data(db: Path) -> Non
             (v2, clone, "root", "cow"),
         ]
         assert [i.id for i in snap.open_intents] == [intent]
-        assert snap.meta == {"engine": "reflink"}
+        assert user_meta(snap) == {"engine": "reflink"}
         assert snap.aliases == []
         assert s.recent_events() == [(2.0, "mkdir clone")]
         assert s.integrity_check() == []
@@ -372,7 +378,7 @@ def test_exception_rolls_back_everything(store: Store) -> None:
         tx.add_event(2.0, "inside")
         raise Boom
     snap = store.load()
-    assert (snap.vms, snap.volumes, snap.open_intents, snap.meta) == ([], [], [], {})
+    assert (snap.vms, snap.volumes, snap.open_intents, user_meta(snap)) == ([], [], [], {})
     assert store.recent_events() == [(1.0, "before")]
     with store.transaction() as tx:
         # The rolled-back allocation was never durable, so nothing can hold id 1.
@@ -435,7 +441,7 @@ def test_rows_round_trip(store: Store) -> None:
         "cow",
         11.0,
     )
-    assert snap.meta == {"engine": "reflink"}
+    assert user_meta(snap) == {"engine": "reflink"}
     assert store.get_meta("engine") == "reflink"
     assert store.get_meta("missing") is None
 

@@ -50,6 +50,14 @@ class NewVolume:
 
 
 @dataclass(frozen=True)
+class Attachment:
+    """How a hypervisor reaches a volume while a VM runs: a file or a block device."""
+
+    path: str
+    block: bool
+
+
+@dataclass(frozen=True)
 class PoolUsage:
     total_bytes: int
     used_bytes: int
@@ -144,6 +152,14 @@ class SnapshotEngine(abc.ABC):
     @abc.abstractmethod
     def open(self, vol_id: int, writable: bool) -> OpenVolume:
         """Open for reading (and writing when ``writable``)."""
+
+    @abc.abstractmethod
+    def attach(self, vol_id: int) -> Attachment:
+        """Make the volume usable as a VM's disk until :meth:`detach` (counted, like open)."""
+
+    @abc.abstractmethod
+    def detach(self, vol_id: int) -> None:
+        """The VM no longer uses the volume; missing volumes are ignored."""
 
     @abc.abstractmethod
     def inventory(self) -> dict[int, int]:

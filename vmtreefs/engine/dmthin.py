@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from vmtreefs.engine.base import (
+    Attachment,
     EngineError,
     EngineLedger,
     NewVolume,
@@ -805,12 +806,31 @@ class DmThinEngine(SnapshotEngine):
     def _release(self, vol_id: int, fd: int) -> None:
         with self._lock:
             os.close(fd)
-            self._users[vol_id] -= 1
-            if self._users[vol_id] == 0:
-                if vol_id in self._doomed:
-                    self._destroy(vol_id)
-                else:
-                    self._deactivate(vol_id)
+            self._drop_user(vol_id)
+
+    def _drop_user(self, vol_id: int) -> None:
+        self._users[vol_id] -= 1
+        if self._users[vol_id] == 0:
+            if vol_id in self._doomed:
+                self._destroy(vol_id)
+            else:
+                self._deactivate(vol_id)
+
+    def attach(self, vol_id: int) -> Attachment:
+        """The thin device, active and writable while the VM runs."""
+        with self._lock:
+            self._require_started()
+            self._check_known(vol_id)
+            if self._sizes[vol_id] == 0:
+                raise EngineError(errno.EINVAL, f"volume {vol_id} has no size: nothing to attach")
+            self._activate(vol_id, True)
+            self._users[vol_id] += 1
+            return Attachment(str(self.path(vol_id)), block=True)
+
+    def detach(self, vol_id: int) -> None:
+        with self._lock:
+            if self._users.get(vol_id, 0) > 0:
+                self._drop_user(vol_id)
 
     # Reports
 

@@ -25,6 +25,7 @@ from typing import ClassVar
 
 from vmtreefs.engine import fiemap
 from vmtreefs.engine.base import (
+    Attachment,
     EngineError,
     NewVolume,
     OpenVolume,
@@ -277,6 +278,17 @@ class ReflinkEngine(SnapshotEngine):
         if isinstance(vol_id, bool) or not isinstance(vol_id, int) or vol_id < 0:
             raise EngineError(errno.EINVAL, f"bad volume id {vol_id!r}")
         return self.pool / f"vol-{vol_id}.img"
+
+    def attach(self, vol_id: int) -> Attachment:
+        """The file itself: QEMU opens it, and snapshots of it stay copy-on-write."""
+        self._require_started()
+        path = self.path(vol_id)
+        if not path.exists():
+            raise EngineError(errno.ENOENT, f"volume {vol_id} does not exist")
+        return Attachment(str(path), block=False)
+
+    def detach(self, vol_id: int) -> None:
+        """Nothing was set up for the VM."""
 
     def _temporary(self, vol_id: int) -> Path:
         return self.pool / f"{_TMP_PREFIX}{vol_id}-{os.getpid()}-{secrets.token_hex(4)}.img"

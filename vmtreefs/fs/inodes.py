@@ -46,11 +46,15 @@ class VmEntry(enum.IntEnum):
     ORIGIN = 7  # symlink ../SRC
     CLONE_LINK = 8  # the symlink SRC/clones/NAME -> ../../NAME, owned by the clone NAME
     CLONE_PLACEHOLDER = 9  # the directory a clone mkdir replies with, never looked up again
+    DOMAIN = 10  # domain.xml, the base libvirt description
+    CONSOLE = 11  # the serial console of the current or last run
 
 
 VM_DIR_ENTRIES: dict[str, VmEntry] = {
     "ctl": VmEntry.CTL,
     "state": VmEntry.STATE,
+    "domain.xml": VmEntry.DOMAIN,
+    "console": VmEntry.CONSOLE,
     "clones": VmEntry.CLONES,
     "volumes": VmEntry.VOLUMES,
     "savestates": VmEntry.SAVESTATES,

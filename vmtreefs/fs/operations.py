@@ -24,6 +24,7 @@ import pyfuse3
 import trio
 
 from vmtreefs import commands, properties
+from vmtreefs.domain import MAX_DOMAIN_XML
 from vmtreefs.engine.base import OpenVolume
 from vmtreefs.errors import VmtreeError
 from vmtreefs.fs import inodes
@@ -136,7 +137,23 @@ class CtlHandle:
     lock: trio.Lock = field(default_factory=trio.Lock)
 
 
-Handle = VolumeHandle | ContentHandle | CtlHandle
+@dataclass
+class DomainHandle:
+    """domain.xml opened for writing: the text is gathered here and checked at close."""
+
+    vm_id: int
+    data: bytearray
+    dirty: bool = False
+
+
+@dataclass
+class ConsoleHandle:
+    """The serial console log, read where it is as the guest writes it."""
+
+    vm_id: int
+
+
+Handle = VolumeHandle | ContentHandle | CtlHandle | DomainHandle | ConsoleHandle
 
 
 def default_policy(volume_name: str) -> str:
@@ -168,6 +185,9 @@ class Operations(pyfuse3.Operations):
         self._invalidate_send, self._invalidate_receive = trio.open_memory_channel[
             tuple[int, bool]
         ](1000)
+        # A running guest writes its volumes behind the kernel's back: what the kernel
+        # cached of them is stale once it starts and once it stops.
+        tree.on_volumes_written_outside = self._forget_volume_pages
 
     # Invalidation: done after the reply, from a task of its own, never inside a handler.
 
@@ -177,6 +197,10 @@ class Operations(pyfuse3.Operations):
             self._invalidate_send.send_nowait((inode, data))
         except trio.WouldBlock:
             log.debug("invalidation queue full; inode %d relies on the attribute timeout", inode)
+
+    def _forget_volume_pages(self, volume_ids: list[int]) -> None:
+        for volume_id in volume_ids:
+            self.invalidate_later(inodes.volume_inode(volume_id), data=True)
 
     async def run_invalidations(self) -> None:
         async for inode, data in self._invalidate_receive:
@@ -331,6 +355,13 @@ class Operations(pyfuse3.Operations):
                 attr.st_size = len(self._link_target(inode))
             elif node.entry == VmEntry.CTL:
                 attr.st_mode = stat.S_IFREG | 0o600
+            elif node.entry == VmEntry.DOMAIN:
+                attr.st_mode = stat.S_IFREG | (0o400 if vm.immutable else 0o600)
+                attr.st_size = len(self._domain_text_now(vm))
+            elif node.entry == VmEntry.CONSOLE:
+                attr.st_mode = stat.S_IFREG | 0o400
+                lifecycle = self.tree.lifecycle
+                attr.st_size = lifecycle.console_size(vm) if lifecycle else 0
             else:
                 attr.st_mode = stat.S_IFREG | 0o444
                 attr.st_size = len(self._state_text(vm))
@@ -349,6 +380,19 @@ class Operations(pyfuse3.Operations):
 
     def _state_text(self, vm: Vm) -> bytes:
         return f"{vm.state}\n".encode()
+
+    def _domain_text_now(self, vm: Vm) -> bytes:
+        """For st_size: the stored base, or the default as far as it is known yet."""
+        if vm.domain_xml is not None:
+            return vm.domain_xml.encode()
+        lifecycle = self.tree.lifecycle
+        return lifecycle.default_domain_xml_now().encode() if lifecycle else b""
+
+    async def _domain_text(self, vm: Vm) -> bytes:
+        lifecycle = self.tree.lifecycle
+        if lifecycle is None:
+            return (vm.domain_xml or "").encode()
+        return (await lifecycle.base_domain_xml(vm)).encode()
 
     def _entry(self, inode: int) -> pyfuse3.EntryAttributes:
         """Attributes for a reply that gives the kernel a new reference (lookup, mkdir, create)."""
@@ -488,6 +532,13 @@ class Operations(pyfuse3.Operations):
                     await self.tree.resize_volume(node.volume_id, attr.st_size)
             elif inode == CONTROL_CTL or (isinstance(node, VmNode) and node.entry == VmEntry.CTL):
                 pass  # "echo cmd > ctl" truncates first: a control file has nothing to truncate.
+            elif isinstance(node, VmNode) and node.entry == VmEntry.DOMAIN:
+                handle = self.handles.get(fh) if fh is not None else None
+                if not isinstance(handle, DomainHandle) or attr.st_size > len(handle.data):
+                    raise refuse(errno.EINVAL, "domain.xml is replaced by writing it whole (cp, >)")
+                if attr.st_size < len(handle.data):
+                    del handle.data[attr.st_size :]
+                    handle.dirty = True
             else:
                 raise refuse(errno.EACCES, "only volumes can be truncated")
         if fields.update_mtime and isinstance(node, VolumeNode):
@@ -667,6 +718,14 @@ class Operations(pyfuse3.Operations):
             handle = CtlHandle(None)
         elif isinstance(node, VmNode) and node.entry == VmEntry.CTL:
             handle = CtlHandle(node.vm_id)
+        elif isinstance(node, VmNode) and node.entry == VmEntry.DOMAIN and writable:
+            vm = self._vm(node.vm_id)
+            self.tree.check_domain_writable(vm)
+            truncate = bool(flags & os.O_TRUNC)
+            start = b"" if truncate else await self._domain_text(vm)
+            handle = DomainHandle(vm.id, bytearray(start), dirty=truncate)
+        elif isinstance(node, VmNode) and node.entry == VmEntry.CONSOLE and not writable:
+            handle = ConsoleHandle(node.vm_id)
         else:
             if writable:
                 raise refuse(errno.EACCES, "this file is read-only")
@@ -683,6 +742,8 @@ class Operations(pyfuse3.Operations):
             return b""
         if isinstance(node, VmNode) and node.entry == VmEntry.STATE:
             return self._state_text(self._vm(node.vm_id))
+        if isinstance(node, VmNode) and node.entry == VmEntry.DOMAIN:
+            return await self._domain_text(self._vm(node.vm_id))
         raise refuse(errno.EISDIR, "not a regular file")
 
     @handler("read", names=0)
@@ -696,6 +757,14 @@ class Operations(pyfuse3.Operations):
             chunk = handle.result[handle.read_pos : handle.read_pos + size]
             handle.read_pos += len(chunk)
             return chunk
+        if isinstance(handle, DomainHandle):
+            return bytes(handle.data[off : off + size])
+        if isinstance(handle, ConsoleHandle):
+            lifecycle = self.tree.lifecycle
+            if lifecycle is None:
+                return b""
+            vm = self._vm(handle.vm_id)
+            return await trio.to_thread.run_sync(lifecycle.read_console, vm, off, size)
         return handle.data[off : off + size]
 
     @handler("write", names=0)
@@ -723,6 +792,15 @@ class Operations(pyfuse3.Operations):
                 result = await self.tree.run_command(handle.vm_id, command)
                 handle.result = (result + "\n").encode()
             return len(buf)
+        if isinstance(handle, DomainHandle):
+            end = off + len(buf)
+            if end > MAX_DOMAIN_XML:
+                raise refuse(errno.EFBIG, f"domain.xml may hold at most {MAX_DOMAIN_XML} bytes")
+            if len(handle.data) < off:
+                handle.data.extend(bytes(off - len(handle.data)))
+            handle.data[off:end] = buf
+            handle.dirty = True
+            return len(buf)
         raise pyfuse3.FUSEError(errno.EBADF)
 
     @handler("flush")
@@ -733,6 +811,10 @@ class Operations(pyfuse3.Operations):
         handle = self._handle(fh)
         if isinstance(handle, VolumeHandle) and handle.unsynced:
             await self.fsync(fh, False)
+        if isinstance(handle, DomainHandle) and handle.dirty:
+            # Checked and stored at close: a bad description fails the close (EINVAL).
+            handle.dirty = False
+            await self.tree.set_domain_xml(handle.vm_id, bytes(handle.data))
 
     @handler("fsync")
     async def fsync(self, fh: int, datasync: bool) -> None:

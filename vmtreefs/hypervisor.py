@@ -1,0 +1,294 @@
+"""libvirt, seen from the tree: run, stop and save domains, and hear what happens to them.
+
+Every method blocks (callers run them in worker threads). libvirt delivers
+lifecycle events on its own event-loop thread, one per process; they are handed
+to the ``deliver`` callback given at :meth:`Hypervisor.connect` as
+:class:`DomainEvent`, which the tree forwards into trio, so a VM's ``state``
+follows what libvirt says without polling.
+
+Domains are transient: libvirt forgets one when it stops, so there is nothing
+to undefine and no stale definition after a crash of vmtreefs.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import libvirt
+
+from vmtreefs.errors import VmtreeError
+
+log = logging.getLogger("vmtreefs.hypervisor")
+
+DEFAULT_URI = "qemu:///system"
+
+
+class HypervisorError(VmtreeError):
+    """libvirt refused or failed; ``errno`` is what the user sees."""
+
+
+@dataclass(frozen=True)
+class DomainEvent:
+    """A domain changed state: ``state`` is one of the tree's words, ``reason`` is for people."""
+
+    name: str
+    state: str
+    reason: str
+
+
+# virDomainEventType -> (state word, {detail: reason}); unlisted details say "event N".
+_EVENTS: dict[int, tuple[str, dict[int, str]]] = {
+    libvirt.VIR_DOMAIN_EVENT_STARTED: (
+        "running",
+        {
+            libvirt.VIR_DOMAIN_EVENT_STARTED_BOOTED: "booted",
+            libvirt.VIR_DOMAIN_EVENT_STARTED_RESTORED: "restored",
+            libvirt.VIR_DOMAIN_EVENT_STARTED_MIGRATED: "migrated in",
+        },
+    ),
+    libvirt.VIR_DOMAIN_EVENT_SUSPENDED: (
+        "paused",
+        {
+            libvirt.VIR_DOMAIN_EVENT_SUSPENDED_PAUSED: "paused",
+            libvirt.VIR_DOMAIN_EVENT_SUSPENDED_IOERROR: "paused on an I/O error",
+            libvirt.VIR_DOMAIN_EVENT_SUSPENDED_RESTORED: "restored paused",
+        },
+    ),
+    libvirt.VIR_DOMAIN_EVENT_RESUMED: (
+        "running",
+        {libvirt.VIR_DOMAIN_EVENT_RESUMED_UNPAUSED: "resumed"},
+    ),
+    libvirt.VIR_DOMAIN_EVENT_SHUTDOWN: (
+        "stopping",
+        {libvirt.VIR_DOMAIN_EVENT_SHUTDOWN_FINISHED: "guest is shutting down"},
+    ),
+    libvirt.VIR_DOMAIN_EVENT_STOPPED: (
+        "halted",
+        {
+            libvirt.VIR_DOMAIN_EVENT_STOPPED_SHUTDOWN: "shut down",
+            libvirt.VIR_DOMAIN_EVENT_STOPPED_DESTROYED: "killed",
+            libvirt.VIR_DOMAIN_EVENT_STOPPED_CRASHED: "crashed",
+            libvirt.VIR_DOMAIN_EVENT_STOPPED_SAVED: "saved",
+            libvirt.VIR_DOMAIN_EVENT_STOPPED_FAILED: "failed",
+        },
+    ),
+    libvirt.VIR_DOMAIN_EVENT_CRASHED: ("halted", {}),
+    libvirt.VIR_DOMAIN_EVENT_PMSUSPENDED: ("paused", {}),
+}
+
+# virDomainState -> the tree's word.
+_STATES = {
+    libvirt.VIR_DOMAIN_RUNNING: "running",
+    libvirt.VIR_DOMAIN_BLOCKED: "running",
+    libvirt.VIR_DOMAIN_PAUSED: "paused",
+    libvirt.VIR_DOMAIN_PMSUSPENDED: "paused",
+    libvirt.VIR_DOMAIN_SHUTDOWN: "stopping",
+    libvirt.VIR_DOMAIN_SHUTOFF: "halted",
+    libvirt.VIR_DOMAIN_CRASHED: "halted",
+}
+
+_ERRNO_OF_LIBVIRT = {
+    libvirt.VIR_ERR_NO_DOMAIN: errno.ENOENT,
+    libvirt.VIR_ERR_OPERATION_INVALID: errno.EBUSY,
+    libvirt.VIR_ERR_OPERATION_TIMEOUT: errno.ETIMEDOUT,
+    libvirt.VIR_ERR_XML_ERROR: errno.EINVAL,
+    libvirt.VIR_ERR_XML_DETAIL: errno.EINVAL,
+    libvirt.VIR_ERR_CONFIG_UNSUPPORTED: errno.EINVAL,
+    libvirt.VIR_ERR_INVALID_ARG: errno.EINVAL,
+    libvirt.VIR_ERR_NO_CONNECT: errno.ENOTCONN,
+    libvirt.VIR_ERR_SYSTEM_ERROR: errno.EIO,
+}
+
+
+def _translate(e: libvirt.libvirtError, what: str) -> HypervisorError:
+    code = e.get_error_code()
+    message = (e.get_error_message() or str(e)).strip()
+    return HypervisorError(_ERRNO_OF_LIBVIRT.get(code, errno.EIO), f"{what}: {message}")
+
+
+_loop_lock = threading.Lock()
+_loop_started = False
+
+
+def _ensure_event_loop() -> None:
+    """libvirt's default event loop, once per process, in its own thread (before any connection)."""
+    global _loop_started
+    with _loop_lock:
+        if _loop_started:
+            return
+        libvirt.virEventRegisterDefaultImpl()
+        thread = threading.Thread(target=_run_event_loop, name="libvirt-events", daemon=True)
+        thread.start()
+        _loop_started = True
+
+
+def _run_event_loop() -> None:
+    while True:
+        try:
+            libvirt.virEventRunDefaultImpl()
+        except libvirt.libvirtError as e:  # pragma: no cover - libvirt's own loop failing
+            log.error("libvirt event loop: %s", e)
+
+
+# libvirt reports its errors as exceptions; its default handler also prints them.
+def _quiet(_ctx: Any, _err: Any) -> None:
+    return None
+
+
+class Hypervisor:
+    """One connection to libvirt, reopened when it drops."""
+
+    def __init__(self, uri: str = DEFAULT_URI) -> None:
+        self.uri = uri
+        self._conn: libvirt.virConnect | None = None
+        self._callback_id: int | None = None
+        self._deliver: Callable[[DomainEvent], None] | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def connected(self) -> bool:
+        return self._conn is not None
+
+    def connect(self, deliver: Callable[[DomainEvent], None]) -> None:
+        """Open the connection and subscribe to lifecycle events; ENOTCONN when libvirt is away."""
+        _ensure_event_loop()
+        libvirt.registerErrorHandler(_quiet, None)
+        with self._lock:
+            if self._conn is not None:
+                return
+            try:
+                conn = libvirt.open(self.uri)
+            except libvirt.libvirtError as e:
+                raise HypervisorError(
+                    errno.ENOTCONN,
+                    f"cannot reach libvirt at {self.uri}: {(e.get_error_message() or e)!s}; "
+                    "is libvirtd running?",
+                ) from None
+            self._deliver = deliver
+            self._callback_id = conn.domainEventRegisterAny(
+                None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle, None
+            )
+            conn.registerCloseCallback(self._on_close, None)
+            self._conn = conn
+        log.info("connected to libvirt at %s (version %s)", self.uri, conn.getLibVersion())
+
+    def close(self) -> None:
+        with self._lock:
+            conn, self._conn = self._conn, None
+            if conn is None:
+                return
+            try:
+                if self._callback_id is not None:
+                    conn.domainEventDeregisterAny(self._callback_id)
+                conn.unregisterCloseCallback()
+                conn.close()
+            except libvirt.libvirtError as e:
+                log.warning("closing the libvirt connection: %s", e)
+
+    def _on_lifecycle(
+        self, _conn: Any, dom: libvirt.virDomain, event: int, detail: int, _opaque: Any
+    ) -> None:
+        state, reasons = _EVENTS.get(event, ("", {}))
+        if not state or self._deliver is None:
+            return
+        reason = reasons.get(detail, state if not reasons else f"event {event}/{detail}")
+        self._deliver(DomainEvent(dom.name(), state, reason))
+
+    def _on_close(self, _conn: Any, reason: int, _opaque: Any) -> None:
+        log.error("libvirt at %s closed the connection (reason %d)", self.uri, reason)
+        with self._lock:
+            self._conn = None
+        if self._deliver is not None:
+            self._deliver(DomainEvent("", "disconnected", f"reason {reason}"))
+
+    def _connection(self) -> libvirt.virConnect:
+        conn = self._conn
+        if conn is None:
+            if self._deliver is None:
+                raise HypervisorError(errno.ENOTCONN, f"not connected to libvirt at {self.uri}")
+            self.connect(self._deliver)
+            conn = self._conn
+            assert conn is not None
+        return conn
+
+    def _domain(self, name: str) -> libvirt.virDomain:
+        try:
+            return self._connection().lookupByName(name)
+        except libvirt.libvirtError as e:
+            raise _translate(e, f"find domain {name}") from None
+
+    # Questions
+
+    def domains(self, prefix: str) -> dict[str, str]:
+        """Every domain whose name starts with ``prefix`` that libvirt runs: name -> state."""
+        try:
+            found = self._connection().listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)
+            return {
+                d.name(): _STATES.get(d.state()[0], "running")
+                for d in found
+                if d.name().startswith(prefix)
+            }
+        except libvirt.libvirtError as e:
+            raise _translate(e, "list domains") from None
+
+    def state(self, name: str) -> str:
+        """The domain's state; ``halted`` when libvirt does not know it (it stopped)."""
+        try:
+            return _STATES.get(self._connection().lookupByName(name).state()[0], "running")
+        except libvirt.libvirtError as e:
+            if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                return "halted"
+            raise _translate(e, f"ask the state of {name}") from None
+
+    def saved_description(self, image: str) -> str:
+        """The domain description inside a save image."""
+        try:
+            return str(self._connection().saveImageGetXMLDesc(image, 0))
+        except libvirt.libvirtError as e:
+            raise _translate(e, f"read save image {image}") from None
+
+    # Actions
+
+    def create(self, xml: str) -> None:
+        """Boot a transient domain from its description."""
+        try:
+            self._connection().createXML(xml, 0)
+        except libvirt.libvirtError as e:
+            raise _translate(e, "start the domain") from None
+
+    def shutdown(self, name: str) -> None:
+        """Ask the guest to shut down (ACPI power button); it may ignore it."""
+        self._act(name, "shut down", lambda d: d.shutdown())
+
+    def destroy(self, name: str) -> None:
+        self._act(name, "kill", lambda d: d.destroy())
+
+    def suspend(self, name: str) -> None:
+        self._act(name, "pause", lambda d: d.suspend())
+
+    def resume(self, name: str) -> None:
+        self._act(name, "resume", lambda d: d.resume())
+
+    def save(self, name: str, image: str) -> None:
+        """Write the guest's memory to ``image``; the domain stops."""
+        self._act(name, f"save to {image}", lambda d: d.save(image))
+
+    def restore(self, image: str, xml: str | None = None, paused: bool = False) -> None:
+        """Start a domain from a save image, optionally with a changed description (disk paths)."""
+        flags = libvirt.VIR_DOMAIN_SAVE_PAUSED if paused else 0
+        try:
+            self._connection().restoreFlags(image, xml, flags)
+        except libvirt.libvirtError as e:
+            raise _translate(e, f"restore from {image}") from None
+
+    def _act(self, name: str, what: str, action: Callable[[libvirt.virDomain], Any]) -> None:
+        domain = self._domain(name)
+        try:
+            action(domain)
+        except libvirt.libvirtError as e:
+            raise _translate(e, f"{what} {name}") from None

@@ -1,0 +1,375 @@
+"""Running VMs: the ctl commands that start and stop them, and their ``state``.
+
+A VM's state lives in memory (``Vm.state``) and follows libvirt's lifecycle
+events, which arrive from the hypervisor's event thread through a trio channel;
+a command waiting for a VM to stop waits for that event, not on a timer. At
+(re)connection the states are read once from libvirt, so a VM that stopped
+while vmtreefs was down is seen as halted.
+
+While a command is carrying a VM through several libvirt steps it *drives*
+the VM: events still update the state, but what a stop would set off (releasing
+the volumes) is left to the command.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import math
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import trio
+
+from vmtreefs import domain, states
+from vmtreefs.accel import resolve_domain_type
+from vmtreefs.commands import Command
+from vmtreefs.domain import Disk, Identity
+from vmtreefs.errors import VmtreeError
+from vmtreefs.hypervisor import DomainEvent, Hypervisor
+from vmtreefs.model import Vm
+
+if TYPE_CHECKING:
+    from vmtreefs.tree import VmTree
+
+log = logging.getLogger("vmtreefs.lifecycle")
+
+RECONNECT_SECONDS = 5.0
+CONNECT_WAIT_SECONDS = 10.0  # a command waits this long for libvirt to come (back)
+MAX_CONSOLE_READ = 1024 * 1024
+
+
+class Lifecycle:
+    """Starts, stops and watches the tree's VMs through one :class:`Hypervisor`."""
+
+    def __init__(
+        self,
+        tree: VmTree,
+        hypervisor: Hypervisor | None,
+        run_dir: Path,
+        guest_dir: Path,
+        accel: str = "auto",
+    ) -> None:
+        self.tree = tree
+        self.hypervisor = hypervisor
+        self.run_dir = run_dir
+        self.guest_dir = guest_dir
+        self.accel = accel
+        self.tree_id = tree.store.get_meta("tree_id") or "0"
+        self._domain_type: str | None = None
+        self._attached: dict[int, list[int]] = {}
+        self._driving: set[int] = set()
+        self._changed = trio.Event()
+        self._events_in, self._events_out = trio.open_memory_channel[DomainEvent](math.inf)
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._connected = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        # Set once the first connection attempt is over: the mount answers only then,
+        # so the first `state` anyone reads is libvirt's.
+        self.settled = trio.Event()
+        # Bumped at every state change: a reconciliation does not undo a newer event.
+        self._versions: dict[int, int] = {}
+
+    # Names and files
+
+    def domain_name(self, vm: Vm) -> str:
+        return domain.domain_name(self.tree_id, vm.id)
+
+    def console_path(self, vm: Vm) -> Path:
+        return self.run_dir / f"console-{vm.id}.log"
+
+    def read_console(self, vm: Vm, offset: int, size: int) -> bytes:
+        try:
+            with open(self.console_path(vm), "rb") as f:
+                f.seek(offset)
+                return f.read(min(size, MAX_CONSOLE_READ))
+        except FileNotFoundError:
+            return b""
+
+    def console_size(self, vm: Vm) -> int:
+        try:
+            return self.console_path(vm).stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    async def default_domain_xml(self) -> str:
+        """The demo guest, under KVM where a probe boot shows it works (once per process)."""
+        if self._domain_type is None:
+            self._domain_type = await trio.to_thread.run_sync(
+                resolve_domain_type, self.accel, self.guest_dir
+            )
+        return domain.demo_domain(str(self.guest_dir), self._domain_type)
+
+    def default_domain_xml_now(self) -> str:
+        """The default as far as the accelerator is known yet (for a file size)."""
+        return domain.demo_domain(str(self.guest_dir), self._domain_type or "qemu")
+
+    async def base_domain_xml(self, vm: Vm) -> str:
+        return vm.domain_xml if vm.domain_xml is not None else await self.default_domain_xml()
+
+    # The event pump
+
+    async def run(self) -> None:
+        """Connect (again after a drop) and apply events until cancelled."""
+        self._token = trio.lowlevel.current_trio_token()
+        if self.hypervisor is None:
+            self.settled.set()
+            return
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._keep_connected)
+            async for event in self._events_out:
+                if event.state == "disconnected":
+                    self._connected = trio.Event()
+                    nursery.start_soon(self._keep_connected)
+                    continue
+                self._apply(event)
+
+    def _deliver(self, event: DomainEvent) -> None:
+        """Called on libvirt's event thread."""
+        token = self._token
+        if token is None:
+            return
+        with contextlib.suppress(trio.RunFinishedError):
+            token.run_sync_soon(self._events_in.send_nowait, event)
+
+    async def _keep_connected(self) -> None:
+        assert self.hypervisor is not None
+        warned = False
+        while True:
+            try:
+                await trio.to_thread.run_sync(self.hypervisor.connect, self._deliver)
+                await self._reconcile()
+                self._connected.set()
+                self.settled.set()
+                return
+            except VmtreeError as e:
+                if not warned:
+                    log.warning("%s; VMs cannot start until it answers (retrying)", e.reason)
+                    warned = True
+            self.settled.set()
+            await trio.sleep(RECONNECT_SECONDS)
+
+    async def _reconcile(self) -> None:
+        """Take the states libvirt has now: VMs that stopped while we were away are halted."""
+        assert self.hypervisor is not None
+        versions = dict(self._versions)
+        running = await trio.to_thread.run_sync(
+            self.hypervisor.domains, domain.domain_name(self.tree_id, 0)[:-1]
+        )
+        known: set[str] = set()
+        for vm in list(self.tree.ns.by_id.values()):
+            name = self.domain_name(vm)
+            known.add(name)
+            state = running.get(name, states.HALTED)
+            if state != states.HALTED and vm.id not in self._attached:
+                await self._attach(vm)
+            if vm.id in self._driving or self._versions.get(vm.id) != versions.get(vm.id):
+                continue
+            self._set_state(vm, state)
+            if state == states.HALTED:
+                await self._release(vm)
+        for name in sorted(set(running) - known):
+            log.warning("libvirt runs %s, which is not a VM of this tree: left alone", name)
+        log.info("libvirt: %d of %d VMs running", sum(1 for n in running if n in known), len(known))
+
+    def _apply(self, event: DomainEvent) -> None:
+        vm_id = domain.parse_domain_name(self.tree_id, event.name)
+        vm = self.tree.ns.by_id.get(vm_id) if vm_id is not None else None
+        if vm is None:
+            return
+        if vm.state != event.state:
+            log.info("VM %s: %s (%s)", vm.name, event.state, event.reason)
+        self._set_state(vm, event.state)
+        if event.state == states.HALTED and vm.id not in self._driving:
+            self.tree.announce(f"{vm.name} stopped: {event.reason}", time.time())
+            if self._nursery is not None:
+                self._nursery.start_soon(self._release, vm)
+
+    def _set_state(self, vm: Vm, state: str) -> None:
+        if vm.state != state:
+            vm.state = state
+            self._versions[vm.id] = self._versions.get(vm.id, 0) + 1
+            self._changed.set()
+            self._changed = trio.Event()
+            self.tree.changed.unpark_all()
+
+    async def wait_for(self, vm: Vm, wanted: frozenset[str], timeout: float) -> bool:
+        """Wait until the VM is in one of ``wanted``; False on timeout."""
+        with trio.move_on_after(timeout):
+            while vm.state not in wanted:
+                await self._changed.wait()
+            return True
+        return vm.state in wanted
+
+    # Volumes while running
+
+    async def _attach(self, vm: Vm) -> list[Disk]:
+        """Every volume with a size, as the guest's disks in their fixed order."""
+        engine = self.tree.engine
+        names = domain.disk_targets([n for n, v in vm.volumes.items() if v.size > 0])
+        disks: list[Disk] = []
+        attached: list[int] = []
+        try:
+            for name in names:
+                volume = vm.volumes[name]
+                where = await trio.to_thread.run_sync(engine.attach, volume.id)
+                attached.append(volume.id)
+                disks.append(Disk(name, where.path, where.block, readonly=vm.immutable))
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                for vol_id in attached:
+                    await trio.to_thread.run_sync(engine.detach, vol_id)
+            raise
+        self._attached[vm.id] = attached
+        self.tree.on_volumes_written_outside(attached)
+        return disks
+
+    async def _release(self, vm: Vm) -> None:
+        attached = self._attached.pop(vm.id, [])
+        self.tree.on_volumes_written_outside(attached)
+        for vol_id in attached:
+            try:
+                await trio.to_thread.run_sync(self.tree.engine.detach, vol_id)
+            except VmtreeError as e:
+                log.warning("VM %s: releasing volume %d: %s", vm.name, vol_id, e.reason)
+
+    # Commands
+
+    async def _require_hypervisor(self) -> Hypervisor:
+        if self.hypervisor is None:
+            raise VmtreeError(errno.ENOTCONN, "this mount runs no VMs (mounted with libvirt=none)")
+        with trio.move_on_after(CONNECT_WAIT_SECONDS):
+            await self._connected.wait()
+        if not self._connected.is_set():
+            raise VmtreeError(
+                errno.ENOTCONN,
+                f"libvirt at {self.hypervisor.uri} does not answer; is libvirtd running?",
+            )
+        return self.hypervisor
+
+    async def run_command(self, vm: Vm, command: Command) -> str:
+        verb = command.verb
+        if verb == "shutdown":
+            timeout = states.parse_shutdown_args(command.args)
+        else:
+            states.check_no_args(verb, command.args)
+        states.check_command(vm.name, verb, vm.state)
+        hypervisor = await self._require_hypervisor()
+        if verb == "start":
+            return await self.start(vm, hypervisor)
+        if verb == "shutdown":
+            return await self.shutdown(vm, hypervisor, timeout)
+        if verb == "kill":
+            return await self.kill(vm, hypervisor)
+        if verb == "pause":
+            await trio.to_thread.run_sync(hypervisor.suspend, self.domain_name(vm))
+            self._set_state(vm, states.PAUSED)
+            return self._done(vm, "paused")
+        if verb == "resume":
+            await trio.to_thread.run_sync(hypervisor.resume, self.domain_name(vm))
+            self._set_state(vm, states.RUNNING)
+            return self._done(vm, "running")
+        raise VmtreeError(errno.EINVAL, f"{verb!r} is not a lifecycle command")
+
+    def _done(self, vm: Vm, result: str) -> str:
+        self.tree.announce(f"{vm.name}: {result}", time.time())
+        return result
+
+    async def start(self, vm: Vm, hypervisor: Hypervisor) -> str:
+        if vm.immutable:
+            raise VmtreeError(
+                errno.EROFS,
+                f"cannot start VM {vm.name!r} itself: it is immutable "
+                "(instances of immutable VMs come with a later release)",
+            )
+        if vm.domain_xml is None:
+            self._check_demo_guest()
+        await self._reset_volatile_volumes(vm)
+        self._driving.add(vm.id)
+        self._set_state(vm, states.STARTING)
+        try:
+            base = await self.base_domain_xml(vm)
+            disks = await self._attach(vm)
+            xml = domain.render(
+                base,
+                self._identity(vm),
+                int(vm.props.get("memory", "256")),
+                int(vm.props.get("vcpus", "1")),
+                disks,
+            )
+            await trio.to_thread.run_sync(self._fresh_console, vm)
+            await trio.to_thread.run_sync(hypervisor.create, xml)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self._release(vm)
+                self._set_state(vm, states.HALTED)
+            raise
+        finally:
+            self._driving.discard(vm.id)
+        if vm.state == states.STARTING:
+            self._set_state(vm, states.RUNNING)
+        self._done(vm, "started")
+        return vm.name
+
+    def _check_demo_guest(self) -> None:
+        for name in (domain.DEMO_KERNEL, domain.DEMO_INITRD):
+            if not (self.guest_dir / name).is_file():
+                raise VmtreeError(
+                    errno.ENOENT,
+                    f"the default domain.xml boots the demo guest, but {self.guest_dir / name} "
+                    "is missing: build it (scripts/build-demo-guest.sh DIR) and mount with "
+                    "-o guest=DIR, or write the VM's own domain.xml",
+                )
+
+    def _identity(self, vm: Vm) -> Identity:
+        return Identity(
+            self.domain_name(vm),
+            domain.domain_uuid(self.tree_id, vm.id),
+            str(self.console_path(vm)),
+        )
+
+    def _fresh_console(self, vm: Vm) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.console_path(vm), "wb"):
+            pass
+
+    async def _reset_volatile_volumes(self, vm: Vm) -> None:
+        """``volatile`` volumes start every boot empty."""
+        for volume in list(vm.volumes.values()):
+            if volume.policy == "volatile" and volume.size > 0:
+                await trio.to_thread.run_sync(self.tree.engine.discard, volume.id, volume.size)
+
+    async def shutdown(self, vm: Vm, hypervisor: Hypervisor, timeout: int) -> str:
+        name = self.domain_name(vm)
+        if vm.state == states.PAUSED:
+            await trio.to_thread.run_sync(hypervisor.resume, name)
+        await trio.to_thread.run_sync(hypervisor.shutdown, name)
+        self._set_state(vm, states.STOPPING)
+        log.info("VM %s: asked to shut down, waiting up to %d s", vm.name, timeout)
+        if await self.wait_for(vm, frozenset({states.HALTED}), timeout):
+            return "halted"  # the stop event was announced
+        log.warning("VM %s did not shut down within %d s: forcing it off", vm.name, timeout)
+        await self._destroy(vm, hypervisor)
+        return self._done(vm, f"halted: forced off after {timeout} s")
+
+    async def kill(self, vm: Vm, hypervisor: Hypervisor) -> str:
+        await self._destroy(vm, hypervisor)
+        return "halted"  # the stop event was announced
+
+    async def _destroy(self, vm: Vm, hypervisor: Hypervisor) -> None:
+        try:
+            await trio.to_thread.run_sync(hypervisor.destroy, self.domain_name(vm))
+        except VmtreeError as e:
+            if e.errno != errno.ENOENT:
+                raise
+            self._set_state(vm, states.HALTED)
+        await self.wait_for(vm, frozenset({states.HALTED}), 30)
+        if vm.state != states.HALTED:
+            # The event did not come (libvirt went away): ask once.
+            state = await trio.to_thread.run_sync(hypervisor.state, self.domain_name(vm))
+            self._set_state(vm, state)
+        if vm.state == states.HALTED:
+            await self._release(vm)
