@@ -114,7 +114,7 @@ def serve(source: Path, mountpoint: Path, options: MountOptions, ready_fd: int |
         )
         try:
             log.info("engine: %s (%s)", engine.describe(), reason)
-            tree = VmTree(store, engine)
+            tree = VmTree(store, engine, source / "savestates")
             report = tree.recover()
             log.info(
                 "recovered: %d rolled back, %d rolled forward, %d left open, %d inventory "

@@ -280,7 +280,8 @@ class Hypervisor:
 
     def restore(self, image: str, xml: str | None = None, paused: bool = False) -> None:
         """Start a domain from a save image, optionally with a changed description (disk paths)."""
-        flags = libvirt.VIR_DOMAIN_SAVE_PAUSED if paused else 0
+        # The image remembers the guest as paused (it is paused to be saved): say which.
+        flags = libvirt.VIR_DOMAIN_SAVE_PAUSED if paused else libvirt.VIR_DOMAIN_SAVE_RUNNING
         try:
             self._connection().restoreFlags(image, xml, flags)
         except libvirt.libvirtError as e:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import logging
 import math
 import time
@@ -254,10 +255,18 @@ class Lifecycle:
         verb = command.verb
         if verb == "shutdown":
             timeout = states.parse_shutdown_args(command.args)
+        elif verb == "save":
+            label, stop = states.parse_save_args(command.args)
+        elif verb == "restore":
+            label = states.parse_restore_args(command.args)
         else:
             states.check_no_args(verb, command.args)
         states.check_command(vm.name, verb, vm.state)
         hypervisor = await self._require_hypervisor()
+        if verb == "save":
+            return await self.save(vm, hypervisor, label, stop)
+        if verb == "restore":
+            return await self.restore(vm, hypervisor, label)
         if verb == "start":
             return await self.start(vm, hypervisor)
         if verb == "shutdown":
@@ -341,6 +350,108 @@ class Lifecycle:
         for volume in list(vm.volumes.values()):
             if volume.policy == "volatile" and volume.size > 0:
                 await trio.to_thread.run_sync(self.tree.engine.discard, volume.id, volume.size)
+
+    # Savestates
+
+    async def save(self, vm: Vm, hypervisor: Hypervisor, label: str | None, stop: bool) -> str:
+        """Pause, snapshot every volume, write the memory image; then run on unless ``stop``.
+
+        The guest does not run between the snapshots and the memory image, so
+        the two agree: a restore finds the disks as the memory remembers them.
+        """
+        label = label or self._new_label(vm)
+        if label in vm.savestates:
+            raise VmtreeError(errno.EEXIST, f"VM {vm.name!r} already has a savestate {label!r}")
+        name = self.domain_name(vm)
+        was_paused = vm.state == states.PAUSED
+        self._driving.add(vm.id)
+        try:
+            if not was_paused:
+                await trio.to_thread.run_sync(hypervisor.suspend, name)
+            try:
+                pending = await self.tree.snapshot_for_savestate(vm, label)
+                try:
+                    started = time.monotonic()
+                    await trio.to_thread.run_sync(hypervisor.save, name, pending.image_path)
+                    log.info("VM %s: memory saved in %.1f s", vm.name, time.monotonic() - started)
+                except BaseException:
+                    await self.tree.abandon_savestate(pending)
+                    raise
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    now = await trio.to_thread.run_sync(hypervisor.state, name)
+                    if not was_paused and now == states.PAUSED:
+                        await trio.to_thread.run_sync(hypervisor.resume, name)
+                raise
+            info: dict[str, object] = {
+                "vm": vm.name,
+                "memory_mib": int(vm.props.get("memory", "256")),
+                "vcpus": int(vm.props.get("vcpus", "1")),
+                "paused": was_paused,
+            }
+            await self.tree.record_savestate(vm, pending, info)
+            self._set_state(vm, states.HALTED)
+            if stop:
+                await self._release(vm)
+                self._done(vm, f"saved {label} and stopped")
+                return label
+            try:
+                await trio.to_thread.run_sync(
+                    functools.partial(hypervisor.restore, pending.image_path, paused=was_paused)
+                )
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    await self._release(vm)
+                raise
+            self._set_state(vm, states.PAUSED if was_paused else states.RUNNING)
+        finally:
+            self._driving.discard(vm.id)
+        self._done(vm, f"saved {label}")
+        return label
+
+    @staticmethod
+    def _new_label(vm: Vm) -> str:
+        base = time.strftime("%Y%m%d-%H%M%S")
+        label, n = base, 1
+        while label in vm.savestates:
+            n += 1
+            label = f"{base}-{n}"
+        return label
+
+    async def restore(self, vm: Vm, hypervisor: Hypervisor, label: str | None) -> str:
+        """Start from a savestate: the volumes go back to the savestate's, then the memory."""
+        if vm.immutable:
+            raise VmtreeError(
+                errno.EROFS, f"cannot restore VM {vm.name!r}: it is immutable (its volumes stay)"
+            )
+        if label is None:
+            if not vm.savestates:
+                raise VmtreeError(errno.ENOENT, f"VM {vm.name!r} has no savestate to restore")
+            label = max(vm.savestates.values(), key=lambda ss: (ss.created, ss.id)).label
+        savestate = self.tree.ns.get_savestate(vm, label)
+        image = str(self.tree.image_path(savestate))
+        saved_xml = await trio.to_thread.run_sync(hypervisor.saved_description, image)
+        self._driving.add(vm.id)
+        self._set_state(vm, states.STARTING)
+        try:
+            await self.tree.restore_volumes(vm, savestate)
+            disks = await self._attach(vm)
+            xml = domain.retarget(saved_xml, self._identity(vm), disks)
+            await trio.to_thread.run_sync(self._fresh_console, vm)
+            paused = bool(savestate.info.get("paused"))
+            await trio.to_thread.run_sync(
+                functools.partial(hypervisor.restore, image, xml, paused=paused)
+            )
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self._release(vm)
+                self._set_state(vm, states.HALTED)
+            raise
+        finally:
+            self._driving.discard(vm.id)
+        self._set_state(vm, states.PAUSED if paused else states.RUNNING)
+        self._done(vm, f"restored {label}")
+        return label
 
     async def shutdown(self, vm: Vm, hypervisor: Hypervisor, timeout: int) -> str:
         name = self.domain_name(vm)

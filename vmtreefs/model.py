@@ -107,6 +107,25 @@ def check_volume_filename(raw: str | bytes) -> str:
     return name
 
 
+_LABEL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\Z")
+MAX_LABEL_CHARS = 64
+HOT_LABEL = "hot"
+
+
+def check_savestate_label(raw: str | bytes) -> str:
+    """A savestate label a user gave; ``hot`` is the hot savestate's, made by vmtreefs."""
+    label = _decode(raw, "savestate label")
+    if not _LABEL_RE.match(label) or len(label) > MAX_LABEL_CHARS:
+        raise ModelError(
+            errno.EINVAL,
+            f"savestate label {label[:70]!r} is not allowed: labels are "
+            f"[A-Za-z0-9][A-Za-z0-9._-]*, at most {MAX_LABEL_CHARS} characters",
+        )
+    if label == HOT_LABEL:
+        raise ModelError(errno.EINVAL, "the savestate label 'hot' is kept for hot savestates")
+    return label
+
+
 def check_volume_size(size: int) -> None:
     if size < 0 or size % SECTOR:
         raise ModelError(errno.EINVAL, f"volume size {size} is not a multiple of {SECTOR} bytes")
@@ -134,6 +153,18 @@ class Volume:
 
 
 @dataclass
+class Savestate:
+    """A VM's memory image and the snapshots of its volumes taken with it."""
+
+    id: int
+    label: str
+    created: float
+    image: str
+    info: dict[str, object]
+    volumes: dict[str, Volume]
+
+
+@dataclass
 class Vm:
     id: int
     name: str
@@ -143,6 +174,7 @@ class Vm:
     volumes: dict[str, Volume] = field(default_factory=dict)
     state: str = "halted"
     domain_xml: str | None = None  # the base description; None: the default one
+    savestates: dict[str, Savestate] = field(default_factory=dict)
 
     @property
     def immutable(self) -> bool:
@@ -166,6 +198,7 @@ class DeleteVm:
     new_origin: int | None = None  # its clones move to its own origin
     reparent: tuple[int, ...] = ()
     aliases: tuple[int, ...] = ()  # aliases that stand for it, dependents first
+    images: tuple[str, ...] = ()  # memory images of its savestates
 
 
 @dataclass(frozen=True)
@@ -273,6 +306,8 @@ class Namespace:
         self.by_id: dict[int, Vm] = {}
         self.reserved: set[str] = set()
         self._volume_owner: dict[int, int] = {}
+        self._savestate_volume_owner: dict[int, tuple[int, str]] = {}
+        self._savestate_owner: dict[int, tuple[int, str]] = {}
         self.aliases: dict[str, Alias] = {}
         self.aliases_by_id: dict[int, Alias] = {}
 
@@ -301,6 +336,45 @@ class Namespace:
 
     def volume_count(self) -> int:
         return len(self._volume_owner)
+
+    def savestate_volume_by_id(self, volume_id: int) -> tuple[Vm, Savestate, Volume]:
+        """A volume of a savestate (read-only); ENOENT once it is gone."""
+        found = self._savestate_volume_owner.get(volume_id)
+        if found is not None:
+            vm = self.by_id.get(found[0])
+            ss = vm.savestates.get(found[1]) if vm is not None else None
+            for vol in ss.volumes.values() if ss is not None else ():
+                if vol.id == volume_id and vm is not None and ss is not None:
+                    return vm, ss, vol
+        raise ModelError(errno.ENOENT, f"savestate volume id {volume_id} is gone")
+
+    def add_savestate(self, vm_id: int, savestate: Savestate) -> None:
+        vm = self.get_by_id(vm_id)
+        vm.savestates[savestate.label] = savestate
+        self._savestate_owner[savestate.id] = (vm_id, savestate.label)
+        for vol in savestate.volumes.values():
+            self._savestate_volume_owner[vol.id] = (vm_id, savestate.label)
+
+    def remove_savestate(self, vm_id: int, label: str) -> Savestate:
+        vm = self.get_by_id(vm_id)
+        savestate = vm.savestates.pop(label)
+        self._savestate_owner.pop(savestate.id, None)
+        for vol in savestate.volumes.values():
+            self._savestate_volume_owner.pop(vol.id, None)
+        return savestate
+
+    def savestate_by_id(self, savestate_id: int) -> tuple[Vm, Savestate]:
+        found = self._savestate_owner.get(savestate_id)
+        vm = self.by_id.get(found[0]) if found is not None else None
+        if vm is None or found is None or found[1] not in vm.savestates:
+            raise ModelError(errno.ENOENT, f"savestate id {savestate_id} is gone")
+        return vm, vm.savestates[found[1]]
+
+    def get_savestate(self, vm: Vm, label: str) -> Savestate:
+        try:
+            return vm.savestates[label]
+        except KeyError:
+            raise ModelError(errno.ENOENT, f"VM {vm.name!r} has no savestate {label!r}") from None
 
     def volume_by_id(self, volume_id: int) -> tuple[Vm, Volume]:
         """The owner and the volume; ENOENT once either is gone."""
@@ -342,10 +416,12 @@ class Namespace:
         return DeleteVm(
             vm.id,
             vm.name,
-            tuple(v.id for v in vm.volumes.values()),
+            tuple(v.id for v in vm.volumes.values())
+            + tuple(v.id for ss in vm.savestates.values() for v in ss.volumes.values()),
             new_origin=vm.origin_id,
             reparent=tuple(c.id for c in self.clones_of(vm)),
             aliases=self._aliases_standing_for(vm_id=vm.id),
+            images=tuple(ss.image for ss in vm.savestates.values()),
         )
 
     def plan_clone(self, source_name: str, raw_new: str | bytes, replace: bool = False) -> CloneVm:
@@ -604,6 +680,10 @@ class Namespace:
         del self.by_name[vm.name]
         for vol in vm.volumes.values():
             self._volume_owner.pop(vol.id, None)
+        for savestate in vm.savestates.values():
+            self._savestate_owner.pop(savestate.id, None)
+            for vol in savestate.volumes.values():
+                self._savestate_volume_owner.pop(vol.id, None)
         for other in self.by_id.values():
             if other.origin_id == vm_id:
                 other.origin_id = vm.origin_id

@@ -11,6 +11,7 @@ import errno
 import re
 
 from vmtreefs.errors import VmtreeError
+from vmtreefs.model import check_savestate_label
 
 HALTED = "halted"
 STARTING = "starting"
@@ -61,3 +62,19 @@ def parse_shutdown_args(args: tuple[str, ...]) -> int:
 def check_no_args(verb: str, args: tuple[str, ...]) -> None:
     if args:
         raise VmtreeError(errno.EINVAL, f"usage: {verb} (it takes no arguments)")
+
+
+def parse_save_args(args: tuple[str, ...]) -> tuple[str | None, bool]:
+    """``save [LABEL] [--stop]``: the label (None: a timestamp) and whether the VM stops."""
+    stop = "--stop" in args
+    rest = [a for a in args if a != "--stop"]
+    if len(rest) > 1 or args.count("--stop") > 1 or any(a.startswith("-") for a in rest):
+        raise VmtreeError(errno.EINVAL, "usage: save [LABEL] [--stop]")
+    return (check_savestate_label(rest[0]) if rest else None), stop
+
+
+def parse_restore_args(args: tuple[str, ...]) -> str | None:
+    """``restore [LABEL]``: None means the newest savestate."""
+    if len(args) > 1:
+        raise VmtreeError(errno.EINVAL, "usage: restore [LABEL]")
+    return check_savestate_label(args[0]) if args else None

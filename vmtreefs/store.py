@@ -152,6 +152,39 @@ CREATE TABLE domains (
 INSERT OR IGNORE INTO meta (key, value) VALUES ('tree_id', lower(hex(randomblob(4))));
 """
 
+# Savestates: a VM's memory (a libvirt save image, a file named in ``image``)
+# and snapshots of its volumes taken while it was paused. Their volumes are
+# engine volumes like any other, owned by the savestate.
+_SCHEMA_V5 = """
+CREATE TABLE savestates (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    vm_id INTEGER NOT NULL REFERENCES vms(id) ON DELETE CASCADE,
+    label TEXT NOT NULL,
+    created REAL NOT NULL,
+    image TEXT NOT NULL,
+    info TEXT NOT NULL DEFAULT '{}',
+    UNIQUE (vm_id, label)
+);
+CREATE TABLE savestate_volumes (
+    savestate_id INTEGER NOT NULL REFERENCES savestates(id) ON DELETE CASCADE,
+    name TEXT NOT NULL,
+    vol_id INTEGER NOT NULL UNIQUE,
+    size INTEGER NOT NULL CHECK (size >= 0),
+    PRIMARY KEY (savestate_id, name)
+);
+"""
+
+
+@dataclass(frozen=True)
+class SavestateRow:
+    id: int
+    vm_id: int
+    label: str
+    created: float
+    image: str
+    info: dict[str, Any]
+    volumes: dict[str, tuple[int, int]]  # name -> (volume id, size)
+
 
 @dataclass(frozen=True)
 class VmRow:
@@ -200,6 +233,7 @@ class Snapshot:
     meta: dict[str, str]
     aliases: list[AliasRow] = field(default_factory=list)
     domains: dict[int, str] = field(default_factory=dict)
+    savestates: list[SavestateRow] = field(default_factory=list)
 
 
 # sqlite3's primary result codes -> the errno a user or the administrator sees.
@@ -404,6 +438,40 @@ class Txn:
             f"store domain.xml of VM {vm_id}",
             missing=f"no VM with id {vm_id} to store domain.xml for",
         )
+
+    # Savestates
+
+    def insert_savestate(
+        self,
+        vm_id: int,
+        label: str,
+        created: float,
+        image: str,
+        info: dict[str, Any],
+        volumes: dict[str, tuple[int, int]],
+    ) -> int:
+        cur = self._run(
+            "INSERT INTO savestates (vm_id, label, created, image, info) VALUES (?, ?, ?, ?, ?)",
+            (vm_id, label, created, image, json.dumps(info, sort_keys=True)),
+            f"record savestate {label!r} of VM {vm_id}",
+            exists=f"VM {vm_id} already has a savestate {label!r}",
+            missing=f"no VM with id {vm_id} to record a savestate of",
+        )
+        assert cur.lastrowid is not None
+        for name, (vol_id, size) in volumes.items():
+            self._run(
+                "INSERT INTO savestate_volumes (savestate_id, name, vol_id, size) "
+                "VALUES (?, ?, ?, ?)",
+                (cur.lastrowid, name, vol_id, size),
+                f"record volume {name!r} of savestate {label!r}",
+            )
+        return cur.lastrowid
+
+    def delete_savestate(self, savestate_id: int) -> None:
+        cur = self._run(
+            "DELETE FROM savestates WHERE id = ?", (savestate_id,), "delete a savestate"
+        )
+        self._one_row(cur, f"no savestate with id {savestate_id} to delete")
 
     # Aliases
 
@@ -644,7 +712,13 @@ class Store:
     """The open metadata store. Every method blocks; call it from a worker thread."""
 
     #: MIGRATIONS[i] takes the schema from version i to i + 1.
-    MIGRATIONS: ClassVar[tuple[str, ...]] = (_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3, _SCHEMA_V4)
+    MIGRATIONS: ClassVar[tuple[str, ...]] = (
+        _SCHEMA_V1,
+        _SCHEMA_V2,
+        _SCHEMA_V3,
+        _SCHEMA_V4,
+        _SCHEMA_V5,
+    )
     SCHEMA_VERSION: ClassVar[int] = len(MIGRATIONS)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -857,7 +931,26 @@ class Store:
                 )
             ]
             domains = {int(i): str(x) for i, x in conn.execute("SELECT vm_id, xml FROM domains")}
-        return Snapshot(vms, volumes, intents, meta, aliases, domains)
+            savestate_volumes: dict[int, dict[str, tuple[int, int]]] = {}
+            for ss_id, name, vol_id, size in conn.execute(
+                "SELECT savestate_id, name, vol_id, size FROM savestate_volumes"
+            ):
+                savestate_volumes.setdefault(ss_id, {})[name] = (vol_id, size)
+            savestates = [
+                SavestateRow(
+                    ss_id,
+                    vm_id,
+                    label,
+                    created,
+                    image,
+                    json.loads(info),
+                    savestate_volumes.get(ss_id, {}),
+                )
+                for ss_id, vm_id, label, created, image, info in conn.execute(
+                    "SELECT id, vm_id, label, created, image, info FROM savestates ORDER BY id"
+                )
+            ]
+        return Snapshot(vms, volumes, intents, meta, aliases, domains, savestates)
 
     def get_meta(self, key: str) -> str | None:
         with self._reading() as conn:

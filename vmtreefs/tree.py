@@ -15,13 +15,17 @@ atomic with respect to other requests.
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno
 import functools
 import logging
+import os
+import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
@@ -31,7 +35,7 @@ from vmtreefs.commands import Command
 from vmtreefs.engine.base import NewVolume, OpenVolume, SnapshotEngine
 from vmtreefs.engine.select import format_size, parse_size
 from vmtreefs.errors import VmtreeError
-from vmtreefs.model import Alias, Namespace, ReplaceAlias, Vm, Volume, VolumeSpec
+from vmtreefs.model import Alias, Namespace, ReplaceAlias, Savestate, Vm, Volume, VolumeSpec
 from vmtreefs.store import Intent, Store, Txn
 
 if TYPE_CHECKING:
@@ -40,7 +44,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("vmtreefs.tree")
 
 # Commands the lifecycle carries out (lifecycle.LIFECYCLE_COMMANDS, without importing it).
-LIFECYCLE_COMMANDS = frozenset({"start", "shutdown", "kill", "pause", "resume"})
+LIFECYCLE_COMMANDS = frozenset({"start", "shutdown", "kill", "pause", "resume", "save", "restore"})
 
 T = TypeVar("T")
 
@@ -91,12 +95,34 @@ class EventLog:
         return "".join(line + "\n" for line in self._lines)
 
 
+@dataclass(frozen=True)
+class PendingSavestate:
+    """Volume snapshots made for a savestate whose memory image is being written."""
+
+    label: str
+    image: str  # file name in the savestate directory
+    image_path: str
+    intent: int
+    specs: tuple[VolumeSpec, ...]
+    ids: list[int]
+
+
+def _remove_files(paths: list[str]) -> None:
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
 class VmTree:
     """The tree of VMs as the filesystem sees it."""
 
-    def __init__(self, store: Store, engine: SnapshotEngine) -> None:
+    def __init__(
+        self, store: Store, engine: SnapshotEngine, savestate_dir: Path | None = None
+    ) -> None:
         self.store = store
         self.engine = engine
+        # Where savestates keep their memory images (SOURCE/savestates).
+        self.savestate_dir = savestate_dir or Path("/nonexistent")
         self.ns = Namespace()
         self.events = EventLog(store.recent_events(EVENTS_KEPT))
         self.recovery = RecoveryReport()
@@ -131,12 +157,14 @@ class VmTree:
             if intent.kind == "create":
                 for vol in payload["volumes"]:
                     self.engine.delete(vol["id"], missing_ok=True)
+                _remove_files(payload.get("files", []))
                 with self.store.transaction() as tx:
                     tx.complete_intent(intent.id)
                 report.rolled_back.append(what)
             elif intent.kind == "delete_volumes":
                 for vol_id in payload["volume_ids"]:
                     self.engine.delete(vol_id, missing_ok=True)
+                _remove_files(payload.get("files", []))
                 with self.store.transaction() as tx:
                     tx.complete_intent(intent.id)
                 report.rolled_forward.append(what)
@@ -182,6 +210,15 @@ class VmTree:
         self.ns = Namespace()
         for vm in vms.values():
             self.ns.add_vm(vm)
+        for saved in snapshot.savestates:
+            volumes = {
+                name: Volume(vol_id, name, size, "persistent", saved.created)
+                for name, (vol_id, size) in saved.volumes.items()
+            }
+            self.ns.add_savestate(
+                saved.vm_id,
+                Savestate(saved.id, saved.label, saved.created, saved.image, saved.info, volumes),
+            )
         for row in snapshot.aliases:
             self.ns.add_alias(
                 Alias(row.id, row.name, row.target_vm, row.target_alias, row.system, row.created)
@@ -193,6 +230,9 @@ class VmTree:
         for vm in self.ns.by_id.values():
             for vol in vm.volumes.values():
                 known[vol.id] = (f"{vm.name}/{vol.filename}", vol.size)
+            for ss in vm.savestates.values():
+                for vol in ss.volumes.values():
+                    known[vol.id] = (f"{vm.name}/savestates/{ss.label}/{vol.filename}", vol.size)
         for vol_id, (where, size) in sorted(known.items()):
             if vol_id not in engine_volumes:
                 report.differences.append(f"missing from engine: volume {vol_id} ({where})")
@@ -240,8 +280,12 @@ class VmTree:
         what: str,
         specs: tuple[VolumeSpec, ...],
         sources: tuple[int, ...] | None = None,
+        files: tuple[str, ...] = (),
     ) -> tuple[int, list[int]]:
         """Journal, then create (or snapshot from ``sources``) engine volumes.
+
+        ``files`` are made by the caller under the same intent (a savestate's
+        memory image): rolling the intent back removes them too.
 
         On failure nothing is left behind: what was made is deleted and the
         intent completed, or, if even that fails, left open for the next mount.
@@ -254,7 +298,9 @@ class VmTree:
                     {"id": i, "name": s.name, "size": s.size}
                     for i, s in zip(ids, specs, strict=True)
                 ]
-                intent = tx.begin_intent("create", {"what": what, "volumes": volumes})
+                intent = tx.begin_intent(
+                    "create", {"what": what, "volumes": volumes, "files": list(files)}
+                )
             return intent, ids
 
         intent, ids = await in_thread(begin)
@@ -270,10 +316,13 @@ class VmTree:
             raise
         return intent, ids
 
-    async def _undo_creation(self, intent: int, ids: list[int]) -> None:
+    async def _undo_creation(
+        self, intent: int, ids: list[int], files: tuple[str, ...] = ()
+    ) -> None:
         def undo() -> None:
             for vol_id in ids:
                 self.engine.delete(vol_id, missing_ok=True)
+            _remove_files(list(files))
             with self.store.transaction() as tx:
                 tx.complete_intent(intent)
 
@@ -282,10 +331,13 @@ class VmTree:
         except Exception as e:
             log.error("could not undo intent %d (%s); the next mount rolls it back", intent, e)
 
-    async def _finish_deletion(self, intent: int, ids: list[int]) -> None:
+    async def _finish_deletion(
+        self, intent: int, ids: list[int], files: list[str] | None = None
+    ) -> None:
         def finish() -> None:
             for vol_id in ids:
                 self.engine.delete(vol_id, missing_ok=True)
+            _remove_files(files or [])
             with self.store.transaction() as tx:
                 tx.complete_intent(intent)
 
@@ -368,15 +420,20 @@ class VmTree:
                     tx.delete_vm(plan.vm_id)
                     intent = tx.begin_intent(
                         "delete_volumes",
-                        {"what": f"rmdir {plan.name}", "volume_ids": list(plan.volume_ids)},
+                        {
+                            "what": f"rmdir {plan.name}",
+                            "volume_ids": list(plan.volume_ids),
+                            "files": files,
+                        },
                     )
                     return intent, self._noted(tx, line)
 
+            files = [str(self.savestate_dir / image) for image in plan.images]
             intent, t = await in_thread(commit)
             self.ns.remove_vm(plan.vm_id)
             self.announce(line, t)
             with trio.CancelScope(shield=True):
-                await self._finish_deletion(intent, list(plan.volume_ids))
+                await self._finish_deletion(intent, list(plan.volume_ids), files)
 
     async def rename_vm(self, vm_id: int, raw_new: str | bytes) -> None:
         async with self._locked(vm_id) as vm:
@@ -552,6 +609,128 @@ class VmTree:
         for vol in list(vm.volumes.values()):
             total += await in_thread(self.engine.exclusive_bytes, vol.id)
         return total
+
+    # Savestates (the lifecycle drives the VM; these keep the store and the engine)
+
+    async def snapshot_for_savestate(self, vm: Vm, label: str) -> PendingSavestate:
+        """Snapshot every volume of a paused VM, journalled with the image still to come."""
+        volumes = sorted(vm.volumes.values(), key=lambda v: v.id)
+        specs = tuple(VolumeSpec(v.name, v.size, v.policy) for v in volumes)
+        image = f"ss-{vm.id}-{secrets.token_hex(6)}.save"
+        image_path = str(self.savestate_dir / image)
+        await in_thread(functools.partial(self.savestate_dir.mkdir, exist_ok=True))
+        intent, ids = await self._create_volumes(
+            f"save {vm.name} {label}", specs, tuple(v.id for v in volumes), (image_path,)
+        )
+        return PendingSavestate(label, image, image_path, intent, specs, ids)
+
+    async def abandon_savestate(self, pending: PendingSavestate) -> None:
+        with trio.CancelScope(shield=True):
+            await self._undo_creation(pending.intent, pending.ids, (pending.image_path,))
+
+    async def record_savestate(
+        self, vm: Vm, pending: PendingSavestate, info: dict[str, object]
+    ) -> Savestate:
+        what = f"save {vm.name} {pending.label}"
+
+        def commit() -> tuple[int, float, float]:
+            with self.store.transaction() as tx:
+                created = time.time()
+                ss_id = tx.insert_savestate(
+                    vm.id,
+                    pending.label,
+                    created,
+                    pending.image,
+                    info,
+                    {
+                        spec.name: (vol_id, spec.size)
+                        for spec, vol_id in zip(pending.specs, pending.ids, strict=True)
+                    },
+                )
+                tx.complete_intent(pending.intent)
+                return ss_id, created, self._noted(tx, what)
+
+        try:
+            ss_id, created, t = await in_thread(commit)
+        except BaseException:
+            await self.abandon_savestate(pending)
+            raise
+        savestate = Savestate(
+            ss_id,
+            pending.label,
+            created,
+            pending.image,
+            info,
+            {
+                spec.name: Volume(vol_id, spec.name, spec.size, "persistent", created)
+                for spec, vol_id in zip(pending.specs, pending.ids, strict=True)
+            },
+        )
+        self.ns.add_savestate(vm.id, savestate)
+        self.announce(what, t)
+        return savestate
+
+    def image_path(self, savestate: Savestate) -> Path:
+        return self.savestate_dir / savestate.image
+
+    async def delete_savestate(self, vm_id: int, raw_label: str | bytes) -> None:
+        async with self._locked(vm_id) as vm:
+            label = raw_label.decode() if isinstance(raw_label, bytes) else raw_label
+            savestate = self.ns.get_savestate(vm, label)
+            ids = [v.id for v in savestate.volumes.values()]
+            files = [str(self.image_path(savestate))]
+            what = f"rmdir {vm.name}/savestates/{label}"
+
+            def commit() -> tuple[int, float]:
+                with self.store.transaction() as tx:
+                    tx.delete_savestate(savestate.id)
+                    intent = tx.begin_intent(
+                        "delete_volumes", {"what": what, "volume_ids": ids, "files": files}
+                    )
+                    return intent, self._noted(tx, what)
+
+            intent, t = await in_thread(commit)
+            self.ns.remove_savestate(vm.id, label)
+            self.announce(what, t)
+            with trio.CancelScope(shield=True):
+                await self._finish_deletion(intent, ids, files)
+
+    async def restore_volumes(self, vm: Vm, savestate: Savestate) -> None:
+        """The VM's volumes become fresh snapshots of the savestate's (the VM is halted)."""
+        saved = sorted(savestate.volumes.values(), key=lambda v: v.id)
+        policies = {v.name: v.policy for v in vm.volumes.values()}
+        specs = tuple(VolumeSpec(v.name, v.size, policies.get(v.name, "persistent")) for v in saved)
+        what = f"restore {vm.name} {savestate.label}: volumes"
+        intent, ids = await self._create_volumes(what, specs, tuple(v.id for v in saved))
+        old = list(vm.volumes.values())
+
+        def commit() -> tuple[int, float]:
+            with self.store.transaction() as tx:
+                for volume in old:
+                    tx.delete_volume(volume.id)
+                for vol_id, spec in zip(ids, specs, strict=True):
+                    tx.insert_volume(vol_id, vm.id, spec.name, spec.size, spec.policy, created)
+                deletion = tx.begin_intent(
+                    "delete_volumes", {"what": what, "volume_ids": [v.id for v in old]}
+                )
+                tx.complete_intent(intent)
+                return deletion, self._noted(tx, what)
+
+        created = time.time()
+        try:
+            deletion, t = await in_thread(commit)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self._undo_creation(intent, ids)
+            raise
+        for volume in old:
+            self.ns.remove_volume(vm.id, volume.name)
+        for vol_id, spec in zip(ids, specs, strict=True):
+            self.ns.add_volume(vm.id, Volume(vol_id, spec.name, spec.size, spec.policy, created))
+        self.on_volumes_written_outside([v.id for v in old])
+        self.announce(what, t)
+        with trio.CancelScope(shield=True):
+            await self._finish_deletion(deletion, [v.id for v in old])
 
     # domain.xml
 
@@ -776,6 +955,11 @@ class VmTree:
         if writable:
             self.ns.check_volume_write(vm.name, vol.name)
         return await in_thread(self.engine.open, volume_id, writable)
+
+    async def open_saved_volume(self, volume_id: int) -> OpenVolume:
+        """A savestate's volume, for reading (backups read these)."""
+        self.ns.savestate_volume_by_id(volume_id)
+        return await in_thread(self.engine.open, volume_id, False)
 
     async def read_volume(self, handle: OpenVolume, offset: int, size: int) -> bytes:
         return await in_thread(handle.pread, size, offset)

@@ -81,7 +81,7 @@ def user_meta(snap: Snapshot) -> dict[str, str]:
 
 
 def test_fresh_store_has_the_current_schema(store: Store, db: Path) -> None:
-    assert Store.SCHEMA_VERSION == len(Store.MIGRATIONS) == 4
+    assert Store.SCHEMA_VERSION == len(Store.MIGRATIONS) == 5
     assert store.pragma("user_version") == Store.SCHEMA_VERSION
     assert store.pragma("application_id") == APPLICATION_ID
     assert store.pragma("journal_mode") == "wal"

@@ -29,6 +29,8 @@ CONTROL_FILES: dict[str, int] = {
 _VM_BASE = 1 << 32
 _VM_STRIDE = 16
 _ALIAS_BASE = 1 << 48
+_SAVESTATE_BASE = 1 << 50
+_SAVESTATE_STRIDE = 4
 _VOLUME_BASE = 1 << 52
 _VOLUME_STRIDE = 4
 
@@ -63,6 +65,22 @@ VM_DIR_ENTRIES: dict[str, VmEntry] = {
 VM_SUBDIRS = frozenset({VmEntry.CLONES, VmEntry.VOLUMES, VmEntry.SAVESTATES, VmEntry.VERSIONS})
 
 
+class SavestateEntry(enum.IntEnum):
+    """A savestate's directory and what is in it; its volume files are volume inodes."""
+
+    DIR = 0
+    MEMORY = 1
+    INFO = 2
+    VOLUMES = 3
+
+
+SAVESTATE_DIR_ENTRIES: dict[str, SavestateEntry] = {
+    "memory": SavestateEntry.MEMORY,
+    "info": SavestateEntry.INFO,
+    "volumes": SavestateEntry.VOLUMES,
+}
+
+
 class VolumeEntry(enum.IntEnum):
     FILE = 0
 
@@ -89,7 +107,13 @@ class AliasNode:
     alias_id: int
 
 
-Node = Control | VmNode | VolumeNode | AliasNode
+@dataclass(frozen=True)
+class SavestateNode:
+    savestate_id: int
+    entry: SavestateEntry
+
+
+Node = Control | VmNode | VolumeNode | AliasNode | SavestateNode
 
 
 def vm_inode(vm_id: int, entry: VmEntry = VmEntry.DIR) -> int:
@@ -98,6 +122,10 @@ def vm_inode(vm_id: int, entry: VmEntry = VmEntry.DIR) -> int:
 
 def volume_inode(volume_id: int, entry: VolumeEntry = VolumeEntry.FILE) -> int:
     return _VOLUME_BASE + volume_id * _VOLUME_STRIDE + entry
+
+
+def savestate_inode(savestate_id: int, entry: SavestateEntry = SavestateEntry.DIR) -> int:
+    return _SAVESTATE_BASE + savestate_id * _SAVESTATE_STRIDE + entry
 
 
 def alias_inode(alias_id: int) -> int:
@@ -112,6 +140,9 @@ def decode(inode: int) -> Node | None:
             return VolumeNode(volume_id, VolumeEntry(rest))
         except ValueError:
             return None
+    if inode >= _SAVESTATE_BASE:
+        savestate_id, rest = divmod(inode - _SAVESTATE_BASE, _SAVESTATE_STRIDE)
+        return SavestateNode(savestate_id, SavestateEntry(rest))
     if inode >= _ALIAS_BASE:
         return AliasNode(inode - _ALIAS_BASE)
     if inode >= _VM_BASE:

@@ -39,11 +39,13 @@ from vmtreefs.fs.inodes import (
     ROOT,
     AliasNode,
     Control,
+    SavestateEntry,
+    SavestateNode,
     VmEntry,
     VmNode,
     VolumeNode,
 )
-from vmtreefs.model import DEFAULT_VOLUMES, Alias, Vm, Volume
+from vmtreefs.model import DEFAULT_VOLUMES, Alias, Savestate, Vm, Volume
 from vmtreefs.properties import VM_PROPERTIES, VOLUME_PROPERTIES
 from vmtreefs.tree import VmTree
 
@@ -147,13 +149,20 @@ class DomainHandle:
 
 
 @dataclass
+class FileHandle:
+    """A file of SOURCE shown read-only (a savestate's memory image)."""
+
+    fd: int
+
+
+@dataclass
 class ConsoleHandle:
     """The serial console log, read where it is as the guest writes it."""
 
     vm_id: int
 
 
-Handle = VolumeHandle | ContentHandle | CtlHandle | DomainHandle | ConsoleHandle
+Handle = VolumeHandle | ContentHandle | CtlHandle | DomainHandle | ConsoleHandle | FileHandle
 
 
 def default_policy(volume_name: str) -> str:
@@ -228,6 +237,32 @@ class Operations(pyfuse3.Operations):
         except VmtreeError:
             raise pyfuse3.FUSEError(errno.ENOENT) from None
 
+    def _saved_volume(self, volume_id: int) -> tuple[Vm, Savestate, Volume] | None:
+        """A savestate's volume (read-only), or None for a VM's own volume."""
+        try:
+            return self.tree.ns.savestate_volume_by_id(volume_id)
+        except VmtreeError:
+            return None
+
+    def _savestate(self, savestate_id: int) -> tuple[Vm, Savestate]:
+        try:
+            return self.tree.ns.savestate_by_id(savestate_id)
+        except VmtreeError:
+            raise pyfuse3.FUSEError(errno.ENOENT) from None
+
+    def _savestate_info(self, vm: Vm, savestate: Savestate) -> bytes:
+        lines = [
+            f"label: {savestate.label}",
+            f"vm: {vm.name}",
+            f"created: {time.strftime('%Y-%m-%dT%H:%M:%S', time.localtime(savestate.created))}",
+            *(f"{key}: {value}" for key, value in sorted(savestate.info.items()) if key != "vm"),
+            *(
+                f"volume: {v.filename} {v.size}"
+                for v in sorted(savestate.volumes.values(), key=lambda v: v.name)
+            ),
+        ]
+        return "".join(line + "\n" for line in lines).encode()
+
     def _alias(self, alias_id: int) -> Alias:
         alias = self.tree.ns.aliases_by_id.get(alias_id)
         if alias is None:
@@ -263,7 +298,10 @@ class Operations(pyfuse3.Operations):
             if node.entry in (VmEntry.ORIGIN, VmEntry.CLONE_LINK) and self._origin(vm) is None:
                 raise pyfuse3.FUSEError(errno.ENOENT)
         elif isinstance(node, VolumeNode):
-            self._volume(node.volume_id)
+            if self._saved_volume(node.volume_id) is None:
+                self._volume(node.volume_id)
+        elif isinstance(node, SavestateNode):
+            self._savestate(node.savestate_id)
         elif isinstance(node, AliasNode) and inode not in self.departed_links:
             self._alias(node.alias_id)
         return node
@@ -283,6 +321,14 @@ class Operations(pyfuse3.Operations):
                     raise pyfuse3.FUSEError(errno.ENOENT)
                 return inodes.vm_inode(origin.id, VmEntry.CLONES)
             return inodes.vm_inode(node.vm_id)
+        if isinstance(node, SavestateNode):
+            vm, savestate = self._savestate(node.savestate_id)
+            if node.entry == SavestateEntry.DIR:
+                return inodes.vm_inode(vm.id, VmEntry.SAVESTATES)
+            return inodes.savestate_inode(savestate.id)
+        saved = self._saved_volume(node.volume_id)
+        if saved is not None:
+            return inodes.savestate_inode(saved[1].id, SavestateEntry.VOLUMES)
         vm, _ = self._volume(node.volume_id)
         return inodes.vm_inode(vm.id, VmEntry.VOLUMES)
 
@@ -365,6 +411,27 @@ class Operations(pyfuse3.Operations):
             else:
                 attr.st_mode = stat.S_IFREG | 0o444
                 attr.st_size = len(self._state_text(vm))
+        elif isinstance(node, SavestateNode):
+            vm, savestate = self._savestate(node.savestate_id)
+            time_ns = int(savestate.created * 1e9)
+            if node.entry in (SavestateEntry.DIR, SavestateEntry.VOLUMES):
+                directory = True
+                attr.st_nlink = 3 if node.entry == SavestateEntry.DIR else 2
+            elif node.entry == SavestateEntry.MEMORY:
+                attr.st_mode = stat.S_IFREG | 0o400
+                try:
+                    attr.st_size = self.tree.image_path(savestate).stat().st_size
+                except OSError:
+                    attr.st_size = 0
+            else:
+                attr.st_mode = stat.S_IFREG | 0o444
+                attr.st_size = len(self._savestate_info(vm, savestate))
+        elif (saved := self._saved_volume(node.volume_id)) is not None:
+            _, _, volume = saved
+            attr.st_mode = stat.S_IFREG | 0o400
+            attr.st_size = volume.size
+            attr.st_blocks = 0
+            time_ns = int(volume.created * 1e9)
         else:
             vm, volume = self._volume(node.volume_id)
             attr.st_mode = stat.S_IFREG | (0o400 if vm.immutable else 0o600)
@@ -430,8 +497,25 @@ class Operations(pyfuse3.Operations):
                 entries = [
                     (inodes.vm_inode(c.id, VmEntry.CLONE_LINK), c.name) for c in ns.clones_of(vm)
                 ]
+            elif node.entry == VmEntry.SAVESTATES:
+                entries = [
+                    (inodes.savestate_inode(ss.id), ss.label) for ss in vm.savestates.values()
+                ]
             elif node.entry in inodes.VM_SUBDIRS or node.entry == VmEntry.CLONE_PLACEHOLDER:
                 entries = []
+            else:
+                raise pyfuse3.FUSEError(errno.ENOTDIR)
+        elif isinstance(node, SavestateNode):
+            _, savestate = self._savestate(node.savestate_id)
+            if node.entry == SavestateEntry.DIR:
+                entries = [
+                    (inodes.savestate_inode(savestate.id, entry), name)
+                    for name, entry in inodes.SAVESTATE_DIR_ENTRIES.items()
+                ]
+            elif node.entry == SavestateEntry.VOLUMES:
+                entries = [
+                    (inodes.volume_inode(v.id), v.filename) for v in savestate.volumes.values()
+                ]
             else:
                 raise pyfuse3.FUSEError(errno.ENOTDIR)
         else:
@@ -477,7 +561,23 @@ class Operations(pyfuse3.Operations):
                 clone = ns.by_name.get(name)
                 if clone is not None and clone.origin_id == vm.id:
                     return inodes.vm_inode(clone.id, VmEntry.CLONE_LINK)
+            elif node.entry == VmEntry.SAVESTATES:
+                savestate = vm.savestates.get(name)
+                if savestate is not None:
+                    return inodes.savestate_inode(savestate.id)
             elif node.entry not in inodes.VM_SUBDIRS and node.entry != VmEntry.CLONE_PLACEHOLDER:
+                raise pyfuse3.FUSEError(errno.ENOTDIR)
+        elif isinstance(node, SavestateNode):
+            _, savestate = self._savestate(node.savestate_id)
+            if node.entry == SavestateEntry.DIR:
+                ss_entry = inodes.SAVESTATE_DIR_ENTRIES.get(name)
+                if ss_entry is not None:
+                    return inodes.savestate_inode(savestate.id, ss_entry)
+            elif node.entry == SavestateEntry.VOLUMES:
+                for volume in savestate.volumes.values():
+                    if volume.filename == name:
+                        return inodes.volume_inode(volume.id)
+            else:
                 raise pyfuse3.FUSEError(errno.ENOTDIR)
         else:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
@@ -516,6 +616,10 @@ class Operations(pyfuse3.Operations):
         node = self._node(inode)
         if fields.update_mode or fields.update_uid or fields.update_gid:
             raise refuse(errno.EPERM, "chmod and chown are not allowed on vmtreefs entries")
+        if isinstance(node, SavestateNode) or (
+            isinstance(node, VolumeNode) and self._saved_volume(node.volume_id) is not None
+        ):
+            raise refuse(errno.EROFS, "a savestate cannot be changed, only removed (rmdir)")
         if fields.update_size:
             if isinstance(node, VolumeNode):
                 handle = self.handles.get(fh) if fh is not None else None
@@ -586,7 +690,7 @@ class Operations(pyfuse3.Operations):
             return self._entry(inodes.vm_inode(clone.id, VmEntry.CLONE_PLACEHOLDER))
         if isinstance(node, VmNode) and node.entry in (VmEntry.SAVESTATES, VmEntry.VERSIONS):
             what = {
-                VmEntry.SAVESTATES: "savestates (mkdir in savestates/)",
+                VmEntry.SAVESTATES: "savestates made by mkdir (write `save LABEL` to ctl)",
                 VmEntry.VERSIONS: "versions (made by commits, not by mkdir)",
             }[node.entry]
             raise refuse(errno.EINVAL, f"{what} are not available in this version of vmtreefs")
@@ -602,6 +706,10 @@ class Operations(pyfuse3.Operations):
             await self.tree.delete_vm(node.vm_id)
             self._keep_departed(before)
             return
+        if isinstance(node, SavestateNode) and node.entry == SavestateEntry.DIR:
+            vm, savestate = self._savestate(node.savestate_id)
+            await self.tree.delete_savestate(vm.id, savestate.label)
+            return
         if inode == CONTROL_DIR or (isinstance(node, VmNode) and node.entry in inodes.VM_SUBDIRS):
             raise refuse(errno.EPERM, f"{text!r} is part of the fixed layout and cannot be removed")
         raise refuse(errno.ENOTDIR, f"{text!r} is not a directory")
@@ -613,6 +721,10 @@ class Operations(pyfuse3.Operations):
         text = os.fsdecode(name)
         inode = self._child(parent_inode, text)
         node = self._node(inode)
+        if isinstance(node, SavestateNode) or (
+            isinstance(node, VolumeNode) and self._saved_volume(node.volume_id) is not None
+        ):
+            raise refuse(errno.EROFS, "a savestate cannot be changed, only removed (rmdir)")
         if isinstance(node, VolumeNode):
             await self.tree.delete_volume(node.volume_id)
             return
@@ -705,6 +817,18 @@ class Operations(pyfuse3.Operations):
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         node = self._node(inode)
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
+        if isinstance(node, VolumeNode) and self._saved_volume(node.volume_id) is not None:
+            if writable:
+                raise refuse(errno.EROFS, "a savestate's volumes are read-only")
+            opened = await self.tree.open_saved_volume(node.volume_id)
+            return pyfuse3.FileInfo(fh=self._add_handle(VolumeHandle(opened)))
+        if isinstance(node, SavestateNode) and node.entry == SavestateEntry.MEMORY:
+            if writable:
+                raise refuse(errno.EROFS, "a savestate's memory image is read-only")
+            _, savestate = self._savestate(node.savestate_id)
+            path = self.tree.image_path(savestate)
+            fd = await trio.to_thread.run_sync(os.open, path, os.O_RDONLY | os.O_CLOEXEC)
+            return pyfuse3.FileInfo(fh=self._add_handle(FileHandle(fd)))
         if isinstance(node, VolumeNode):
             truncate = writable and bool(flags & os.O_TRUNC)
             if truncate:
@@ -744,6 +868,8 @@ class Operations(pyfuse3.Operations):
             return self._state_text(self._vm(node.vm_id))
         if isinstance(node, VmNode) and node.entry == VmEntry.DOMAIN:
             return await self._domain_text(self._vm(node.vm_id))
+        if isinstance(node, SavestateNode) and node.entry == SavestateEntry.INFO:
+            return self._savestate_info(*self._savestate(node.savestate_id))
         raise refuse(errno.EISDIR, "not a regular file")
 
     @handler("read", names=0)
@@ -759,6 +885,8 @@ class Operations(pyfuse3.Operations):
             return chunk
         if isinstance(handle, DomainHandle):
             return bytes(handle.data[off : off + size])
+        if isinstance(handle, FileHandle):
+            return await trio.to_thread.run_sync(os.pread, handle.fd, size, off)
         if isinstance(handle, ConsoleHandle):
             lifecycle = self.tree.lifecycle
             if lifecycle is None:
@@ -828,6 +956,8 @@ class Operations(pyfuse3.Operations):
         handle = self.handles.pop(fh, None)
         if isinstance(handle, VolumeHandle):
             await trio.to_thread.run_sync(handle.volume.close)
+        elif isinstance(handle, FileHandle):
+            os.close(handle.fd)
 
     # What this filesystem never allows, or not yet
 
