@@ -174,6 +174,10 @@ class Lifecycle:
                 await self._release(vm)
         for name in sorted(set(running) - known):
             log.warning("libvirt runs %s, which is not a VM of this tree: left alone", name)
+        for vm in list(self.tree.ns.by_id.values()):
+            if vm.volatile and vm.state == states.HALTED and vm.id not in self._driving:
+                log.info("volatile VM %s stopped while vmtreefs was away: destroying it", vm.name)
+                await self._stopped(vm)
         log.info("libvirt: %d of %d VMs running", sum(1 for n in running if n in known), len(known))
 
     def _apply(self, event: DomainEvent) -> None:
@@ -187,7 +191,16 @@ class Lifecycle:
         if event.state == states.HALTED and vm.id not in self._driving:
             self.tree.announce(f"{vm.name} stopped: {event.reason}", time.time())
             if self._nursery is not None:
-                self._nursery.start_soon(self._release, vm)
+                self._nursery.start_soon(self._stopped, vm)
+
+    async def _stopped(self, vm: Vm) -> None:
+        """What a stop sets off: the volumes are released, a volatile VM is destroyed."""
+        await self._release(vm)
+        if vm.volatile and vm.state == states.HALTED and vm.id in self.tree.ns.by_id:
+            try:
+                await self.tree.delete_vm(vm.id)
+            except VmtreeError as e:
+                log.error("volatile VM %s stopped but could not be destroyed: %s", vm.name, e)
 
     def _set_state(self, vm: Vm, state: str) -> None:
         if vm.state != state:
@@ -263,6 +276,10 @@ class Lifecycle:
             states.check_no_args(verb, command.args)
         states.check_command(vm.name, verb, vm.state)
         hypervisor = await self._require_hypervisor()
+        if (verb == "start" and vm.immutable) or verb == "disposable":
+            return await self.start_instance(
+                vm, hypervisor, "disp" if verb == "disposable" else "inst"
+            )
         if verb == "save":
             return await self.save(vm, hypervisor, label, stop)
         if verb == "restore":
@@ -287,13 +304,28 @@ class Lifecycle:
         self.tree.announce(f"{vm.name}: {result}", time.time())
         return result
 
+    async def start_instance(self, source: Vm, hypervisor: Hypervisor, kind: str) -> str:
+        """An immutable VM runs as ``NAME-instN``; any halted VM as a disposable ``NAME-dispN``.
+
+        The instance is a linked clone made for the run; a disposable is volatile,
+        so it goes with its volumes as soon as it stops.
+        """
+        if source.domain_xml is None:
+            self._check_demo_guest()
+        instance = await self.tree.make_instance(source.id, kind)
+        try:
+            async with self.tree.locked(instance.id):
+                await self.start(instance, hypervisor)
+        except BaseException:
+            if instance.volatile:
+                with trio.CancelScope(shield=True):
+                    await self.tree.delete_vm(instance.id)
+            raise
+        return instance.name
+
     async def start(self, vm: Vm, hypervisor: Hypervisor) -> str:
         if vm.immutable:
-            raise VmtreeError(
-                errno.EROFS,
-                f"cannot start VM {vm.name!r} itself: it is immutable "
-                "(instances of immutable VMs come with a later release)",
-            )
+            raise VmtreeError(errno.EROFS, f"cannot start VM {vm.name!r} itself: it is immutable")
         if vm.domain_xml is None:
             self._check_demo_guest()
         await self._reset_volatile_volumes(vm)

@@ -175,6 +175,12 @@ class Vm:
     state: str = "halted"
     domain_xml: str | None = None  # the base description; None: the default one
     savestates: dict[str, Savestate] = field(default_factory=dict)
+    hidden: bool = False  # removed by rmdir while still running: no name, goes when it stops
+
+    @property
+    def volatile(self) -> bool:
+        """Destroyed as soon as it is halted (a disposable, or a VM removed while running)."""
+        return self.props.get("volatile") == "1"
 
     @property
     def immutable(self) -> bool:
@@ -235,6 +241,18 @@ class ResizeVolume:
     volume_id: int
     old_size: int
     new_size: int
+
+
+@dataclass(frozen=True)
+class HideVm:
+    """rmdir of a VM that still runs: its name goes now, the VM when it stops."""
+
+    vm_id: int
+    name: str
+    hidden_name: str
+    new_origin: int | None
+    reparent: tuple[int, ...]
+    aliases: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -424,6 +442,46 @@ class Namespace:
             images=tuple(ss.image for ss in vm.savestates.values()),
         )
 
+    def plan_hide(self, name: str) -> HideVm:
+        vm = self.get(name)
+        return HideVm(
+            vm.id,
+            vm.name,
+            hidden_name=f".volatile-{vm.id}-{vm.name}",
+            new_origin=vm.origin_id,
+            reparent=tuple(c.id for c in self.clones_of(vm)),
+            aliases=self._aliases_standing_for(vm_id=vm.id),
+        )
+
+    def apply_hide(self, plan: HideVm) -> None:
+        vm = self.get_by_id(plan.vm_id)
+        for alias_id in plan.aliases:
+            self.remove_alias(alias_id)
+        for child in plan.reparent:
+            self.by_id[child].origin_id = plan.new_origin
+        del self.by_name[vm.name]
+        vm.name = plan.hidden_name
+        self.by_name[vm.name] = vm  # users cannot make names starting with "."
+        vm.hidden = True
+        vm.props["volatile"] = "1"
+
+    def plan_instance(self, source_name: str, kind: str, number: int) -> CloneVm:
+        """``NAME-instN`` or ``NAME-dispN`` (volatile): a linked clone made by the system."""
+        source = self.get(source_name)
+        if kind not in ("inst", "disp"):
+            raise ModelError(errno.EINVAL, f"no instance kind {kind!r}")
+        name = f"{source.name}-{kind}{number}"
+        self._check_free(name)
+        self.reserved.add(name)
+        props = inherited(source.props)
+        if kind == "disp":
+            props["volatile"] = "1"
+        volumes = tuple(
+            (vol.id, VolumeSpec(vol.name, vol.size, vol.policy))
+            for vol in sorted(source.volumes.values(), key=lambda v: v.id)
+        )
+        return CloneVm(source.id, name, volumes, props, ())
+
     def plan_clone(self, source_name: str, raw_new: str | bytes, replace: bool = False) -> CloneVm:
         """A linked clone of every volume; reserves the new name."""
         source = self.get(source_name)
@@ -439,7 +497,14 @@ class Namespace:
         return CloneVm(source.id, name, volumes, props, reparent)
 
     def clones_of(self, vm: Vm) -> list[Vm]:
-        return sorted((c for c in self.by_id.values() if c.origin_id == vm.id), key=lambda c: c.id)
+        return sorted(
+            (c for c in self.by_id.values() if c.origin_id == vm.id and not c.hidden),
+            key=lambda c: c.id,
+        )
+
+    def visible(self) -> list[Vm]:
+        """The VMs with a name at the top level (not the hidden volatile ones)."""
+        return [vm for vm in self.by_id.values() if not vm.hidden]
 
     # Aliases
 
@@ -593,6 +658,18 @@ class Namespace:
             )
         if name == "immutable" and value == "1" and vm.state != "halted":
             raise ModelError(errno.EBUSY, f"cannot make VM {vm_name!r} immutable: it is {vm.state}")
+        if name == "immutable" and value != "1" and vm.immutable:
+            running = [
+                c.name for c in self.by_id.values() if c.origin_id == vm.id and c.state != "halted"
+            ]
+            if running or vm.savestates:
+                raise ModelError(
+                    errno.EBUSY,
+                    f"cannot make VM {vm_name!r} writable: "
+                    + (f"instances {', '.join(sorted(running))} run from it" if running else "")
+                    + (" and " if running and vm.savestates else "")
+                    + (f"{len(vm.savestates)} savestates record it" if vm.savestates else ""),
+                )
         return SetProperty(vm.id, name, value)
 
     def apply_set_property(self, plan: SetProperty) -> None:

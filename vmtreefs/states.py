@@ -22,6 +22,7 @@ STOPPING = "stopping"
 
 ALLOWED: dict[str, frozenset[str]] = {
     "start": frozenset({HALTED}),
+    "disposable": frozenset({HALTED}),
     "shutdown": frozenset({RUNNING, PAUSED, STOPPING}),
     "kill": frozenset({STARTING, RUNNING, PAUSED, STOPPING}),
     "pause": frozenset({RUNNING}),

@@ -577,6 +577,24 @@ class Txn:
         last = int(row[0])
         return list(range(last - count + 1, last + 1))
 
+    def next_number(self, counter: str) -> int:
+        """The next of a named sequence (1, 2, ...): numbers are never handed out twice,
+        also after the names that carried them are gone."""
+        self._run(
+            "INSERT OR IGNORE INTO counters (name, value) VALUES (?, 0)",
+            (counter,),
+            f"start counter {counter!r}",
+        )
+        cur = self._run(
+            "UPDATE counters SET value = value + 1 WHERE name = ? RETURNING value",
+            (counter,),
+            f"advance counter {counter!r}",
+        )
+        row = cur.fetchone()
+        cur.fetchall()
+        assert row is not None
+        return int(row[0])
+
     def insert_volume(
         self, vol_id: int, vm_id: int, name: str, size: int, policy: str, created: float
     ) -> None:

@@ -44,7 +44,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("vmtreefs.tree")
 
 # Commands the lifecycle carries out (lifecycle.LIFECYCLE_COMMANDS, without importing it).
-LIFECYCLE_COMMANDS = frozenset({"start", "shutdown", "kill", "pause", "resume", "save", "restore"})
+LIFECYCLE_COMMANDS = frozenset(
+    {"start", "shutdown", "kill", "pause", "resume", "save", "restore", "disposable"}
+)
 
 T = TypeVar("T")
 
@@ -198,7 +200,14 @@ class VmTree:
     def _load(self) -> None:
         snapshot = self.store.load()
         vms = {
-            row.id: Vm(row.id, row.name, row.created, row.origin_id, dict(row.props))
+            row.id: Vm(
+                row.id,
+                row.name,
+                row.created,
+                row.origin_id,
+                dict(row.props),
+                hidden=row.name.startswith(".volatile-"),
+            )
             for row in snapshot.vms
         }
         for vol in snapshot.volumes:
@@ -268,6 +277,9 @@ class VmTree:
         log.info("%s", line)
         self.events.add(line, t)
         self.changed.unpark_all()
+
+    def locked(self, vm_id: int) -> contextlib.AbstractAsyncContextManager[Vm]:
+        return self._locked(vm_id)
 
     @asynccontextmanager
     async def _locked(self, vm_id: int) -> AsyncIterator[Vm]:
@@ -406,7 +418,11 @@ class VmTree:
         return vm
 
     async def delete_vm(self, vm_id: int) -> None:
+        """rmdir: a halted VM goes now; a running one is hidden and goes when it stops."""
         async with self._locked(vm_id) as vm, self._alias_lock:
+            if vm.state != "halted":
+                await self._hide(vm)
+                return
             plan = self.ns.plan_delete_vm(vm.name)
             gone = [self.ns.aliases_by_id[a].name for a in plan.aliases]
             line = f"rmdir {plan.name}" + (f" (and its aliases {', '.join(gone)})" if gone else "")
@@ -434,6 +450,55 @@ class VmTree:
             self.announce(line, t)
             with trio.CancelScope(shield=True):
                 await self._finish_deletion(intent, list(plan.volume_ids), files)
+
+    async def _hide(self, vm: Vm) -> None:
+        plan = self.ns.plan_hide(vm.name)
+        gone = [self.ns.aliases_by_id[a].name for a in plan.aliases]
+        line = f"rmdir {plan.name}: it is {vm.state}, so it is hidden and goes when it stops" + (
+            f" (its aliases {', '.join(gone)} go now)" if gone else ""
+        )
+        props = {**vm.props, "volatile": "1"}
+
+        def commit() -> float:
+            with self.store.transaction() as tx:
+                for alias_id in plan.aliases:
+                    tx.delete_alias(alias_id)
+                for child in plan.reparent:
+                    tx.set_vm_origin(child, plan.new_origin)
+                tx.rename_vm(plan.vm_id, plan.hidden_name)
+                tx.set_vm_props(plan.vm_id, props)
+                return self._noted(tx, line)
+
+        t = await in_thread(commit)
+        self.ns.apply_hide(plan)
+        self.announce(line, t)
+
+    async def make_instance(self, source_id: int, kind: str) -> Vm:
+        """``NAME-instN`` (an instance of an immutable VM) or ``NAME-dispN`` (a disposable)."""
+        async with self._locked(source_id) as source:
+
+            def number() -> int:
+                with self.store.transaction() as tx:
+                    return tx.next_number(f"{kind}:{source.id}")
+
+            plan = self.ns.plan_instance(source.name, kind, await in_thread(number))
+            return await self._make_vm(
+                plan.name,
+                f"{'disposable' if kind == 'disp' else 'instance'} {plan.name} of {source.name}",
+                tuple(spec for _, spec in plan.volumes),
+                sources=tuple(src for src, _ in plan.volumes),
+                origin_id=plan.source_id,
+                props=plan.props,
+                domain_xml=source.domain_xml,
+            )
+
+    def volatile_text(self) -> str:
+        """.vmtree/volatile: the VMs that go as soon as they stop."""
+        return "".join(
+            f"{vm.name} {vm.state}{' (removed)' if vm.hidden else ''}\n"
+            for vm in sorted(self.ns.by_id.values(), key=lambda v: v.id)
+            if vm.volatile
+        )
 
     async def rename_vm(self, vm_id: int, raw_new: str | bytes) -> None:
         async with self._locked(vm_id) as vm:
@@ -792,7 +857,11 @@ class VmTree:
         if vm is not None and command.verb in LIFECYCLE_COMMANDS:
             if self.lifecycle is None:
                 raise VmtreeError(errno.ENOTCONN, "this mount runs no VMs")
-            if command.verb in ("shutdown", "kill"):
+            # Not under the VM's lock: a shutdown waits long and kill must get through
+            # meanwhile; an instance locks its source while it is made, then itself.
+            if command.verb in ("shutdown", "kill", "disposable") or (
+                command.verb == "start" and vm.immutable
+            ):
                 return await self.lifecycle.run_command(vm, command)
             async with self._locked(vm.id) as locked:
                 return await self.lifecycle.run_command(locked, command)

@@ -476,7 +476,7 @@ class Operations(pyfuse3.Operations):
         if isinstance(node, Control):
             if inode == ROOT:
                 entries = [(CONTROL_DIR, CONTROL_DIR_NAME)]
-                entries += [(inodes.vm_inode(vm.id), vm.name) for vm in ns.by_id.values()]
+                entries += [(inodes.vm_inode(vm.id), vm.name) for vm in ns.visible()]
                 entries += [(inodes.alias_inode(a.id), a.name) for a in ns.aliases_by_id.values()]
             elif inode == CONTROL_DIR:
                 entries = [(ino, name) for name, ino in CONTROL_FILES.items()]
@@ -536,7 +536,7 @@ class Operations(pyfuse3.Operations):
             if name == CONTROL_DIR_NAME:
                 return CONTROL_DIR
             vm = ns.by_name.get(name)
-            if vm is not None:
+            if vm is not None and not vm.hidden:
                 return inodes.vm_inode(vm.id)
             alias = ns.aliases.get(name)
             if alias is not None:
@@ -863,7 +863,7 @@ class Operations(pyfuse3.Operations):
         if inode == CONTROL_EVENTS:
             return self.tree.events.text().encode()
         if inode == CONTROL_VOLATILE:
-            return b""
+            return self.tree.volatile_text().encode()
         if isinstance(node, VmNode) and node.entry == VmEntry.STATE:
             return self._state_text(self._vm(node.vm_id))
         if isinstance(node, VmNode) and node.entry == VmEntry.DOMAIN:
