@@ -32,7 +32,7 @@ APT_GET ?= $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export PIP_NO_INPUT := 1
 
-.PHONY: help deps deps-system deps-guest venv run test test-guest lint bench bench-dmthin demo-guest install-mount-helper \
+.PHONY: help deps deps-system deps-guest venv run test test-guest lint bench bench-dmthin bench-lifecycle demo-guest install-mount-helper \
         uninstall-mount-helper clean
 
 help: ## list the targets
@@ -98,6 +98,9 @@ demo-guest: deps-guest ## build the demo guest (kernel + busybox initramfs) into
 
 bench: deps ## benchmarks (tests/bench), side by side with the raw operations; as root
 	$(BIN)/python -m tests.bench.clone
+
+bench-lifecycle: deps deps-guest ## disposable from a hot savestate vs cold boot; save time by guest RAM (libvirt, TCG)
+	$(BIN)/python -m tests.bench.lifecycle
 
 bench-dmthin: deps deps-guest ## dm-thin clones: vmtreefs vs dmsetup vs ioctl vs lvcreate (in the guest where needed)
 	$(BIN)/python -m tests.bench.dmthin_clone

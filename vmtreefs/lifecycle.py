@@ -18,19 +18,21 @@ import errno
 import functools
 import logging
 import math
+import re
+import secrets
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import trio
 
-from vmtreefs import domain, states
+from vmtreefs import domain, saveimage, states
 from vmtreefs.accel import resolve_domain_type
 from vmtreefs.commands import Command
 from vmtreefs.domain import Disk, Identity
 from vmtreefs.errors import VmtreeError
 from vmtreefs.hypervisor import DomainEvent, Hypervisor
-from vmtreefs.model import Vm
+from vmtreefs.model import HOT_LABEL, Savestate, Vm
 
 if TYPE_CHECKING:
     from vmtreefs.tree import VmTree
@@ -40,6 +42,7 @@ log = logging.getLogger("vmtreefs.lifecycle")
 RECONNECT_SECONDS = 5.0
 CONNECT_WAIT_SECONDS = 10.0  # a command waits this long for libvirt to come (back)
 MAX_CONSOLE_READ = 1024 * 1024
+READY_TIMEOUT = 600.0  # for a hot savestate's boot: TCG on a busy host is slow
 
 
 class Lifecycle:
@@ -72,6 +75,7 @@ class Lifecycle:
         self.settled = trio.Event()
         # Bumped at every state change: a reconciliation does not undo a newer event.
         self._versions: dict[int, int] = {}
+        self._hot_tasks: set[int] = set()  # VMs whose hot savestate is being made
 
     # Names and files
 
@@ -175,6 +179,8 @@ class Lifecycle:
         for name in sorted(set(running) - known):
             log.warning("libvirt runs %s, which is not a VM of this tree: left alone", name)
         for vm in list(self.tree.ns.by_id.values()):
+            if vm.props.get("hot_savestate") == "1" and HOT_LABEL not in vm.savestates:
+                self._schedule_hot(vm)
             if vm.volatile and vm.state == states.HALTED and vm.id not in self._driving:
                 log.info("volatile VM %s stopped while vmtreefs was away: destroying it", vm.name)
                 await self._stopped(vm)
@@ -183,19 +189,37 @@ class Lifecycle:
     def _apply(self, event: DomainEvent) -> None:
         vm_id = domain.parse_domain_name(self.tree_id, event.name)
         vm = self.tree.ns.by_id.get(vm_id) if vm_id is not None else None
-        if vm is None:
+        if vm is None or vm.id in self._driving or self._nursery is None:
+            return  # a command carrying the VM through several steps sets its states
+        self._nursery.start_soon(self._confirm, vm, event)
+
+    async def _confirm(self, vm: Vm, event: DomainEvent) -> None:
+        """Take the state libvirt gives now, not the event's: events of a command's
+        steps (a save stops the domain, the restore starts it again) can arrive
+        after the command is done, and must not undo it."""
+        assert self.hypervisor is not None
+        try:
+            actual = await trio.to_thread.run_sync(self.hypervisor.state, self.domain_name(vm))
+        except VmtreeError as e:
+            log.warning("VM %s: asking libvirt its state: %s", vm.name, e.reason)
+            actual = event.state
+        if vm.id in self._driving or vm.id not in self.tree.ns.by_id:
             return
-        if vm.state != event.state:
-            log.info("VM %s: %s (%s)", vm.name, event.state, event.reason)
-        self._set_state(vm, event.state)
-        if event.state == states.HALTED and vm.id not in self._driving:
+        if vm.state != actual:
+            reason = event.reason if actual == event.state else f"libvirt says {actual}"
+            log.info("VM %s: %s (%s)", vm.name, actual, reason)
+            self._set_state(vm, actual)
+        # What a stop sets off waits for libvirt's stop event itself, with its reason.
+        if actual == event.state == states.HALTED and vm.id in self._attached:
             self.tree.announce(f"{vm.name} stopped: {event.reason}", time.time())
-            if self._nursery is not None:
-                self._nursery.start_soon(self._stopped, vm)
+            await self._stopped(vm)
 
     async def _stopped(self, vm: Vm) -> None:
-        """What a stop sets off: the volumes are released, a volatile VM is destroyed."""
+        """What a stop sets off: the volumes are released, a volatile VM is destroyed,
+        a hot savestate is made again (the disks it was made from have changed)."""
         await self._release(vm)
+        if vm.props.get("hot_savestate") == "1" and not vm.immutable:
+            self._schedule_hot(vm)
         if vm.volatile and vm.state == states.HALTED and vm.id in self.tree.ns.by_id:
             try:
                 await self.tree.delete_vm(vm.id)
@@ -310,18 +334,133 @@ class Lifecycle:
         The instance is a linked clone made for the run; a disposable is volatile,
         so it goes with its volumes as soon as it stops.
         """
-        if source.domain_xml is None:
+        hot = source.savestates.get(HOT_LABEL)
+        if source.domain_xml is None and hot is None:
             self._check_demo_guest()
         instance = await self.tree.make_instance(source.id, kind)
         try:
             async with self.tree.locked(instance.id):
-                await self.start(instance, hypervisor)
+                if hot is not None:
+                    await self._restore_as(instance, hypervisor, hot)
+                else:
+                    await self.start(instance, hypervisor)
         except BaseException:
             if instance.volatile:
                 with trio.CancelScope(shield=True):
                     await self.tree.delete_vm(instance.id)
             raise
         return instance.name
+
+    async def _restore_as(self, vm: Vm, hypervisor: Hypervisor, savestate: Savestate) -> None:
+        """Start ``vm`` (made from the savestate's volumes) from another VM's savestate.
+
+        libvirt restores an image only under the identity it was saved with, so
+        the VM gets its own reflinked copy of the image with the description
+        inside rewritten: its name, uuid, disks and console (vmtreefs.saveimage).
+        """
+        image = str(self.tree.image_path(savestate))
+        self._driving.add(vm.id)
+        self._set_state(vm, states.STARTING)
+        copy = self.tree.savestate_dir / f".restore-{vm.id}-{secrets.token_hex(4)}.save"
+        try:
+            saved_xml = await trio.to_thread.run_sync(hypervisor.saved_description, image)
+            disks = await self._attach(vm)
+            xml = domain.retarget(saved_xml, self._identity(vm), disks)
+            await trio.to_thread.run_sync(saveimage.rewrite_xml, image, copy, xml)
+            await trio.to_thread.run_sync(self._fresh_console, vm)
+            await trio.to_thread.run_sync(hypervisor.restore, str(copy))
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self._release(vm)
+                self._set_state(vm, states.HALTED)
+            raise
+        finally:
+            self._driving.discard(vm.id)
+            with contextlib.suppress(FileNotFoundError):
+                copy.unlink()
+        self._set_state(vm, states.RUNNING)
+        self._done(vm, f"restored from {savestate.label} savestate")
+
+    # Hot savestates
+
+    def hot_savestate_changed(self, vm: Vm) -> None:
+        """``hot_savestate`` was set (make one now) or cleared (drop the one there is)."""
+        if vm.props.get("hot_savestate") == "1":
+            self._schedule_hot(vm)
+        elif HOT_LABEL in vm.savestates and self._nursery is not None:
+            self._nursery.start_soon(self._drop_hot, vm)
+
+    async def _drop_hot(self, vm: Vm) -> None:
+        try:
+            await self.tree.delete_savestate(vm.id, HOT_LABEL)
+        except VmtreeError as e:
+            log.warning("VM %s: dropping the hot savestate: %s", vm.name, e.reason)
+
+    def _schedule_hot(self, vm: Vm) -> None:
+        if vm.id in self._hot_tasks or self._nursery is None or vm.volatile:
+            return
+        self._hot_tasks.add(vm.id)
+        self._nursery.start_soon(self._make_hot, vm)
+
+    async def _make_hot(self, vm: Vm) -> None:
+        """Boot (a hidden instance of) the VM, save it as soon as it is ready, stop it.
+
+        A running VM is saved in place when ready and keeps running.
+        """
+        started = time.monotonic()
+        try:
+            hypervisor = await self._require_hypervisor()
+            if HOT_LABEL in vm.savestates:
+                await self.tree.delete_savestate(vm.id, HOT_LABEL)
+            if vm.state in (states.RUNNING, states.PAUSED) and not vm.immutable:
+                await self.wait_ready(vm)
+                async with self.tree.locked(vm.id):
+                    await self.save(vm, hypervisor, HOT_LABEL, stop=False)
+            else:
+                await self._make_hot_with_runner(vm, hypervisor)
+            log.info("VM %s: hot savestate made in %.1f s", vm.name, time.monotonic() - started)
+        except VmtreeError as e:
+            log.error("VM %s: no hot savestate: %s", vm.name, e.describe())
+            self.tree.announce(f"{vm.name}: hot savestate failed: {e.reason}", time.time())
+        finally:
+            self._hot_tasks.discard(vm.id)
+
+    async def _make_hot_with_runner(self, vm: Vm, hypervisor: Hypervisor) -> None:
+        if vm.domain_xml is None:
+            self._check_demo_guest()
+        runner = await self.tree.make_instance(vm.id, "hot")
+        try:
+            async with self.tree.locked(runner.id):
+                await self.start(runner, hypervisor)
+            await self.wait_ready(runner)
+            async with self.tree.locked(runner.id):
+                await self.save(runner, hypervisor, HOT_LABEL, stop=True, owner=vm)
+        finally:
+            with trio.CancelScope(shield=True):
+                if runner.id in self.tree.ns.by_id and runner.state != states.HALTED:
+                    await self._destroy(runner, hypervisor)  # a volatile VM goes when it stops
+                if runner.id in self.tree.ns.by_id:
+                    await self._release(runner)
+                    with contextlib.suppress(VmtreeError):
+                        await self.tree.delete_vm(runner.id)
+
+    async def wait_ready(self, vm: Vm, timeout: float = READY_TIMEOUT) -> None:
+        """Until the VM counts as ready: its ``ready`` property, console:REGEX or delay:SECONDS."""
+        kind, _, arg = vm.props.get("ready", "console:VMTREE-READY").partition(":")
+        with trio.move_on_after(timeout) as scope:
+            if kind == "delay":
+                await trio.sleep(int(arg))
+                return
+            pattern = re.compile(arg.encode())
+            while True:
+                text = await trio.to_thread.run_sync(self.read_console, vm, 0, MAX_CONSOLE_READ)
+                if pattern.search(text):
+                    return
+                if vm.state == states.HALTED:
+                    raise VmtreeError(errno.EIO, f"VM {vm.name} stopped before it was ready")
+                await trio.sleep(0.1)
+        if scope.cancelled_caught:
+            raise VmtreeError(errno.ETIMEDOUT, f"VM {vm.name} was not ready after {timeout:.0f} s")
 
     async def start(self, vm: Vm, hypervisor: Hypervisor) -> str:
         if vm.immutable:
@@ -385,15 +524,23 @@ class Lifecycle:
 
     # Savestates
 
-    async def save(self, vm: Vm, hypervisor: Hypervisor, label: str | None, stop: bool) -> str:
+    async def save(
+        self,
+        vm: Vm,
+        hypervisor: Hypervisor,
+        label: str | None,
+        stop: bool,
+        owner: Vm | None = None,
+    ) -> str:
         """Pause, snapshot every volume, write the memory image; then run on unless ``stop``.
 
         The guest does not run between the snapshots and the memory image, so
         the two agree: a restore finds the disks as the memory remembers them.
         """
-        label = label or self._new_label(vm)
-        if label in vm.savestates:
-            raise VmtreeError(errno.EEXIST, f"VM {vm.name!r} already has a savestate {label!r}")
+        owner = owner or vm
+        label = label or self._new_label(owner)
+        if label in owner.savestates:
+            raise VmtreeError(errno.EEXIST, f"VM {owner.name!r} already has a savestate {label!r}")
         name = self.domain_name(vm)
         was_paused = vm.state == states.PAUSED
         self._driving.add(vm.id)
@@ -421,9 +568,9 @@ class Lifecycle:
                 "vcpus": int(vm.props.get("vcpus", "1")),
                 "paused": was_paused,
             }
-            await self.tree.record_savestate(vm, pending, info)
-            self._set_state(vm, states.HALTED)
+            await self.tree.record_savestate(owner, pending, info)
             if stop:
+                self._set_state(vm, states.HALTED)
                 await self._release(vm)
                 self._done(vm, f"saved {label} and stopped")
                 return label
@@ -514,5 +661,6 @@ class Lifecycle:
             # The event did not come (libvirt went away): ask once.
             state = await trio.to_thread.run_sync(hypervisor.state, self.domain_name(vm))
             self._set_state(vm, state)
-        if vm.state == states.HALTED:
-            await self._release(vm)
+        if vm.state == states.HALTED and vm.id in self._attached:
+            self.tree.announce(f"{vm.name} stopped: killed", time.time())
+            await self._stopped(vm)

@@ -468,17 +468,23 @@ class Namespace:
     def plan_instance(self, source_name: str, kind: str, number: int) -> CloneVm:
         """``NAME-instN`` or ``NAME-dispN`` (volatile): a linked clone made by the system."""
         source = self.get(source_name)
-        if kind not in ("inst", "disp"):
+        if kind not in ("inst", "disp", "hot"):
             raise ModelError(errno.EINVAL, f"no instance kind {kind!r}")
-        name = f"{source.name}-{kind}{number}"
+        # The runner of a hot savestate is hidden: a name no user can make or see.
+        name = f".hot-{source.id}-{number}" if kind == "hot" else f"{source.name}-{kind}{number}"
         self._check_free(name)
         self.reserved.add(name)
         props = inherited(source.props)
-        if kind == "disp":
+        props.pop("hot_savestate", None)
+        if kind in ("disp", "hot"):
             props["volatile"] = "1"
+        hot = source.savestates.get(HOT_LABEL) if kind != "hot" else None
+        # From a hot savestate, the instance's disks are the savestate's: they match its memory.
+        origin_volumes = hot.volumes.values() if hot is not None else source.volumes.values()
+        policies = {vol.name: vol.policy for vol in source.volumes.values()}
         volumes = tuple(
-            (vol.id, VolumeSpec(vol.name, vol.size, vol.policy))
-            for vol in sorted(source.volumes.values(), key=lambda v: v.id)
+            (vol.id, VolumeSpec(vol.name, vol.size, policies.get(vol.name, vol.policy)))
+            for vol in sorted(origin_volumes, key=lambda v: v.name)
         )
         return CloneVm(source.id, name, volumes, props, ())
 
@@ -652,7 +658,8 @@ class Namespace:
 
     def plan_set_property(self, vm_name: str, name: str, value: str | None) -> SetProperty:
         vm = self.get(vm_name)
-        if vm.immutable and name != "immutable":
+        # How the VM is run may change; what it is may not.
+        if vm.immutable and name not in ("immutable", "hot_savestate", "ready"):
             raise ModelError(
                 errno.EROFS, f"cannot change {name} of VM {vm_name!r}: it is immutable"
             )
@@ -737,6 +744,7 @@ class Namespace:
 
     def add_vm(self, vm: Vm) -> None:
         self.reserved.discard(vm.name)
+        vm.hidden = vm.hidden or vm.name.startswith(".")
         if vm.name in self.by_name or vm.name in self.aliases or vm.id in self.by_id:
             raise ModelError(errno.EEXIST, f"VM {vm.name!r} (id {vm.id}) is already present")
         self.by_name[vm.name] = vm

@@ -131,7 +131,6 @@ VOLUME_PROPERTIES: dict[str, Property] = {
 # Not settable in this version: they need running VMs (later releases).
 NOT_YET: dict[str, str] = {
     "versioned": "versioned VMs are not available in this version of vmtreefs",
-    "hot_savestate": "hot savestates are not available in this version of vmtreefs",
 }
 
 

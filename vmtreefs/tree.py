@@ -206,7 +206,7 @@ class VmTree:
                 row.created,
                 row.origin_id,
                 dict(row.props),
-                hidden=row.name.startswith(".volatile-"),
+                hidden=row.name.startswith("."),
             )
             for row in snapshot.vms
         }
@@ -482,9 +482,10 @@ class VmTree:
                     return tx.next_number(f"{kind}:{source.id}")
 
             plan = self.ns.plan_instance(source.name, kind, await in_thread(number))
+            noun = {"disp": "disposable", "inst": "instance", "hot": "hot savestate runner"}[kind]
             return await self._make_vm(
                 plan.name,
-                f"{'disposable' if kind == 'disp' else 'instance'} {plan.name} of {source.name}",
+                f"{noun} {plan.name} of {source.name}",
                 tuple(spec for _, spec in plan.volumes),
                 sources=tuple(src for src, _ in plan.volumes),
                 origin_id=plan.source_id,
@@ -645,6 +646,8 @@ class VmTree:
             t = await in_thread(commit)
             self.ns.apply_set_property(plan)
             self.announce(what, t)
+        if name == "hot_savestate" and self.lifecycle is not None:
+            self.lifecycle.hot_savestate_changed(vm)
 
     async def set_volume_policy(self, volume_id: int, policy: str) -> None:
         vm, vol = self.ns.volume_by_id(volume_id)
@@ -696,6 +699,7 @@ class VmTree:
     async def record_savestate(
         self, vm: Vm, pending: PendingSavestate, info: dict[str, object]
     ) -> Savestate:
+        """Record the savestate as ``vm``'s (for a hot savestate: the VM it was made for)."""
         what = f"save {vm.name} {pending.label}"
 
         def commit() -> tuple[int, float, float]:

@@ -12,6 +12,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -64,8 +65,13 @@ def unmount_and_detach(mountpoint: Path, image: Path) -> None:
             busy = done.stderr.strip()
             subprocess.run(["umount", "-l", str(mountpoint)], check=False)
             break
-    for dev in loop_devices(image):
-        subprocess.run(["losetup", "--detach", dev], check=False)
+    # The kernel lets go of a loop device only when its last user is gone (an
+    # unmount still finishing, udev's probe): detaching may need a moment.
+    deadline = time.monotonic() + 10
+    while (left := loop_devices(image)) and time.monotonic() < deadline:
+        for dev in left:
+            subprocess.run(["losetup", "--detach", dev], check=False, capture_output=True)
+        time.sleep(0.2)
     left = loop_devices(image)
     assert not busy, f"{mountpoint} was busy at teardown (left lazily unmounted): {busy}"
     assert not left, f"loop devices {left} still hold {image}"
@@ -77,13 +83,21 @@ def mounted_image(fstype: str, size: str = "1G") -> Iterator[Path]:
 
     The directory lives under /tmp with mode 0755 so that a QEMU run by libvirt
     as another user can reach files in it (pytest's own tmp_path is 0700).
+
+    It is a shared bind mount of itself: libvirt starts each QEMU in a copy of
+    the host's mounts, and without systemd (which makes / shared) that copy
+    would keep the filesystem mounted, and its loop device busy, after we
+    unmount it. Beneath a shared mount the copy is a slave, and the unmount
+    reaches it.
     """
     top = Path(tempfile.mkdtemp(prefix=f"vmtree-{fstype}-", dir="/tmp"))
     os.chmod(top, 0o755)
     image = top / f"image.{fstype}"
     mnt = top / "mnt"
     mnt.mkdir()
+    run("mount", "--bind", str(top), str(top))
     try:
+        run("mount", "--make-rshared", str(top))
         make_image(image, fstype, size)
         run("mount", "-t", fstype, "-o", "loop", str(image), str(mnt))
         try:
@@ -92,4 +106,7 @@ def mounted_image(fstype: str, size: str = "1G") -> Iterator[Path]:
             unmount_and_detach(mnt, image)
     finally:
         if not is_mountpoint(mnt):
+            subprocess.run(["umount", str(top)], check=False, capture_output=True)
+            if is_mountpoint(top):
+                subprocess.run(["umount", "-l", str(top)], check=False)
             shutil.rmtree(top, ignore_errors=True)

@@ -52,7 +52,6 @@ def test_good_values(name: str, value: bytes, stored: str) -> None:
         ("immutable", b"1\t"),
         ("memory", b"1" * 2000),
         ("versioned", b"1"),  # versioned VMs come later
-        ("hot_savestate", b"1"),
     ],
 )
 def test_bad_values_are_einval(name: str, value: bytes) -> None:

@@ -154,10 +154,3 @@ def test_domain_xml_is_checked_kept_and_cloned(vmtree: VmTree, demo_guest: objec
     os.setxattr(vms / "e", "user.vmtree.immutable", b"1")
     assert error_of((vms / "e/domain.xml").write_text, custom) == errno.EROFS
     assert "domain.xml: not well-formed XML" in vmtree.log()
-
-
-def test_an_immutable_vm_is_not_started_itself(vmtree: VmTree) -> None:
-    (vmtree.vms / "gold").mkdir()
-    os.setxattr(vmtree.vms / "gold", "user.vmtree.immutable", b"1")
-    assert error_of(vmtree.ctl, "gold", "start") == errno.EROFS
-    assert vmtree.state("gold") == "halted"
