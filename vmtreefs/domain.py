@@ -197,6 +197,11 @@ def _name_private_disk(root: ET.Element, targets: dict[str, str]) -> None:
     cmdline.text = " ".join([*words, f"vmtree.private={targets['private']}"])
 
 
+def saved_name(saved_xml: str) -> str:
+    """The domain name a saved description carries."""
+    return ET.fromstring(saved_xml).findtext("name") or ""
+
+
 def retarget(saved_xml: str, identity: Identity, disks: list[Disk]) -> str:
     """A saved domain's description moved to another identity and other disks.
 

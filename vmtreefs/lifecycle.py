@@ -352,23 +352,11 @@ class Lifecycle:
         return instance.name
 
     async def _restore_as(self, vm: Vm, hypervisor: Hypervisor, savestate: Savestate) -> None:
-        """Start ``vm`` (made from the savestate's volumes) from another VM's savestate.
-
-        libvirt restores an image only under the identity it was saved with, so
-        the VM gets its own reflinked copy of the image with the description
-        inside rewritten: its name, uuid, disks and console (vmtreefs.saveimage).
-        """
-        image = str(self.tree.image_path(savestate))
+        """Start ``vm`` (made from the savestate's volumes) from another VM's savestate."""
         self._driving.add(vm.id)
         self._set_state(vm, states.STARTING)
-        copy = self.tree.savestate_dir / f".restore-{vm.id}-{secrets.token_hex(4)}.save"
         try:
-            saved_xml = await trio.to_thread.run_sync(hypervisor.saved_description, image)
-            disks = await self._attach(vm)
-            xml = domain.retarget(saved_xml, self._identity(vm), disks)
-            await trio.to_thread.run_sync(saveimage.rewrite_xml, image, copy, xml)
-            await trio.to_thread.run_sync(self._fresh_console, vm)
-            await trio.to_thread.run_sync(hypervisor.restore, str(copy))
+            await self._restore_image(vm, hypervisor, savestate, paused=False)
         except BaseException:
             with trio.CancelScope(shield=True):
                 await self._release(vm)
@@ -376,10 +364,38 @@ class Lifecycle:
             raise
         finally:
             self._driving.discard(vm.id)
-            with contextlib.suppress(FileNotFoundError):
-                copy.unlink()
         self._set_state(vm, states.RUNNING)
         self._done(vm, f"restored from {savestate.label} savestate")
+
+    async def _restore_image(
+        self, vm: Vm, hypervisor: Hypervisor, savestate: Savestate, paused: bool
+    ) -> None:
+        """Attach the VM's volumes and restore the savestate's memory into it.
+
+        libvirt restores an image only under the identity it was saved with; a
+        savestate of another VM (a hot savestate, one a clone got from its
+        origin) is restored from a reflinked copy of the image whose description
+        inside is rewritten: its name, uuid, disks and console (saveimage).
+        """
+        image = str(self.tree.image_path(savestate))
+        saved_xml = await trio.to_thread.run_sync(hypervisor.saved_description, image)
+        disks = await self._attach(vm)
+        xml = domain.retarget(saved_xml, self._identity(vm), disks)
+        await trio.to_thread.run_sync(self._fresh_console, vm)
+        if domain.saved_name(saved_xml) == self.domain_name(vm):
+            await trio.to_thread.run_sync(
+                functools.partial(hypervisor.restore, image, xml, paused=paused)
+            )
+            return
+        copy = self.tree.savestate_dir / f".restore-{vm.id}-{secrets.token_hex(4)}.save"
+        try:
+            await trio.to_thread.run_sync(saveimage.rewrite_xml, image, copy, xml)
+            await trio.to_thread.run_sync(
+                functools.partial(hypervisor.restore, str(copy), paused=paused)
+            )
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                copy.unlink()
 
     # Hot savestates
 
@@ -608,19 +624,12 @@ class Lifecycle:
                 raise VmtreeError(errno.ENOENT, f"VM {vm.name!r} has no savestate to restore")
             label = max(vm.savestates.values(), key=lambda ss: (ss.created, ss.id)).label
         savestate = self.tree.ns.get_savestate(vm, label)
-        image = str(self.tree.image_path(savestate))
-        saved_xml = await trio.to_thread.run_sync(hypervisor.saved_description, image)
+        paused = bool(savestate.info.get("paused"))
         self._driving.add(vm.id)
         self._set_state(vm, states.STARTING)
         try:
             await self.tree.restore_volumes(vm, savestate)
-            disks = await self._attach(vm)
-            xml = domain.retarget(saved_xml, self._identity(vm), disks)
-            await trio.to_thread.run_sync(self._fresh_console, vm)
-            paused = bool(savestate.info.get("paused"))
-            await trio.to_thread.run_sync(
-                functools.partial(hypervisor.restore, image, xml, paused=paused)
-            )
+            await self._restore_image(vm, hypervisor, savestate, paused)
         except BaseException:
             with trio.CancelScope(shield=True):
                 await self._release(vm)
@@ -640,7 +649,8 @@ class Lifecycle:
         self._set_state(vm, states.STOPPING)
         log.info("VM %s: asked to shut down, waiting up to %d s", vm.name, timeout)
         if await self.wait_for(vm, frozenset({states.HALTED}), timeout):
-            return "halted"  # the stop event was announced
+            await self._settle_stop(vm, "shut down")
+            return "halted"
         log.warning("VM %s did not shut down within %d s: forcing it off", vm.name, timeout)
         await self._destroy(vm, hypervisor)
         return self._done(vm, f"halted: forced off after {timeout} s")
@@ -661,6 +671,13 @@ class Lifecycle:
             # The event did not come (libvirt went away): ask once.
             state = await trio.to_thread.run_sync(hypervisor.state, self.domain_name(vm))
             self._set_state(vm, state)
-        if vm.state == states.HALTED and vm.id in self._attached:
-            self.tree.announce(f"{vm.name} stopped: killed", time.time())
+        if vm.state == states.HALTED:
+            await self._settle_stop(vm, "killed")
+
+    async def _settle_stop(self, vm: Vm, reason: str) -> None:
+        """A command saw its VM halt: what the stop sets off is done before it returns
+        (unless libvirt's stop event got there first), so a read of a volume right
+        after `shutdown` or `kill` sees what the guest wrote."""
+        if vm.id in self._attached:
+            self.tree.announce(f"{vm.name} stopped: {reason}", time.time())
             await self._stopped(vm)

@@ -35,7 +35,16 @@ from vmtreefs.commands import Command
 from vmtreefs.engine.base import NewVolume, OpenVolume, SnapshotEngine
 from vmtreefs.engine.select import format_size, parse_size
 from vmtreefs.errors import VmtreeError
-from vmtreefs.model import Alias, Namespace, ReplaceAlias, Savestate, Vm, Volume, VolumeSpec
+from vmtreefs.model import (
+    HOT_LABEL,
+    Alias,
+    Namespace,
+    ReplaceAlias,
+    Savestate,
+    Vm,
+    Volume,
+    VolumeSpec,
+)
 from vmtreefs.store import Intent, Store, Txn
 
 if TYPE_CHECKING:
@@ -376,17 +385,41 @@ class VmTree:
         props: dict[str, str] | None = None,
         reparent: tuple[int, ...] = (),
         domain_xml: str | None = None,
+        linked: tuple[Savestate, ...] = (),
     ) -> Vm:
         """Make the volumes (new, or snapshots of ``sources``), then record the VM.
+
+        ``linked`` are savestates of the source that the new VM gets too: a hard
+        link of each memory image (never a copy) and snapshots of its volumes,
+        made with the VM's own, all or nothing.
 
         ``name`` is reserved by the caller's plan; it is given back on failure, and
         nothing made in the engine outlives a failure.
         """
         props = dict(props or {})
+        saved = [sorted(ss.volumes.values(), key=lambda v: v.name) for ss in linked]
+        all_specs = specs + tuple(
+            VolumeSpec(v.name, v.size, "persistent") for volumes in saved for v in volumes
+        )
+        all_sources = (
+            None if sources is None else sources + tuple(v.id for volumes in saved for v in volumes)
+        )
+        images = [f"ss-link-{secrets.token_hex(6)}.save" for _ in linked]
+        links = [
+            (str(self.image_path(ss)), str(self.savestate_dir / image))
+            for ss, image in zip(linked, images, strict=True)
+        ]
         try:
-            intent, ids = await self._create_volumes(what, specs, sources)
+            intent, all_ids = await self._create_volumes(
+                what, all_specs, all_sources, tuple(dst for _, dst in links)
+            )
+            ids = all_ids[: len(specs)]
 
-            def commit() -> tuple[int, float, float]:
+            def link_images() -> None:
+                for src, dst in links:
+                    os.link(src, dst)
+
+            def commit() -> tuple[int, float, float, list[int]]:
                 with self.store.transaction() as tx:
                     created = time.time()
                     vm_id = tx.insert_vm(name, created, origin_id, props)
@@ -396,14 +429,29 @@ class VmTree:
                         tx.set_vm_origin(child, vm_id)
                     if domain_xml is not None:
                         tx.set_domain_xml(vm_id, domain_xml)
+                    savestate_ids = []
+                    rest = iter(all_ids[len(specs) :])
+                    for ss, image, volumes in zip(linked, images, saved, strict=True):
+                        savestate_ids.append(
+                            tx.insert_savestate(
+                                vm_id,
+                                ss.label,
+                                ss.created,
+                                image,
+                                {**ss.info, "linked_from": ss.info.get("vm", "")},
+                                {v.name: (next(rest), v.size) for v in volumes},
+                            )
+                        )
                     tx.complete_intent(intent)
-                    return vm_id, created, self._noted(tx, what)
+                    return vm_id, created, self._noted(tx, what), savestate_ids
 
             try:
-                vm_id, created, t = await in_thread(commit)
+                if links:
+                    await in_thread(link_images)
+                vm_id, created, t, savestate_ids = await in_thread(commit)
             except BaseException:
                 with trio.CancelScope(shield=True):
-                    await self._undo_creation(intent, ids)
+                    await self._undo_creation(intent, all_ids, tuple(dst for _, dst in links))
                 raise
         except BaseException:
             self.ns.release(name)
@@ -412,6 +460,22 @@ class VmTree:
         for vol_id, spec in zip(ids, specs, strict=True):
             vm.volumes[spec.name] = Volume(vol_id, spec.name, spec.size, spec.policy, created)
         self.ns.add_vm(vm)
+        rest = iter(all_ids[len(specs) :])
+        for ss, ss_id, image, volumes in zip(linked, savestate_ids, images, saved, strict=True):
+            self.ns.add_savestate(
+                vm.id,
+                Savestate(
+                    ss_id,
+                    ss.label,
+                    ss.created,
+                    image,
+                    {**ss.info, "linked_from": ss.info.get("vm", "")},
+                    {
+                        v.name: Volume(next(rest), v.name, v.size, "persistent", ss.created)
+                        for v in volumes
+                    },
+                ),
+            )
         for child in reparent:
             self.ns.set_origin(child, vm.id)
         self.announce(what + detail, t)
@@ -521,7 +585,14 @@ class VmTree:
             self.announce(f"mv {plan.old} {plan.new}", t)
 
     async def clone_vm(self, source_id: int, raw_new: str | bytes, replace: bool = False) -> Vm:
-        """A linked clone: a snapshot of every volume, the source's properties, origin = source."""
+        """A linked clone: a snapshot of every volume, the source's properties and
+        savestates (not its hot one: the clone makes its own), origin = source."""
+        clone = await self._clone_vm(source_id, raw_new, replace)
+        if clone.props.get("hot_savestate") == "1" and self.lifecycle is not None:
+            self.lifecycle.hot_savestate_changed(clone)
+        return clone
+
+    async def _clone_vm(self, source_id: int, raw_new: str | bytes, replace: bool) -> Vm:
         async with self._locked(source_id) as source:
             plan = self.ns.plan_clone(source.name, raw_new, replace)
             verb = "clone --replace" if replace else "clone"
@@ -534,6 +605,9 @@ class VmTree:
                 props=plan.props,
                 reparent=plan.reparent,
                 domain_xml=source.domain_xml,
+                linked=tuple(
+                    ss for label, ss in sorted(source.savestates.items()) if label != HOT_LABEL
+                ),
             )
 
     # Aliases

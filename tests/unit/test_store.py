@@ -1139,3 +1139,39 @@ def test_engine_state_sets_and_deletes_keys_and_sizes_in_one_commit(db: Path) ->
         with pytest.raises(VmtreeError):
             s.save_engine_state({"c": "1"}, {9: -1})  # a bad size: the key is not kept either
         assert s.load_engine_state() == ({"b": "3"}, {8: 2048})
+
+
+def test_domains_savestates_and_counters_round_trip(store: Store) -> None:
+    with store.transaction() as tx:
+        vm = tx.insert_vm("work", 1.0)
+        tx.set_domain_xml(vm, "<domain type='qemu'/>")
+        a, b = tx.allocate_volume_ids(2)
+        ss = tx.insert_savestate(
+            vm, "s1", 2.0, "ss-1.save", {"paused": False}, {"root": (a, 512), "private": (b, 1024)}
+        )
+        assert [tx.next_number("inst:1") for _ in range(3)] == [1, 2, 3]
+        assert tx.next_number("disp:1") == 1
+    snap = store.load()
+    assert snap.domains == {vm: "<domain type='qemu'/>"}
+    (row,) = snap.savestates
+    assert (row.id, row.vm_id, row.label, row.image, row.info) == (
+        ss,
+        vm,
+        "s1",
+        "ss-1.save",
+        {"paused": False},
+    )
+    assert row.volumes == {"root": (a, 512), "private": (b, 1024)}
+    with pytest.raises(VmtreeError) as info, store.transaction() as tx:
+        tx.insert_savestate(vm, "s1", 3.0, "ss-2.save", {}, {})
+    assert info.value.errno == errno.EEXIST
+    with store.transaction() as tx:
+        assert tx.next_number("inst:1") == 4  # never handed out twice
+        tx.set_domain_xml(vm, None)
+        tx.delete_savestate(ss)
+    snap = store.load()
+    assert snap.domains == {} and snap.savestates == []
+    with store.transaction() as tx:
+        tx.insert_savestate(vm, "s2", 4.0, "ss-3.save", {}, {})
+        tx.delete_vm(vm)  # its savestates go with it
+    assert store.load().savestates == []

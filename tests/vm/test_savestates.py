@@ -95,3 +95,32 @@ def test_save_stop_rmdir_and_the_wrong_states(vmtree: VmTree) -> None:
     assert vmtree.status()["inventory"] == "ok"
     vmtree.remount()
     assert vmtree.status()["inventory"] == "ok"
+
+
+def test_a_running_vm_cloned_through_a_savestate_runs_twice(vmtree: VmTree) -> None:
+    vms = vmtree.vms
+    (vms / "a").mkdir()
+    vmtree.ctl("a", "start")
+    vmtree.wait_console("a", r"VMTREE-TICK 2\b")
+    assert vmtree.ctl("a", "save s") == "s"
+    (vms / "a/clones/b").mkdir()
+    assert listing(vms / "b/savestates") == ["s"]
+    assert "linked_from: a\n" in (vms / "b/savestates/s/info").read_text()
+    images = [
+        vmtree.source / "savestates" / name for name in os.listdir(vmtree.source / "savestates")
+    ]
+    assert len(images) == 2 and len({os.stat(p).st_ino for p in images}) == 1  # a link, no copy
+
+    assert vmtree.ctl("b", "restore s") == "s"
+    assert vmtree.state("b") == "running" and vmtree.state("a") == "running"
+    first = int(vmtree.wait_console("b", r"VMTREE-TICK (\d+)").group(1))
+    assert first > 1 and "VMTREE-BOOT" not in vmtree.console("b")
+    ticks_a = max(vmtree.ticks("a"))
+    vmtree.wait_console("a", rf"VMTREE-TICK {ticks_a + 1}\b", timeout=30)  # both run
+    vmtree.ctl("a", "kill")
+    vmtree.ctl("b", "kill")
+    assert counter(vmtree, "b") == b"1"
+    os.rmdir(vms / "a")
+    assert listing(vms / "b/savestates") == ["s"]  # b's savestate is its own
+    assert os.stat(vms / "b/savestates/s/memory").st_size > 0
+    assert vmtree.status()["inventory"] == "ok"
