@@ -28,6 +28,6 @@ def test_dmthin_engine_in_a_real_kernel(guest: GuestRunner, shared_dir: Path) ->
         log_path=guest.log_dir / "dmthin-contract.log",
     )
     out = report.result.script_output
-    assert report.tests >= 38, out
+    assert report.tests >= 40, out
     assert (report.failures, report.errors, report.skipped) == (0, 0, 0), out
     assert report.result.returncode == 0, out

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import os
 import secrets
 import shutil
 import subprocess
@@ -365,3 +366,29 @@ def wait_for_log(caplog: pytest.LogCaptureFixture, text: str, timeout: float = 3
     while text not in caplog.text and time.monotonic() < deadline:
         time.sleep(0.2)
     assert text in caplog.text
+
+
+def test_a_volume_a_vm_still_uses_is_adopted_after_a_crash(rig: Rig) -> None:
+    """kill -9 of the daemon while a VM runs on dm-thin: the device stays open by
+    QEMU; the next engine keeps it, attaches it again and sees the VM's writes."""
+    engine = rig.engine
+    engine.create(5, 4 * MiB)
+    attached = engine.attach(5)
+    fd = os.open(attached.path, os.O_RDWR)  # QEMU holding its disk
+    try:
+        engine = rig.restart()
+        assert os.path.exists(attached.path), "a device in use must stay"
+        again = engine.attach(5)
+        assert again.path == attached.path
+        os.pwrite(fd, b"written after the crash", MiB)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    engine.detach(5)  # the VM stopped: the device goes
+    assert not os.path.exists(attached.path)
+    vol = engine.open(5, writable=False)
+    try:
+        assert vol.pread(23, MiB) == b"written after the crash"
+    finally:
+        vol.close()
+

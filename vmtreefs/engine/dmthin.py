@@ -659,6 +659,13 @@ class DmThinEngine(SnapshotEngine):
                     run(["dmsetup", "resume", name], f"resume {name}")
                 self._writable.add(vol_id)
             return
+        if self.path(vol_id).exists():
+            # Left active by an earlier daemon because a VM still runs on it: adopt it
+            # as it is (a running VM's disk is writable).
+            log.info("volume %d: adopting %s, still active from before", vol_id, name)
+            self._users[vol_id] = 0
+            self._writable.add(vol_id)
+            return
         argv = ["dmsetup", "create", name, "--table", self._table(vol_id)]
         if not writable:
             argv.insert(2, "--readonly")
