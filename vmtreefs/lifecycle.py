@@ -21,6 +21,8 @@ import math
 import re
 import secrets
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -353,17 +355,8 @@ class Lifecycle:
 
     async def _restore_as(self, vm: Vm, hypervisor: Hypervisor, savestate: Savestate) -> None:
         """Start ``vm`` (made from the savestate's volumes) from another VM's savestate."""
-        self._driving.add(vm.id)
-        self._set_state(vm, states.STARTING)
-        try:
+        async with self._starting(vm):
             await self._restore_image(vm, hypervisor, savestate, paused=False)
-        except BaseException:
-            with trio.CancelScope(shield=True):
-                await self._release(vm)
-                self._set_state(vm, states.HALTED)
-            raise
-        finally:
-            self._driving.discard(vm.id)
         self._set_state(vm, states.RUNNING)
         self._done(vm, f"restored from {savestate.label} savestate")
 
@@ -484,9 +477,7 @@ class Lifecycle:
         if vm.domain_xml is None:
             self._check_demo_guest()
         await self._reset_volatile_volumes(vm)
-        self._driving.add(vm.id)
-        self._set_state(vm, states.STARTING)
-        try:
+        async with self._starting(vm):
             base = await self.base_domain_xml(vm)
             disks = await self._attach(vm)
             xml = domain.render(
@@ -498,13 +489,6 @@ class Lifecycle:
             )
             await trio.to_thread.run_sync(self._fresh_console, vm)
             await trio.to_thread.run_sync(hypervisor.create, xml)
-        except BaseException:
-            with trio.CancelScope(shield=True):
-                await self._release(vm)
-                self._set_state(vm, states.HALTED)
-            raise
-        finally:
-            self._driving.discard(vm.id)
         if vm.state == states.STARTING:
             self._set_state(vm, states.RUNNING)
         self._done(vm, "started")
@@ -519,6 +503,22 @@ class Lifecycle:
                     "is missing: build it (scripts/build-demo-guest.sh DIR) and mount with "
                     "-o guest=DIR, or write the VM's own domain.xml",
                 )
+
+    @asynccontextmanager
+    async def _starting(self, vm: Vm) -> AsyncIterator[None]:
+        """Carry a halted VM to running: on any failure its volumes are released and
+        it is halted again; libvirt's events wait until it is done."""
+        self._driving.add(vm.id)
+        self._set_state(vm, states.STARTING)
+        try:
+            yield
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self._release(vm)
+                self._set_state(vm, states.HALTED)
+            raise
+        finally:
+            self._driving.discard(vm.id)
 
     def _identity(self, vm: Vm) -> Identity:
         return Identity(
@@ -625,18 +625,9 @@ class Lifecycle:
             label = max(vm.savestates.values(), key=lambda ss: (ss.created, ss.id)).label
         savestate = self.tree.ns.get_savestate(vm, label)
         paused = bool(savestate.info.get("paused"))
-        self._driving.add(vm.id)
-        self._set_state(vm, states.STARTING)
-        try:
+        async with self._starting(vm):
             await self.tree.restore_volumes(vm, savestate)
             await self._restore_image(vm, hypervisor, savestate, paused)
-        except BaseException:
-            with trio.CancelScope(shield=True):
-                await self._release(vm)
-                self._set_state(vm, states.HALTED)
-            raise
-        finally:
-            self._driving.discard(vm.id)
         self._set_state(vm, states.PAUSED if paused else states.RUNNING)
         self._done(vm, f"restored {label}")
         return label

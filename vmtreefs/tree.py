@@ -38,6 +38,7 @@ from vmtreefs.errors import VmtreeError
 from vmtreefs.model import (
     HOT_LABEL,
     Alias,
+    CloneVm,
     Namespace,
     ReplaceAlias,
     Savestate,
@@ -547,15 +548,7 @@ class VmTree:
 
             plan = self.ns.plan_instance(source.name, kind, await in_thread(number))
             noun = {"disp": "disposable", "inst": "instance", "hot": "hot savestate runner"}[kind]
-            return await self._make_vm(
-                plan.name,
-                f"{noun} {plan.name} of {source.name}",
-                tuple(spec for _, spec in plan.volumes),
-                sources=tuple(src for src, _ in plan.volumes),
-                origin_id=plan.source_id,
-                props=plan.props,
-                domain_xml=source.domain_xml,
-            )
+            return await self._make_clone(source, plan, f"{noun} {plan.name} of {source.name}")
 
     def volatile_text(self) -> str:
         """.vmtree/volatile: the VMs that go as soon as they stop."""
@@ -596,19 +589,26 @@ class VmTree:
         async with self._locked(source_id) as source:
             plan = self.ns.plan_clone(source.name, raw_new, replace)
             verb = "clone --replace" if replace else "clone"
-            return await self._make_vm(
-                plan.name,
-                f"{verb} {source.name} {plan.name}",
-                tuple(spec for _, spec in plan.volumes),
-                sources=tuple(src for src, _ in plan.volumes),
-                origin_id=plan.source_id,
-                props=plan.props,
-                reparent=plan.reparent,
-                domain_xml=source.domain_xml,
-                linked=tuple(
-                    ss for label, ss in sorted(source.savestates.items()) if label != HOT_LABEL
-                ),
+            linked = tuple(
+                ss for label, ss in sorted(source.savestates.items()) if label != HOT_LABEL
             )
+            return await self._make_clone(source, plan, f"{verb} {source.name} {plan.name}", linked)
+
+    async def _make_clone(
+        self, source: Vm, plan: CloneVm, what: str, linked: tuple[Savestate, ...] = ()
+    ) -> Vm:
+        """A VM whose volumes are snapshots of the plan's (the source's, or its hot savestate's)."""
+        return await self._make_vm(
+            plan.name,
+            what,
+            tuple(spec for _, spec in plan.volumes),
+            sources=tuple(src for src, _ in plan.volumes),
+            origin_id=plan.source_id,
+            props=plan.props,
+            reparent=plan.reparent,
+            domain_xml=source.domain_xml,
+            linked=linked,
+        )
 
     # Aliases
 
