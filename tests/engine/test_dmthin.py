@@ -391,4 +391,3 @@ def test_a_volume_a_vm_still_uses_is_adopted_after_a_crash(rig: Rig) -> None:
         assert vol.pread(23, MiB) == b"written after the crash"
     finally:
         vol.close()
-
