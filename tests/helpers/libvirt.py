@@ -34,6 +34,7 @@ import libvirt
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = REPO_ROOT / "scripts" / "libvirt-daemons.sh"
 URI = "qemu:///system"
+LIBVIRT_LOGS = Path("/var/log/libvirt/qemu")
 START_TIMEOUT = 120.0
 STOP_TIMEOUT = 60.0
 
@@ -148,8 +149,8 @@ def cleanup_domains(conn: Any, prefix: str) -> list[str]:
 
     Running domains are destroyed (transient ones vanish with that), persistent
     ones are then undefined with their managed save and snapshot metadata.
-    Every domain is tried; failures are raised together at the end. Returns the
-    names of the domains found.
+    Every domain is tried; failures are raised together at the end. libvirt's
+    logs of the prefix's domains go too. Returns the names of the domains found.
     """
     if not prefix:
         raise ValueError("cleanup_domains needs a non-empty prefix")
@@ -175,6 +176,9 @@ def cleanup_domains(conn: Any, prefix: str) -> list[str]:
     left = [d.name() for d in conn.listAllDomains(0) if d.name().startswith(prefix)]
     if left:
         failures.append(f"still there: {', '.join(left)}")
+    # libvirt keeps a log per domain name, also of the ones that are gone already.
+    for log in LIBVIRT_LOGS.glob(f"{prefix}*.log"):
+        log.unlink(missing_ok=True)
     if failures:
         raise RuntimeError("cleaning up domains failed: " + "; ".join(failures))
     return names
