@@ -150,10 +150,6 @@ class Hypervisor:
         self._deliver: Callable[[DomainEvent], None] | None = None
         self._lock = threading.Lock()
 
-    @property
-    def connected(self) -> bool:
-        return self._conn is not None
-
     def connect(self, deliver: Callable[[DomainEvent], None]) -> None:
         """Open the connection and subscribe to lifecycle events; ENOTCONN when libvirt is away."""
         _ensure_event_loop()
