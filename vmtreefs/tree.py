@@ -330,13 +330,19 @@ class VmTree:
             NewVolume(vol_id, spec.size, None if sources is None else sources[n])
             for n, (vol_id, spec) in enumerate(zip(ids, specs, strict=True))
         ]
+        await self._or_undo(intent, ids, functools.partial(self.engine.make_volumes, new))
+        return intent, ids
+
+    async def _or_undo(
+        self, intent: int, ids: list[int], step: Callable[[], T], files: tuple[str, ...] = ()
+    ) -> T:
+        """Run a blocking step of a creation; if it fails, what the creation made goes."""
         try:
-            await in_thread(self.engine.make_volumes, new)
+            return await in_thread(step)
         except BaseException:
             with trio.CancelScope(shield=True):
-                await self._undo_creation(intent, ids)
+                await self._undo_creation(intent, ids, files)
             raise
-        return intent, ids
 
     async def _undo_creation(
         self, intent: int, ids: list[int], files: tuple[str, ...] = ()
@@ -406,6 +412,7 @@ class VmTree:
             None if sources is None else sources + tuple(v.id for volumes in saved for v in volumes)
         )
         images = [f"ss-link-{secrets.token_hex(6)}.save" for _ in linked]
+        infos = [{**ss.info, "linked_from": ss.info.get("vm", "")} for ss in linked]
         links = [
             (str(self.image_path(ss)), str(self.savestate_dir / image))
             for ss, image in zip(linked, images, strict=True)
@@ -415,10 +422,6 @@ class VmTree:
                 what, all_specs, all_sources, tuple(dst for _, dst in links)
             )
             ids = all_ids[: len(specs)]
-
-            def link_images() -> None:
-                for src, dst in links:
-                    os.link(src, dst)
 
             def commit() -> tuple[int, float, float, list[int]]:
                 with self.store.transaction() as tx:
@@ -432,28 +435,28 @@ class VmTree:
                         tx.set_domain_xml(vm_id, domain_xml)
                     savestate_ids = []
                     rest = iter(all_ids[len(specs) :])
-                    for ss, image, volumes in zip(linked, images, saved, strict=True):
+                    for ss, image, info, volumes in zip(linked, images, infos, saved, strict=True):
                         savestate_ids.append(
                             tx.insert_savestate(
                                 vm_id,
                                 ss.label,
                                 ss.created,
                                 image,
-                                {**ss.info, "linked_from": ss.info.get("vm", "")},
+                                info,
                                 {v.name: (next(rest), v.size) for v in volumes},
                             )
                         )
                     tx.complete_intent(intent)
                     return vm_id, created, self._noted(tx, what), savestate_ids
 
-            try:
-                if links:
-                    await in_thread(link_images)
-                vm_id, created, t, savestate_ids = await in_thread(commit)
-            except BaseException:
-                with trio.CancelScope(shield=True):
-                    await self._undo_creation(intent, all_ids, tuple(dst for _, dst in links))
-                raise
+            def link_and_commit() -> tuple[int, float, float, list[int]]:
+                for src, dst in links:
+                    os.link(src, dst)
+                return commit()
+
+            vm_id, created, t, savestate_ids = await self._or_undo(
+                intent, all_ids, link_and_commit, tuple(dst for _, dst in links)
+            )
         except BaseException:
             self.ns.release(name)
             raise
@@ -462,7 +465,9 @@ class VmTree:
             vm.volumes[spec.name] = Volume(vol_id, spec.name, spec.size, spec.policy, created)
         self.ns.add_vm(vm)
         rest = iter(all_ids[len(specs) :])
-        for ss, ss_id, image, volumes in zip(linked, savestate_ids, images, saved, strict=True):
+        for ss, ss_id, image, info, volumes in zip(
+            linked, savestate_ids, images, infos, saved, strict=True
+        ):
             self.ns.add_savestate(
                 vm.id,
                 Savestate(
@@ -470,7 +475,7 @@ class VmTree:
                     ss.label,
                     ss.created,
                     image,
-                    {**ss.info, "linked_from": ss.info.get("vm", "")},
+                    info,
                     {
                         v.name: Volume(next(rest), v.name, v.size, "persistent", ss.created)
                         for v in volumes
@@ -860,12 +865,7 @@ class VmTree:
                 return deletion, self._noted(tx, what)
 
         created = time.time()
-        try:
-            deletion, t = await in_thread(commit)
-        except BaseException:
-            with trio.CancelScope(shield=True):
-                await self._undo_creation(intent, ids)
-            raise
+        deletion, t = await self._or_undo(intent, ids, commit)
         for volume in old:
             self.ns.remove_volume(vm.id, volume.name)
         for vol_id, spec in zip(ids, specs, strict=True):
@@ -967,12 +967,7 @@ class VmTree:
                     tx.complete_intent(intent)
                     return created, self._noted(tx, what)
 
-            try:
-                created, t = await in_thread(commit)
-            except BaseException:
-                with trio.CancelScope(shield=True):
-                    await self._undo_creation(intent, ids)
-                raise
+            created, t = await self._or_undo(intent, ids, commit)
             volume = Volume(ids[0], plan.spec.name, plan.spec.size, plan.spec.policy, created)
             self.ns.add_volume(vm.id, volume)
             self.announce(what, t)
