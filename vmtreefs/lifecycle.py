@@ -45,6 +45,8 @@ RECONNECT_SECONDS = 5.0
 CONNECT_WAIT_SECONDS = 10.0  # a command waits this long for libvirt to come (back)
 MAX_CONSOLE_READ = 1024 * 1024
 READY_TIMEOUT = 600.0  # for a hot savestate's boot: TCG on a busy host is slow
+# Stops after which a versioned VM's head does not commit: its disks may be half-written.
+NO_COMMIT_REASONS = frozenset({"killed", "crashed", "failed", "saved"})
 
 
 class Lifecycle:
@@ -78,6 +80,8 @@ class Lifecycle:
         # Bumped at every state change: a reconciliation does not undo a newer event.
         self._versions: dict[int, int] = {}
         self._hot_tasks: set[int] = set()  # VMs whose hot savestate is being made
+        # Set when what a VM's stop sets off (release, commit, destruction) is done.
+        self._settling: dict[int, trio.Event] = {}
 
     # Names and files
 
@@ -122,6 +126,7 @@ class Lifecycle:
         """Connect (again after a drop) and apply events until cancelled."""
         self._token = trio.lowlevel.current_trio_token()
         if self.hypervisor is None:
+            await self.tree.collect()
             self.settled.set()
             return
         async with trio.open_nursery() as nursery:
@@ -185,7 +190,8 @@ class Lifecycle:
                 self._schedule_hot(vm)
             if vm.volatile and vm.state == states.HALTED and vm.id not in self._driving:
                 log.info("volatile VM %s stopped while vmtreefs was away: destroying it", vm.name)
-                await self._stopped(vm)
+                await self._stopped(vm, "stopped while vmtreefs was away")
+        await self.tree.collect()
         log.info("libvirt: %d of %d VMs running", sum(1 for n in running if n in known), len(known))
 
     def _apply(self, event: DomainEvent) -> None:
@@ -214,19 +220,38 @@ class Lifecycle:
         # What a stop sets off waits for libvirt's stop event itself, with its reason.
         if actual == event.state == states.HALTED and vm.id in self._attached:
             self.tree.announce(f"{vm.name} stopped: {event.reason}", time.time())
-            await self._stopped(vm)
+            await self._stopped(vm, event.reason)
 
-    async def _stopped(self, vm: Vm) -> None:
-        """What a stop sets off: the volumes are released, a volatile VM is destroyed,
-        a hot savestate is made again (the disks it was made from have changed)."""
-        await self._release(vm)
-        if vm.props.get("hot_savestate") == "1" and not vm.immutable:
-            self._schedule_hot(vm)
-        if vm.volatile and vm.state == states.HALTED and vm.id in self.tree.ns.by_id:
-            try:
-                await self.tree.delete_vm(vm.id)
-            except VmtreeError as e:
-                log.error("volatile VM %s stopped but could not be destroyed: %s", vm.name, e)
+    async def _stopped(self, vm: Vm, reason: str) -> None:
+        """What a stop sets off: the volumes are released, the head of a versioned VM
+        commits (not after a kill or a crash: its disks may be half-written), a volatile
+        VM is destroyed, a hot savestate is made again (its disks have changed)."""
+        done = self._settling.setdefault(vm.id, trio.Event())
+        try:
+            await self._release(vm)
+            if (
+                vm.versioned
+                and vm.props.get("commit", "shutdown") == "shutdown"
+                and reason not in NO_COMMIT_REASONS
+                and vm.id in self.tree.ns.by_id
+            ):
+                try:
+                    await self.tree.commit_version(vm.id)
+                except VmtreeError as e:
+                    log.error("VM %s stopped but could not commit: %s", vm.name, e.describe())
+                    self.tree.announce(f"{vm.name}: commit failed: {e.reason}", time.time())
+            if vm.props.get("hot_savestate") == "1" and not vm.immutable:
+                self._schedule_hot(vm)
+            if vm.volatile and vm.state == states.HALTED and vm.id in self.tree.ns.by_id:
+                try:
+                    await self.tree.delete_vm(vm.id)
+                except VmtreeError as e:
+                    log.error("volatile VM %s stopped but could not be destroyed: %s", vm.name, e)
+            await self.tree.collect()
+        finally:
+            done.set()
+            if self._settling.get(vm.id) is done:
+                del self._settling[vm.id]
 
     def _set_state(self, vm: Vm, state: str) -> None:
         if vm.state != state:
@@ -357,6 +382,7 @@ class Lifecycle:
         """Start ``vm`` (made from the savestate's volumes) from another VM's savestate."""
         async with self._starting(vm):
             await self._restore_image(vm, hypervisor, savestate, paused=False)
+        await self._runs_from(vm, savestate)
         self._set_state(vm, states.RUNNING)
         self._done(vm, f"restored from {savestate.label} savestate")
 
@@ -406,7 +432,8 @@ class Lifecycle:
             log.warning("VM %s: dropping the hot savestate: %s", vm.name, e.reason)
 
     def _schedule_hot(self, vm: Vm) -> None:
-        if vm.id in self._hot_tasks or self._nursery is None or vm.volatile:
+        # A versioned VM's hot savestates are its versions' (a disposable factory).
+        if vm.id in self._hot_tasks or self._nursery is None or vm.volatile or vm.versioned:
             return
         self._hot_tasks.add(vm.id)
         self._nursery.start_soon(self._make_hot, vm)
@@ -476,6 +503,7 @@ class Lifecycle:
             raise VmtreeError(errno.EROFS, f"cannot start VM {vm.name!r} itself: it is immutable")
         if vm.domain_xml is None:
             self._check_demo_guest()
+        await self.tree.refresh_template_volumes(vm)
         await self._reset_volatile_volumes(vm)
         async with self._starting(vm):
             base = await self.base_domain_xml(vm)
@@ -584,6 +612,10 @@ class Lifecycle:
                 "vcpus": int(vm.props.get("vcpus", "1")),
                 "paused": was_paused,
             }
+            used = self.tree.ns.by_id.get(vm.template_used or 0)
+            if vm.template is not None and used is not None:
+                info["template_version"] = used.id
+                info["template_version_name"] = used.name
             await self.tree.record_savestate(owner, pending, info)
             if stop:
                 self._set_state(vm, states.HALTED)
@@ -628,9 +660,36 @@ class Lifecycle:
         async with self._starting(vm):
             await self.tree.restore_volumes(vm, savestate)
             await self._restore_image(vm, hypervisor, savestate, paused)
+        await self._runs_from(vm, savestate)
         self._set_state(vm, states.PAUSED if paused else states.RUNNING)
         self._done(vm, f"restored {label}")
         return label
+
+    async def _runs_from(self, vm: Vm, savestate: Savestate) -> None:
+        """A VM restored from a savestate runs on the template version recorded in it."""
+        used = savestate.info.get("template_version")
+        if isinstance(used, int):
+            await self.tree.set_template_used(vm, used)
+
+    @asynccontextmanager
+    async def held_still(self, vm: Vm) -> AsyncIterator[None]:
+        """Pause a running VM while its volumes are snapshotted (as a save does), so
+        they hold what its disks held at one instant."""
+        if vm.state != states.RUNNING:
+            yield
+            return
+        hypervisor = await self._require_hypervisor()
+        name = self.domain_name(vm)
+        self._driving.add(vm.id)
+        try:
+            await trio.to_thread.run_sync(hypervisor.suspend, name)
+            try:
+                yield
+            finally:
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(hypervisor.resume, name)
+        finally:
+            self._driving.discard(vm.id)
 
     async def shutdown(self, vm: Vm, hypervisor: Hypervisor, timeout: int) -> str:
         name = self.domain_name(vm)
@@ -671,4 +730,6 @@ class Lifecycle:
         after `shutdown` or `kill` sees what the guest wrote."""
         if vm.id in self._attached:
             self.tree.announce(f"{vm.name} stopped: {reason}", time.time())
-            await self._stopped(vm)
+            await self._stopped(vm, reason)
+        elif vm.id in self._settling:
+            await self._settling[vm.id].wait()  # libvirt's stop event got there first

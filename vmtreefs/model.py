@@ -32,6 +32,8 @@ VOLUME_SUFFIX = ".img"
 
 _NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9_-]*\Z")
 _RESERVED_SUFFIX_RE = re.compile(r"-(next|v[0-9]+|inst[0-9]+|disp[0-9]+)\Z")
+_INSTANCE_RE = re.compile(r"-(inst|disp)[0-9]+\Z")
+HIDDEN_PREFIX = ".volatile-"
 
 POLICIES = VOLUME_POLICIES
 VM_STATES = ("halted", "starting", "running", "paused", "saved", "stopping")
@@ -176,6 +178,10 @@ class Vm:
     domain_xml: str | None = None  # the base description; None: the default one
     savestates: dict[str, Savestate] = field(default_factory=dict)
     hidden: bool = False  # removed by rmdir while still running: no name, goes when it stops
+    version_of: int | None = None  # a version NAME-vN: the id of its head NAME-next
+    version: int = 0  # a version's N
+    template: TemplateLink | None = None
+    template_used: int | None = None  # the VM its template volumes were last taken from
 
     @property
     def volatile(self) -> bool:
@@ -185,6 +191,19 @@ class Vm:
     @property
     def immutable(self) -> bool:
         return self.props.get("immutable") == "1"
+
+    @property
+    def versioned(self) -> bool:
+        """The writable head (NAME-next) of a versioned VM."""
+        return self.props.get("versioned") == "1"
+
+
+@dataclass(frozen=True)
+class TemplateLink:
+    """A VM's ``template`` symlink: it names a VM or an alias (by id, like an alias)."""
+
+    target_vm: int | None
+    target_alias: int | None
 
 
 # Plans: what an operation turns into, decided before any I/O.
@@ -262,6 +281,39 @@ class CloneVm:
     volumes: tuple[tuple[int, VolumeSpec], ...]  # (source volume id, the new volume)
     props: dict[str, str]
     reparent: tuple[int, ...]  # --replace: VMs whose origin moves from the source to the clone
+
+
+@dataclass(frozen=True)
+class MakeVersion:
+    """The next NAME-vN of a versioned VM: a replacement linked clone of its head.
+
+    The version's origin is the head's (the previous version); the head and
+    the VMs cloned from the head then descend from the new version, and the
+    system alias NAME moves to it.
+    """
+
+    head_id: int
+    base: str  # NAME
+    name: str  # NAME-vN
+    number: int
+    volumes: tuple[tuple[int, VolumeSpec], ...]
+    props: dict[str, str]
+    origin: int | None
+    reparent: tuple[int, ...]
+    head_name: str  # NAME-next (the head is renamed to it by the first version)
+    alias_id: int | None  # the system alias to move; None: the first version makes it
+
+
+@dataclass(frozen=True)
+class Unversion:
+    """Clearing ``versioned``: the head is NAME again; versions stay (history) or go."""
+
+    head_id: int
+    base: str
+    alias_id: int | None
+    retarget: tuple[int, ...]  # user aliases that named the system alias name the head now
+    versions: tuple[int, ...]
+    keep_history: bool
 
 
 @dataclass(frozen=True)
@@ -431,6 +483,7 @@ class Namespace:
         vm = self.get(name)
         if vm.state != "halted":
             raise ModelError(errno.EBUSY, f"cannot delete VM {name!r}: it is {vm.state}")
+        self._check_deletable(vm)
         return DeleteVm(
             vm.id,
             vm.name,
@@ -444,12 +497,14 @@ class Namespace:
 
     def plan_hide(self, name: str) -> HideVm:
         vm = self.get(name)
+        self._check_deletable(vm)
         return HideVm(
             vm.id,
             vm.name,
-            hidden_name=f".volatile-{vm.id}-{vm.name}",
+            hidden_name=f"{HIDDEN_PREFIX}{vm.id}-{vm.name}",
             new_origin=vm.origin_id,
-            reparent=tuple(c.id for c in self.clones_of(vm)),
+            # Its running instances stay its clones: they are what keeps it.
+            reparent=tuple(c.id for c in self.clones_of(vm) if not self.is_instance(c)),
             aliases=self._aliases_standing_for(vm_id=vm.id),
         )
 
@@ -471,7 +526,8 @@ class Namespace:
         if kind not in ("inst", "disp", "hot"):
             raise ModelError(errno.EINVAL, f"no instance kind {kind!r}")
         # The runner of a hot savestate is hidden: a name no user can make or see.
-        name = f".hot-{source.id}-{number}" if kind == "hot" else f"{source.name}-{kind}{number}"
+        stem, _ = self.instance_stem(source)
+        name = f".hot-{source.id}-{number}" if kind == "hot" else f"{stem}-{kind}{number}"
         self._check_free(name)
         self.reserved.add(name)
         props = inherited(source.props)
@@ -507,6 +563,265 @@ class Namespace:
             (c for c in self.by_id.values() if c.origin_id == vm.id and not c.hidden),
             key=lambda c: c.id,
         )
+
+    # Versions and templates
+
+    def versions_of(self, head: Vm, hidden: bool = False) -> list[Vm]:
+        """A versioned VM's versions, oldest first (with ``hidden``, also those waiting to go)."""
+        return sorted(
+            (
+                v
+                for v in self.by_id.values()
+                if v.version_of == head.id and (hidden or not v.hidden)
+            ),
+            key=lambda v: v.version,
+        )
+
+    def system_alias_of(self, head: Vm) -> Alias | None:
+        """The alias NAME that names the newest version of the head NAME-next."""
+        versions = {v.id for v in self.versions_of(head, hidden=True)}
+        for alias in self.aliases_by_id.values():
+            if alias.system and alias.target_vm in versions:
+                return alias
+        return None
+
+    def newest_version(self, head: Vm) -> Vm | None:
+        alias = self.system_alias_of(head)
+        return None if alias is None or alias.target_vm is None else self.by_id[alias.target_vm]
+
+    def head_of(self, vm: Vm) -> Vm | None:
+        return None if vm.version_of is None else self.by_id.get(vm.version_of)
+
+    @staticmethod
+    def base_name(head: Vm) -> str:
+        return head.name.removesuffix("-next") if head.versioned else head.name
+
+    def instance_stem(self, source: Vm) -> tuple[str, int]:
+        """The name an instance of ``source`` is numbered after, and whose counter it uses:
+        a version's instances are NAME-instN and NAME-dispN, counted per versioned VM."""
+        head = self.head_of(source)
+        return (self.base_name(head), head.id) if head is not None else (source.name, source.id)
+
+    def plan_version(self, head_id: int, number: int) -> MakeVersion:
+        """The next version of ``head_id``; the first one also makes it versioned."""
+        head = self.get_by_id(head_id)
+        if head.hidden or head.volatile:
+            raise ModelError(errno.ENOENT, f"VM {head.name!r} is being deleted")
+        if head.immutable or head.version_of is not None:
+            raise ModelError(
+                errno.EROFS, f"cannot make versions of VM {head.name!r}: it is immutable"
+            )
+        if head.state in ("starting", "stopping"):
+            raise ModelError(errno.EBUSY, f"cannot commit VM {head.name!r}: it is {head.state}")
+        alias = self.system_alias_of(head) if head.versioned else None
+        if head.versioned:
+            base, head_name = self.base_name(head), head.name
+        else:
+            base, head_name = head.name, f"{head.name}-next"
+            self._check_free(head_name)
+        name = f"{base}-v{number}"
+        self._check_free(name)
+        if alias is None and head.versioned:
+            self._check_free(base)  # the alias was lost: the commit makes it again
+        self.reserved.add(name)
+        if not head.versioned:
+            self.reserved.add(head_name)
+        volumes = tuple(
+            (vol.id, VolumeSpec(vol.name, vol.size, vol.policy))
+            for vol in sorted(head.volumes.values(), key=lambda v: v.id)
+        )
+        props = {**inherited(head.props), "immutable": "1"}
+        reparent = tuple(sorted(c.id for c in self.by_id.values() if c.origin_id == head.id))
+        return MakeVersion(
+            head.id,
+            base,
+            name,
+            number,
+            volumes,
+            props,
+            head.origin_id,
+            reparent,
+            head_name,
+            None if alias is None else alias.id,
+        )
+
+    def apply_version(self, plan: MakeVersion, version: Vm, alias: Alias | None) -> None:
+        """Record what a commit made: ``version`` is in the namespace; ``alias`` is new."""
+        head = self.get_by_id(plan.head_id)
+        self.reserved.discard(plan.head_name)
+        if head.name != plan.head_name:
+            del self.by_name[head.name]
+            head.name = plan.head_name
+            self.by_name[head.name] = head
+        head.props["versioned"] = "1"
+        version.version_of = head.id
+        version.version = plan.number
+        head.origin_id = version.id
+        if alias is not None:
+            self.add_alias(alias)
+        elif plan.alias_id is not None:
+            moved = self.aliases_by_id[plan.alias_id]
+            moved.target_vm, moved.target_alias = version.id, None
+
+    def plan_unversion(self, head_id: int) -> Unversion:
+        head = self.get_by_id(head_id)
+        if not head.versioned:
+            raise ModelError(errno.EINVAL, f"VM {head.name!r} is not versioned")
+        versions = self.versions_of(head, hidden=True)
+        alias = self.system_alias_of(head)
+        busy = [f"{v.name}: {'; '.join(self.needs_of(v))}" for v in versions if self.needs_of(v)]
+        users = [u.name for v in versions for u in self.template_users(vm_id=v.id)]
+        if alias is not None:
+            users += [u.name for u in self.template_users(alias_id=alias.id)]
+        if busy or users:
+            raise ModelError(
+                errno.EBUSY,
+                f"cannot clear versioned on {head.name!r}: its versions are in use ("
+                + "; ".join(busy + [f"{u} has it as its template" for u in sorted(set(users))])
+                + ")",
+            )
+        base = self.base_name(head)
+        if alias is None:
+            self._check_free(base)
+        retarget = tuple(
+            sorted(
+                a.id
+                for a in self.aliases_by_id.values()
+                if alias is not None and a.target_alias == alias.id
+            )
+        )
+        return Unversion(
+            head.id,
+            base,
+            None if alias is None else alias.id,
+            retarget,
+            tuple(v.id for v in versions),
+            head.props.get("preserve_history") == "1",
+        )
+
+    def apply_unversion(self, plan: Unversion) -> None:
+        head = self.get_by_id(plan.head_id)
+        for alias_id in plan.retarget:
+            retargeted = self.aliases_by_id[alias_id]
+            retargeted.target_vm, retargeted.target_alias = head.id, None
+        if plan.alias_id is not None:
+            self.remove_alias(plan.alias_id)
+        del self.by_name[head.name]
+        head.name = plan.base
+        self.by_name[head.name] = head
+        head.props.pop("versioned", None)
+        for vm_id in plan.versions:
+            self.by_id[vm_id].version_of = None
+
+    def prunable(self, head: Vm) -> list[Vm]:
+        """Versions older than the newest that go when history is not kept (a version
+        named directly as some VM's template stays until that changes)."""
+        newest = self.newest_version(head)
+        return [
+            v
+            for v in self.versions_of(head)
+            if newest is not None and v.version < newest.version and not self.template_users(v.id)
+        ]
+
+    @staticmethod
+    def is_instance(vm: Vm) -> bool:
+        """Made by the system to run another VM: NAME-instN, NAME-dispN, a hot runner."""
+        return bool(_INSTANCE_RE.search(vm.name)) or vm.name.startswith(".hot-")
+
+    def needs_of(self, vm: Vm) -> list[str]:
+        """What keeps a VM from being destroyed now (it becomes volatile instead)."""
+        reasons = [f"it is {vm.state}"] if vm.state != "halted" else []
+        for other in self.by_id.values():
+            if other.state != "halted" and other.origin_id == vm.id and self.is_instance(other):
+                reasons.append(f"its instance {other.name} is {other.state}")
+            if other.state != "halted" and other.template_used == vm.id and other.id != vm.id:
+                reasons.append(f"{other.name} runs from it as its template")
+            for ss in other.savestates.values():
+                if ss.info.get("template_version") == vm.id:
+                    reasons.append(f"savestate {other.name}/{ss.label} records it")
+        return reasons
+
+    def collectable(self) -> list[Vm]:
+        """VMs removed while still needed that nothing needs any more."""
+        return [
+            vm
+            for vm in self.by_id.values()
+            if vm.name.startswith(HIDDEN_PREFIX) and vm.volatile and not self.needs_of(vm)
+        ]
+
+    def template_users(self, vm_id: int | None = None, alias_id: int | None = None) -> list[Vm]:
+        """VMs whose template link names this VM or alias itself."""
+        return sorted(
+            (
+                vm
+                for vm in self.by_id.values()
+                if vm.template is not None
+                and (
+                    (vm_id is not None and vm.template.target_vm == vm_id)
+                    or (alias_id is not None and vm.template.target_alias == alias_id)
+                )
+            ),
+            key=lambda v: v.id,
+        )
+
+    def template_name(self, link: TemplateLink) -> str:
+        if link.target_vm is not None:
+            return self.get_by_id(link.target_vm).name
+        assert link.target_alias is not None
+        return self.aliases_by_id[link.target_alias].name
+
+    def resolve_template(self, vm: Vm) -> Vm | None:
+        """The VM a template link stands for now (an alias: the version it names now)."""
+        if vm.template is None:
+            return None
+        return self.resolve(self.template_name(vm.template))
+
+    def plan_set_template(self, vm_id: int, raw_target: str | bytes) -> TemplateLink:
+        """``ln -s ../fedora work/template``: the target names a VM or an alias."""
+        vm = self.get_by_id(vm_id)
+        self._check_writable(vm, "change its template")
+        target = _decode(raw_target, "template target").removeprefix("../")
+        if target.startswith("/") or "/" in target or target in (".", "..", ""):
+            raise ModelError(
+                errno.EINVAL,
+                f"template target {target!r} must name a VM or alias, as ../NAME",
+            )
+        if target in self.aliases:
+            link = TemplateLink(None, self.aliases[target].id)
+        elif target in self.by_name and not self.by_name[target].hidden:
+            link = TemplateLink(self.by_name[target].id, None)
+        else:
+            raise ModelError(errno.EINVAL, f"template target {target!r} names no VM or alias")
+        if self.resolve(target).id == vm.id:
+            raise ModelError(errno.EINVAL, f"VM {vm.name!r} cannot be its own template")
+        return link
+
+    def check_template_removable(self, vm_id: int) -> None:
+        self._check_writable(self.get_by_id(vm_id), "remove its template")
+
+    def _check_deletable(self, vm: Vm) -> None:
+        """What rmdir refuses: a versioned head, the newest version, a template in use."""
+        if vm.versioned:
+            raise ModelError(
+                errno.EBUSY,
+                f"{vm.name!r} is the head of versioned VM {self.base_name(vm)!r}: "
+                "clear user.vmtree.versioned first",
+            )
+        head = self.head_of(vm)
+        if head is not None and self.newest_version(head) is vm:
+            raise ModelError(
+                errno.EBUSY,
+                f"{vm.name!r} is the newest version of {self.base_name(head)!r} "
+                "(the alias names it): commit a newer one first",
+            )
+        users = self.template_users(vm_id=vm.id)
+        for alias_id in self._aliases_standing_for(vm_id=vm.id):
+            users += self.template_users(alias_id=alias_id)
+        if users:
+            raise ModelError(
+                errno.EBUSY,
+                f"VM {vm.name!r} is the template of {', '.join(sorted({u.name for u in users}))}",
+            )
 
     def visible(self) -> list[Vm]:
         """The VMs with a name at the top level (not the hidden volatile ones)."""
@@ -592,6 +907,12 @@ class Namespace:
             raise ModelError(
                 errno.EBUSY, f"alias {name!r} is named by other aliases; remove those first"
             )
+        users = self.template_users(alias_id=alias.id)
+        if users:
+            raise ModelError(
+                errno.EBUSY,
+                f"alias {name!r} is the template of {', '.join(u.name for u in users)}",
+            )
         return RemoveAlias(alias.id, name)
 
     def plan_rename_alias(self, old: str, raw_new: str | bytes) -> RenameAlias | ReplaceAlias:
@@ -658,6 +979,8 @@ class Namespace:
 
     def plan_set_property(self, vm_name: str, name: str, value: str | None) -> SetProperty:
         vm = self.get(vm_name)
+        if vm.version_of is not None and name in ("immutable", "versioned"):
+            raise ModelError(errno.EROFS, f"{vm_name!r} is a version: versions stay immutable")
         # How the VM is run may change; what it is may not.
         if vm.immutable and name not in ("immutable", "hot_savestate", "ready"):
             raise ModelError(
@@ -691,6 +1014,12 @@ class Namespace:
         new = check_vm_name(raw_new)
         if new == old:
             return RenameVm(vm.id, old, new)
+        if vm.versioned or vm.version_of is not None:
+            raise ModelError(
+                errno.EPERM,
+                f"{old!r} belongs to a versioned VM, whose names the system keeps "
+                "(clear user.vmtree.versioned to rename it)",
+            )
         self._check_free(new)
         self.reserved.add(new)
         return RenameVm(vm.id, old, new)

@@ -128,11 +128,6 @@ VOLUME_PROPERTIES: dict[str, Property] = {
     POLICY: Property(POLICY, "persistent", _choice(*VOLUME_POLICIES)),
 }
 
-# Not settable in this version: they need running VMs (later releases).
-NOT_YET: dict[str, str] = {
-    "versioned": "versioned VMs are not available in this version of vmtreefs",
-}
-
 
 def lookup(table: dict[str, Property], raw_name: bytes) -> Property | None:
     """The property an xattr name refers to, or None when it is not one of ours."""
@@ -152,8 +147,6 @@ def check_value(prop: Property, raw_value: bytes) -> str:
         raise VmtreeError(errno.EPERM, f"{prop.xattr} is read-only: {prop.why_read_only}")
     text = _decode(raw_value, prop.xattr)
     value = prop.check(prop.xattr, text)
-    if prop.name in NOT_YET and value != prop.default:
-        raise VmtreeError(errno.EINVAL, NOT_YET[prop.name])
     return value
 
 

@@ -174,6 +174,29 @@ CREATE TABLE savestate_volumes (
 );
 """
 
+# Versions: ``vm_id`` is the immutable NAME-vN of the versioned VM whose writable
+# head (NAME-next) is ``head_id``. The head cannot be deleted while it has
+# versions (no ON DELETE action): clearing ``versioned`` comes first.
+# Templates: a VM's ``template`` link names a VM or an alias by id, like an alias;
+# ``used`` is the VM whose volumes its template volumes were last taken from.
+_SCHEMA_V6 = """
+CREATE TABLE versions (
+    vm_id INTEGER PRIMARY KEY REFERENCES vms(id) ON DELETE CASCADE,
+    head_id INTEGER NOT NULL REFERENCES vms(id),
+    number INTEGER NOT NULL CHECK (number > 0),
+    UNIQUE (head_id, number)
+);
+CREATE TABLE templates (
+    vm_id INTEGER PRIMARY KEY REFERENCES vms(id) ON DELETE CASCADE,
+    target_vm INTEGER REFERENCES vms(id),
+    target_alias INTEGER REFERENCES aliases(id),
+    used INTEGER,
+    CHECK ((target_vm IS NULL) <> (target_alias IS NULL))
+);
+CREATE INDEX templates_target_vm ON templates(target_vm);
+CREATE INDEX templates_target_alias ON templates(target_alias);
+"""
+
 
 @dataclass(frozen=True)
 class SavestateRow:
@@ -184,6 +207,21 @@ class SavestateRow:
     image: str
     info: dict[str, Any]
     volumes: dict[str, tuple[int, int]]  # name -> (volume id, size)
+
+
+@dataclass(frozen=True)
+class VersionRow:
+    vm_id: int
+    head_id: int
+    number: int
+
+
+@dataclass(frozen=True)
+class TemplateRow:
+    vm_id: int
+    target_vm: int | None
+    target_alias: int | None
+    used: int | None
 
 
 @dataclass(frozen=True)
@@ -234,6 +272,8 @@ class Snapshot:
     aliases: list[AliasRow] = field(default_factory=list)
     domains: dict[int, str] = field(default_factory=dict)
     savestates: list[SavestateRow] = field(default_factory=list)
+    versions: list[VersionRow] = field(default_factory=list)
+    templates: list[TemplateRow] = field(default_factory=list)
 
 
 # sqlite3's primary result codes -> the errno a user or the administrator sees.
@@ -420,8 +460,8 @@ class Txn:
             (vm_id,),
             f"delete VM {vm_id}",
             in_use=lambda: (
-                f"VM {vm_id} is still the target of alias "
-                f"{self._alias_names('target_vm', vm_id)}; delete or re-target it first"
+                f"VM {vm_id} is still named by alias {self._alias_names('target_vm', vm_id)}, "
+                "a template link or its versions; delete or re-target them first"
             ),
         )
         self._one_row(cur, f"no VM with id {vm_id} to delete")
@@ -472,6 +512,47 @@ class Txn:
             "DELETE FROM savestates WHERE id = ?", (savestate_id,), "delete a savestate"
         )
         self._one_row(cur, f"no savestate with id {savestate_id} to delete")
+
+    # Versions and templates
+
+    def insert_version(self, vm_id: int, head_id: int, number: int) -> None:
+        self._run(
+            "INSERT INTO versions (vm_id, head_id, number) VALUES (?, ?, ?)",
+            (vm_id, head_id, number),
+            f"record VM {vm_id} as version {number} of VM {head_id}",
+            exists=f"VM {head_id} already has a version {number}",
+            missing=f"no VM {vm_id} or head {head_id} to record a version of",
+        )
+
+    def forget_version(self, vm_id: int) -> None:
+        """The VM stays, as a VM of its own: it is no longer a version."""
+        self._run("DELETE FROM versions WHERE vm_id = ?", (vm_id,), f"forget version {vm_id}")
+
+    def set_template(
+        self, vm_id: int, target_vm: int | None, target_alias: int | None, used: int | None = None
+    ) -> None:
+        """Set (or with no target, clear) a VM's template link."""
+        if target_vm is None and target_alias is None:
+            self._run("DELETE FROM templates WHERE vm_id = ?", (vm_id,), "clear a template")
+            return
+        what = f"set the template of VM {vm_id}"
+        _one_target(target_vm, target_alias, what)
+        self._require_target(target_vm, target_alias, f"the template of VM {vm_id}")
+        self._run(
+            "INSERT INTO templates (vm_id, target_vm, target_alias, used) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (vm_id) DO UPDATE SET target_vm = excluded.target_vm, "
+            "target_alias = excluded.target_alias, used = excluded.used",
+            (vm_id, target_vm, target_alias, used),
+            what,
+            missing=f"no VM with id {vm_id} to set the template of",
+        )
+
+    def set_template_used(self, vm_id: int, used: int | None) -> None:
+        self._run(
+            "UPDATE templates SET used = ? WHERE vm_id = ?",
+            (used, vm_id),
+            f"record the template version VM {vm_id} started from",
+        )
 
     # Aliases
 
@@ -543,8 +624,9 @@ class Txn:
             (alias_id,),
             f"delete alias {alias_id}",
             in_use=lambda: (
-                f"alias {alias_id} is still the target of alias "
-                f"{self._alias_names('target_alias', alias_id)}; delete or re-target it first"
+                f"alias {alias_id} is still named by alias "
+                f"{self._alias_names('target_alias', alias_id)} or a template link; "
+                "delete or re-target them first"
             ),
         )
         self._one_row(cur, f"no alias with id {alias_id} to delete")
@@ -736,6 +818,7 @@ class Store:
         _SCHEMA_V3,
         _SCHEMA_V4,
         _SCHEMA_V5,
+        _SCHEMA_V6,
     )
     SCHEMA_VERSION: ClassVar[int] = len(MIGRATIONS)
 
@@ -968,7 +1051,21 @@ class Store:
                     "SELECT id, vm_id, label, created, image, info FROM savestates ORDER BY id"
                 )
             ]
-        return Snapshot(vms, volumes, intents, meta, aliases, domains, savestates)
+            versions = [
+                VersionRow(*row)
+                for row in conn.execute(
+                    "SELECT vm_id, head_id, number FROM versions ORDER BY vm_id"
+                )
+            ]
+            templates = [
+                TemplateRow(*row)
+                for row in conn.execute(
+                    "SELECT vm_id, target_vm, target_alias, used FROM templates ORDER BY vm_id"
+                )
+            ]
+        return Snapshot(
+            vms, volumes, intents, meta, aliases, domains, savestates, versions, templates
+        )
 
     def get_meta(self, key: str) -> str | None:
         with self._reading() as conn:

@@ -20,6 +20,7 @@ import errno
 import functools
 import logging
 import os
+import re
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
@@ -42,6 +43,7 @@ from vmtreefs.model import (
     Namespace,
     ReplaceAlias,
     Savestate,
+    TemplateLink,
     Vm,
     Volume,
     VolumeSpec,
@@ -144,7 +146,12 @@ class VmTree:
         self._alias_lock = trio.Lock()
         self.changed = trio.lowlevel.ParkingLot()
         self.lifecycle: Lifecycle | None = None
+        self._collecting = False
         self.on_volumes_written_outside: Callable[[list[int]], None] = lambda _ids: None
+        # Names in a VM's volumes/ that now lead to other volumes (the kernel caches lookups).
+        self.on_volumes_replaced: Callable[[int, list[str]], None] = lambda _vm, _names: None
+        # Top-level names that now stand for something else (a VM became NAME-next, NAME an alias).
+        self.on_names_changed: Callable[[list[str]], None] = lambda _names: None
 
     # Start-up (blocking, before the filesystem answers)
 
@@ -242,6 +249,12 @@ class VmTree:
             self.ns.add_alias(
                 Alias(row.id, row.name, row.target_vm, row.target_alias, row.system, row.created)
             )
+        for version in snapshot.versions:
+            vms[version.vm_id].version_of = version.head_id
+            vms[version.vm_id].version = version.number
+        for link in snapshot.templates:
+            vms[link.vm_id].template = TemplateLink(link.target_vm, link.target_alias)
+            vms[link.vm_id].template_used = link.used
 
     def _compare_inventory(self, report: RecoveryReport) -> None:
         engine_volumes = self.engine.inventory()
@@ -393,6 +406,8 @@ class VmTree:
         reparent: tuple[int, ...] = (),
         domain_xml: str | None = None,
         linked: tuple[Savestate, ...] = (),
+        template: TemplateLink | None = None,
+        also: Callable[[Txn, int], None] | None = None,
     ) -> Vm:
         """Make the volumes (new, or snapshots of ``sources``), then record the VM.
 
@@ -401,7 +416,8 @@ class VmTree:
         made with the VM's own, all or nothing.
 
         ``name`` is reserved by the caller's plan; it is given back on failure, and
-        nothing made in the engine outlives a failure.
+        nothing made in the engine outlives a failure. ``also`` writes what else
+        the operation changes in the same transaction, given the new VM's id.
         """
         props = dict(props or {})
         saved = [sorted(ss.volumes.values(), key=lambda v: v.name) for ss in linked]
@@ -433,6 +449,10 @@ class VmTree:
                         tx.set_vm_origin(child, vm_id)
                     if domain_xml is not None:
                         tx.set_domain_xml(vm_id, domain_xml)
+                    if template is not None:
+                        tx.set_template(vm_id, template.target_vm, template.target_alias)
+                    if also is not None:
+                        also(tx, vm_id)
                     savestate_ids = []
                     rest = iter(all_ids[len(specs) :])
                     for ss, image, info, volumes in zip(linked, images, infos, saved, strict=True):
@@ -460,7 +480,7 @@ class VmTree:
         except BaseException:
             self.ns.release(name)
             raise
-        vm = Vm(vm_id, name, created, origin_id, props, domain_xml=domain_xml)
+        vm = Vm(vm_id, name, created, origin_id, props, domain_xml=domain_xml, template=template)
         for vol_id, spec in zip(ids, specs, strict=True):
             vm.volumes[spec.name] = Volume(vol_id, spec.name, spec.size, spec.policy, created)
         self.ns.add_vm(vm)
@@ -487,15 +507,17 @@ class VmTree:
         self.announce(what + detail, t)
         return vm
 
-    async def delete_vm(self, vm_id: int) -> None:
-        """rmdir: a halted VM goes now; a running one is hidden and goes when it stops."""
+    async def delete_vm(self, vm_id: int, verb: str = "rmdir") -> None:
+        """rmdir: a VM goes now; one that runs, or that something still needs (a running
+        instance, a savestate), is hidden and goes when it is free."""
         async with self._locked(vm_id) as vm, self._alias_lock:
-            if vm.state != "halted":
-                await self._hide(vm)
+            if vm.state != "halted" or self.ns.needs_of(vm):
+                if not vm.hidden:
+                    await self._hide(vm, verb)
                 return
             plan = self.ns.plan_delete_vm(vm.name)
             gone = [self.ns.aliases_by_id[a].name for a in plan.aliases]
-            line = f"rmdir {plan.name}" + (f" (and its aliases {', '.join(gone)})" if gone else "")
+            line = f"{verb} {plan.name}" + (f" (and its aliases {', '.join(gone)})" if gone else "")
 
             def commit() -> tuple[int, float]:
                 with self.store.transaction() as tx:
@@ -520,11 +542,33 @@ class VmTree:
             self.announce(line, t)
             with trio.CancelScope(shield=True):
                 await self._finish_deletion(intent, list(plan.volume_ids), files)
+        await self.collect()
 
-    async def _hide(self, vm: Vm) -> None:
+    async def collect(self) -> None:
+        """Destroy the VMs that were removed while needed and are free now."""
+        if self._collecting:
+            return  # the loop below looks again after each deletion
+        self._collecting = True
+        tried: set[int] = set()
+        try:
+            while True:
+                free = [vm for vm in self.ns.collectable() if vm.id not in tried]
+                if not free:
+                    return
+                tried.add(free[0].id)
+                log.info("%s is no longer needed: destroying it", free[0].name)
+                try:
+                    await self.delete_vm(free[0].id, "destroy")
+                except VmtreeError as e:
+                    log.error("could not destroy %s: %s", free[0].name, e.describe())
+        finally:
+            self._collecting = False
+
+    async def _hide(self, vm: Vm, verb: str = "rmdir") -> None:
         plan = self.ns.plan_hide(vm.name)
         gone = [self.ns.aliases_by_id[a].name for a in plan.aliases]
-        line = f"rmdir {plan.name}: it is {vm.state}, so it is hidden and goes when it stops" + (
+        why = "; ".join(self.ns.needs_of(vm))
+        line = f"{verb} {plan.name}: {why}, so it is hidden and goes when it is free" + (
             f" (its aliases {', '.join(gone)} go now)" if gone else ""
         )
         props = {**vm.props, "volatile": "1"}
@@ -549,7 +593,7 @@ class VmTree:
 
             def number() -> int:
                 with self.store.transaction() as tx:
-                    return tx.next_number(f"{kind}:{source.id}")
+                    return tx.next_number(f"{kind}:{self.ns.instance_stem(source)[1]}")
 
             plan = self.ns.plan_instance(source.name, kind, await in_thread(number))
             noun = {"disp": "disposable", "inst": "instance", "hot": "hot savestate runner"}[kind]
@@ -613,7 +657,230 @@ class VmTree:
             reparent=plan.reparent,
             domain_xml=source.domain_xml,
             linked=linked,
+            template=source.template,
         )
+
+    # Versions
+
+    async def commit_version(self, head_id: int) -> Vm:
+        """Make the next NAME-vN of a head (the first one makes the VM versioned)."""
+        async with self._locked(head_id) as head:
+            version = await self._commit(head)
+        await self.prune(head_id)
+        self._after_commit(version)
+        return version
+
+    async def _commit(self, head: Vm) -> Vm:
+        """The head's lock is held. A running head is paused while its volumes are
+        snapshotted, so the version is what its disks held at one instant."""
+
+        def number() -> int:
+            with self.store.transaction() as tx:
+                return tx.next_number(f"version:{head.id}")
+
+        plan = self.ns.plan_version(head.id, await in_thread(number))
+        first = not head.versioned
+        made: list[Alias] = []
+
+        def also(tx: Txn, vm_id: int) -> None:
+            made.clear()
+            if first:
+                tx.rename_vm(head.id, plan.head_name)
+                tx.set_vm_props(head.id, {**head.props, "versioned": "1"})
+            tx.insert_version(vm_id, head.id, plan.number)
+            tx.set_vm_origin(head.id, vm_id)
+            if plan.alias_id is None:
+                created = time.time()
+                alias_id = tx.insert_alias(plan.base, vm_id, None, created, system=True)
+                made.append(Alias(alias_id, plan.base, vm_id, None, True, created))
+            else:
+                tx.retarget_alias(plan.alias_id, vm_id, None)
+
+        what = (
+            f"versioned {plan.base}: it is {plan.head_name} now, {plan.base} -> {plan.name}"
+            if first
+            else f"commit {plan.head_name}: {plan.base} -> {plan.name}"
+        )
+        async with self._alias_lock, self._held_still(head):
+            try:
+                version = await self._make_vm(
+                    plan.name,
+                    what,
+                    tuple(spec for _, spec in plan.volumes),
+                    sources=tuple(src for src, _ in plan.volumes),
+                    origin_id=plan.origin,
+                    props=plan.props,
+                    reparent=plan.reparent,
+                    domain_xml=head.domain_xml,
+                    template=head.template,
+                    also=also,
+                )
+            finally:
+                self.ns.release(plan.head_name)
+            self.ns.apply_version(plan, version, made[0] if made else None)
+        if first:
+            self.on_names_changed([plan.base, plan.head_name])
+        return version
+
+    @asynccontextmanager
+    async def _held_still(self, vm: Vm) -> AsyncIterator[None]:
+        if vm.state == "halted" or self.lifecycle is None:
+            yield
+            return
+        async with self.lifecycle.held_still(vm):
+            yield
+
+    async def prune(self, head_id: int) -> None:
+        """Without ``preserve_history``, versions older than the newest go (or wait, hidden,
+        until what uses them stops)."""
+        head = self.ns.by_id.get(head_id)
+        if head is None or not head.versioned or head.props.get("preserve_history") == "1":
+            return
+        for old in self.ns.prunable(head):
+            try:
+                await self.delete_vm(old.id, "history: drop")
+            except VmtreeError as e:
+                log.warning("history of %s: keeping %s: %s", head.name, old.name, e.reason)
+
+    def _after_commit(self, version: Vm) -> None:
+        """Hot savestates: the new version's own (a disposable factory), and those of the
+        VMs whose template now names it."""
+        if self.lifecycle is None:
+            return
+        if version.props.get("hot_savestate") == "1":
+            self.lifecycle.hot_savestate_changed(version)
+        for vm in list(self.ns.by_id.values()):
+            if vm.template is None or vm.props.get("hot_savestate") != "1" or vm.immutable:
+                continue
+            try:
+                template = self.ns.resolve_template(vm)
+            except VmtreeError:
+                continue
+            if template is version:
+                self.lifecycle.hot_savestate_changed(vm)
+
+    async def revert(self, head_id: int, raw: str) -> str:
+        """``revert vN``: commit what the head holds now, then its volumes become version N's."""
+        async with self._locked(head_id) as head:
+            if not head.versioned:
+                raise VmtreeError(errno.EINVAL, f"revert: VM {head.name!r} is not versioned")
+            if head.state != "halted":
+                raise VmtreeError(
+                    errno.EBUSY, f"cannot revert VM {head.name!r}: it is {head.state}, not halted"
+                )
+            match = re.fullmatch(r"v([0-9]{1,9})", raw)
+            if match is None:
+                raise VmtreeError(errno.EINVAL, f"usage: revert vN (not {raw[:20]!r})")
+            target = self.ns.by_name.get(f"{self.ns.base_name(head)}-{raw}")
+            if target is None or target.version_of != head.id:
+                raise VmtreeError(errno.ENOENT, f"{head.name!r} has no version {raw}")
+            before = await self._commit(head)
+            await self._swap_volumes(
+                head,
+                list(target.volumes.values()),
+                list(head.volumes.values()),
+                f"revert {head.name} to {target.name} (what it held is {before.name})",
+            )
+        await self.prune(head_id)
+        self._after_commit(before)
+        return f"reverted to {target.name}; what it held before is {before.name}"
+
+    async def unversion(self, head_id: int) -> None:
+        """Clearing ``versioned``: NAME-next is NAME again; its versions are kept as
+        immutable VMs of their own (``preserve_history`` 1) or deleted."""
+        async with self._locked(head_id) as head, self._alias_lock:
+            plan = self.ns.plan_unversion(head_id)
+            head_name = head.name
+            kept = "kept" if plan.keep_history else "deleted"
+            what = f"unversioned {plan.base}: {head.name} is {plan.base} again, versions {kept}"
+            props = {k: v for k, v in head.props.items() if k != "versioned"}
+
+            def commit() -> float:
+                with self.store.transaction() as tx:
+                    for alias_id in plan.retarget:
+                        tx.retarget_alias(alias_id, head.id, None)
+                    if plan.alias_id is not None:
+                        tx.delete_alias(plan.alias_id)
+                    tx.rename_vm(head.id, plan.base)
+                    tx.set_vm_props(head.id, props)
+                    for vm_id in plan.versions:
+                        tx.forget_version(vm_id)
+                    return self._noted(tx, what)
+
+            t = await in_thread(commit)
+            self.ns.apply_unversion(plan)
+            self.on_names_changed([plan.base, head_name])
+            self.announce(what, t)
+        if not plan.keep_history:
+            for vm_id in plan.versions:
+                try:
+                    await self.delete_vm(vm_id, "history: drop")
+                except VmtreeError as e:
+                    log.warning("unversioned %s: keeping VM %d: %s", plan.base, vm_id, e.reason)
+
+    # Templates
+
+    async def set_template(self, vm_id: int, raw_target: str | bytes) -> None:
+        async with self._locked(vm_id) as vm, self._alias_lock:
+            link = self.ns.plan_set_template(vm_id, raw_target)
+            what = f"ln -s ../{self.ns.template_name(link)} {vm.name}/template"
+
+            def commit() -> float:
+                with self.store.transaction() as tx:
+                    tx.set_template(vm.id, link.target_vm, link.target_alias)
+                    return self._noted(tx, what)
+
+            t = await in_thread(commit)
+            vm.template, vm.template_used = link, None
+            self.announce(what, t)
+
+    async def remove_template(self, vm_id: int) -> None:
+        async with self._locked(vm_id) as vm:
+            self.ns.check_template_removable(vm_id)
+            what = f"rm {vm.name}/template"
+
+            def commit() -> float:
+                with self.store.transaction() as tx:
+                    tx.set_template(vm.id, None, None)
+                    return self._noted(tx, what)
+
+            t = await in_thread(commit)
+            vm.template, vm.template_used = None, None
+            self.announce(what, t)
+        await self.collect()
+
+    async def refresh_template_volumes(self, vm: Vm) -> None:
+        """At a start: the ``template`` volumes become snapshots of the template's, from the
+        version its alias names now (the VM's lock is held)."""
+        template = self.ns.resolve_template(vm)
+        if template is None:
+            return
+        sources = [
+            template.volumes[v.name]
+            for v in sorted(vm.volumes.values(), key=lambda v: v.name)
+            if v.policy == "template" and v.name in template.volumes
+        ]
+        if sources:
+            names = ", ".join(v.filename for v in sources)
+            await self._swap_volumes(
+                vm,
+                sources,
+                [vm.volumes[v.name] for v in sources],
+                f"start {vm.name}: {names} from template {template.name}",
+            )
+        await self.set_template_used(vm, template.id)
+
+    async def set_template_used(self, vm: Vm, used: int | None) -> None:
+        """Which version a template-based VM runs from: that version is kept while it runs."""
+        if vm.template is None or vm.template_used == used:
+            return
+
+        def commit() -> None:
+            with self.store.transaction() as tx:
+                tx.set_template_used(vm.id, used)
+
+        await in_thread(commit)
+        vm.template_used = used
 
     # Aliases
 
@@ -706,6 +973,14 @@ class VmTree:
 
     async def set_property(self, vm_id: int, name: str, value: str | None) -> None:
         """Store a validated property value (None: back to its default)."""
+        if name == "versioned":
+            vm = self.ns.get_by_id(vm_id)
+            self.ns.plan_set_property(vm.name, name, value)
+            if value == "1" and not vm.versioned:
+                await self.commit_version(vm_id)
+            elif value != "1" and vm.versioned:
+                await self.unversion(vm_id)
+            return
         async with self._locked(vm_id) as vm:
             plan = self.ns.plan_set_property(vm.name, name, value)
             if vm.props.get(name) == value:
@@ -727,6 +1002,11 @@ class VmTree:
             self.announce(what, t)
         if name == "hot_savestate" and self.lifecycle is not None:
             self.lifecycle.hot_savestate_changed(vm)
+        newest = self.ns.newest_version(vm) if vm.versioned else None
+        if name == "hot_savestate" and newest is not None:
+            await self.set_property(newest.id, name, value)  # the factory's current version
+        if name == "preserve_history" and value != "1":
+            await self.prune(vm.id)
 
     async def set_volume_policy(self, volume_id: int, policy: str) -> None:
         vm, vol = self.ns.volume_by_id(volume_id)
@@ -842,15 +1122,26 @@ class VmTree:
             self.announce(what, t)
             with trio.CancelScope(shield=True):
                 await self._finish_deletion(intent, ids, files)
+        await self.collect()
 
     async def restore_volumes(self, vm: Vm, savestate: Savestate) -> None:
         """The VM's volumes become fresh snapshots of the savestate's (the VM is halted)."""
-        saved = sorted(savestate.volumes.values(), key=lambda v: v.id)
+        await self._swap_volumes(
+            vm,
+            list(savestate.volumes.values()),
+            list(vm.volumes.values()),
+            f"restore {vm.name} {savestate.label}: volumes",
+        )
+
+    async def _swap_volumes(
+        self, vm: Vm, sources: list[Volume], old: list[Volume], what: str
+    ) -> None:
+        """Replace ``old`` volumes of a halted VM with fresh snapshots of ``sources``,
+        in one transaction: a crash leaves either all the old ones or all the new ones."""
+        saved = sorted(sources, key=lambda v: v.id)
         policies = {v.name: v.policy for v in vm.volumes.values()}
-        specs = tuple(VolumeSpec(v.name, v.size, policies.get(v.name, "persistent")) for v in saved)
-        what = f"restore {vm.name} {savestate.label}: volumes"
+        specs = tuple(VolumeSpec(v.name, v.size, policies.get(v.name, v.policy)) for v in saved)
         intent, ids = await self._create_volumes(what, specs, tuple(v.id for v in saved))
-        old = list(vm.volumes.values())
 
         def commit() -> tuple[int, float]:
             with self.store.transaction() as tx:
@@ -871,6 +1162,9 @@ class VmTree:
         for vol_id, spec in zip(ids, specs, strict=True):
             self.ns.add_volume(vm.id, Volume(vol_id, spec.name, spec.size, spec.policy, created))
         self.on_volumes_written_outside([v.id for v in old])
+        self.on_volumes_replaced(
+            vm.id, [v.filename for v in old] + [s.name + model.VOLUME_SUFFIX for s in specs]
+        )
         self.announce(what, t)
         with trio.CancelScope(shield=True):
             await self._finish_deletion(deletion, [v.id for v in old])
@@ -932,6 +1226,26 @@ class VmTree:
             self.announce(what, await in_thread(note))
             return f"pool size {size}"
         vm = self.ns.get_by_id(vm_id) if vm_id is not None else None
+        if vm is not None and command.verb in ("commit", "revert"):
+            head = self.ns.head_of(vm) or vm
+            if not head.versioned:
+                raise VmtreeError(
+                    errno.EINVAL,
+                    f"{command.verb}: VM {vm.name!r} is not versioned "
+                    "(set user.vmtree.versioned to 1 first)",
+                )
+            if head is not vm:
+                raise VmtreeError(
+                    errno.EROFS,
+                    f"{command.verb}: {vm.name!r} is a version; write it to {head.name}/ctl",
+                )
+            if command.verb == "commit":
+                if command.args:
+                    raise VmtreeError(errno.EINVAL, "usage: commit")
+                return (await self.commit_version(vm.id)).name
+            if len(command.args) != 1:
+                raise VmtreeError(errno.EINVAL, "usage: revert vN")
+            return await self.revert(vm.id, command.args[0])
         if vm is not None and command.verb in LIFECYCLE_COMMANDS:
             if self.lifecycle is None:
                 raise VmtreeError(errno.ENOTCONN, "this mount runs no VMs")

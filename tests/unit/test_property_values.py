@@ -51,7 +51,7 @@ def test_good_values(name: str, value: bytes, stored: str) -> None:
         ("immutable", b"\xff"),
         ("immutable", b"1\t"),
         ("memory", b"1" * 2000),
-        ("versioned", b"1"),  # versioned VMs come later
+        ("versioned", b"yes"),
     ],
 )
 def test_bad_values_are_einval(name: str, value: bytes) -> None:

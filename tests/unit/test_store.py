@@ -81,7 +81,7 @@ def user_meta(snap: Snapshot) -> dict[str, str]:
 
 
 def test_fresh_store_has_the_current_schema(store: Store, db: Path) -> None:
-    assert Store.SCHEMA_VERSION == len(Store.MIGRATIONS) == 5
+    assert Store.SCHEMA_VERSION == len(Store.MIGRATIONS) == 6
     assert store.pragma("user_version") == Store.SCHEMA_VERSION
     assert store.pragma("application_id") == APPLICATION_ID
     assert store.pragma("journal_mode") == "wal"
@@ -1175,3 +1175,41 @@ def test_domains_savestates_and_counters_round_trip(store: Store) -> None:
         tx.insert_savestate(vm, "s2", 4.0, "ss-3.save", {}, {})
         tx.delete_vm(vm)  # its savestates go with it
     assert store.load().savestates == []
+
+
+def test_versions_and_templates_round_trip(store: Store) -> None:
+    with store.transaction() as tx:
+        head = tx.insert_vm("fedora-next", 1.0, props={"versioned": "1"})
+        v1 = tx.insert_vm("fedora-v1", 2.0, props={"immutable": "1"})
+        tx.insert_version(v1, head, 1)
+        alias = tx.insert_alias("fedora", v1, None, 2.0, system=True)
+        work = tx.insert_vm("work", 3.0)
+        tx.set_template(work, None, alias)
+        tx.set_template_used(work, v1)
+    snap = store.load()
+    assert [(r.vm_id, r.head_id, r.number) for r in snap.versions] == [(v1, head, 1)]
+    assert [(t.vm_id, t.target_vm, t.target_alias, t.used) for t in snap.templates] == [
+        (work, None, alias, v1)
+    ]
+    with pytest.raises(VmtreeError) as info, store.transaction() as tx:
+        tx.insert_version(tx.insert_vm("fedora-v1b", 4.0), head, 1)
+    assert info.value.errno == errno.EEXIST  # one version 1 per head
+    for doomed in (head, alias):  # named by a version row / by a template link
+        with pytest.raises(VmtreeError) as info, store.transaction() as tx:
+            if doomed == head:
+                tx.delete_vm(head)
+            else:
+                tx.retarget_alias(alias, head, None)
+                tx.delete_alias(alias)
+        assert info.value.errno == errno.EBUSY
+    with store.transaction() as tx:
+        tx.set_template(work, v1, None)  # now the version itself
+        tx.forget_version(v1)
+        tx.delete_alias(alias)
+        tx.delete_vm(head)
+    snap = store.load()
+    assert snap.versions == []
+    assert [(t.target_vm, t.target_alias, t.used) for t in snap.templates] == [(v1, None, None)]
+    with store.transaction() as tx:
+        tx.delete_vm(work)  # its template link goes with it
+    assert store.load().templates == []

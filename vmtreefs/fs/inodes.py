@@ -50,6 +50,8 @@ class VmEntry(enum.IntEnum):
     CLONE_PLACEHOLDER = 9  # the directory a clone mkdir replies with, never looked up again
     DOMAIN = 10  # domain.xml, the base libvirt description
     CONSOLE = 11  # the serial console of the current or last run
+    TEMPLATE = 12  # symlink ../TEMPLATE, present for template-based VMs
+    VERSION_LINK = 13  # HEAD-next/versions/vN -> ../../NAME-vN, owned by the version
 
 
 VM_DIR_ENTRIES: dict[str, VmEntry] = {

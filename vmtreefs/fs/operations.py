@@ -51,6 +51,9 @@ from vmtreefs.tree import VmTree
 
 log = logging.getLogger("vmtreefs.fs")
 
+LINK_ENTRIES = frozenset(
+    {VmEntry.ORIGIN, VmEntry.CLONE_LINK, VmEntry.TEMPLATE, VmEntry.VERSION_LINK}
+)
 ATTR_TIMEOUT = 1.0
 ENTRY_TIMEOUT = 1.0
 BLOCK_SIZE = 4096
@@ -197,6 +200,9 @@ class Operations(pyfuse3.Operations):
         # A running guest writes its volumes behind the kernel's back: what the kernel
         # cached of them is stale once it starts and once it stops.
         tree.on_volumes_written_outside = self._forget_volume_pages
+        tree.on_volumes_replaced = self._forget_volume_names
+        self._stale_names: set[tuple[int, str]] = set()
+        tree.on_names_changed = self._forget_top_names
 
     # Invalidation: done after the reply, from a task of its own, never inside a handler.
 
@@ -210,6 +216,33 @@ class Operations(pyfuse3.Operations):
     def _forget_volume_pages(self, volume_ids: list[int]) -> None:
         for volume_id in volume_ids:
             self.invalidate_later(inodes.volume_inode(volume_id), data=True)
+
+    def _forget_volume_names(self, vm_id: int, names: list[str]) -> None:
+        self._forget_names(inodes.vm_inode(vm_id, VmEntry.VOLUMES), names)
+
+    def _forget_top_names(self, names: list[str]) -> None:
+        self._forget_names(ROOT, names)
+
+    def _forget_names(self, parent: int, names: list[str]) -> None:
+        """Soon in any case (a commit at a VM's shutdown comes from no request); before
+        the reply when a handler calls :meth:`forget_stale_names`."""
+        for name in set(names):
+            self._stale_names.add((parent, name))
+            pyfuse3.invalidate_entry_async(parent, os.fsencode(name), ignore_enoent=True)
+
+    async def forget_stale_names(self) -> None:
+        """Names that now lead elsewhere are dropped from the kernel's cache before the
+        request that changed them is answered, so the caller's next lookup sees the change.
+        Called only where the kernel holds no lock on those parents (setxattr, removexattr,
+        a ctl write); elsewhere the attribute timeout ends them."""
+        stale, self._stale_names = self._stale_names, set()
+        for parent, name in sorted(stale):
+            try:
+                # Without a deleted inode, the kernel locks only the parent.
+                await trio.to_thread.run_sync(pyfuse3.invalidate_entry, parent, os.fsencode(name))
+            except OSError as e:
+                if e.errno != errno.ENOENT:
+                    log.debug("invalidating %s in inode %d: %s", name, parent, e)
 
     async def run_invalidations(self) -> None:
         async for inode, data in self._invalidate_receive:
@@ -287,7 +320,14 @@ class Operations(pyfuse3.Operations):
                 self.departed_links[inode] = target
 
     def _origin(self, vm: Vm) -> Vm | None:
-        return None if vm.origin_id is None else self.tree.ns.by_id.get(vm.origin_id)
+        """The origin a user can see (not a VM removed while its instances still run)."""
+        origin = None if vm.origin_id is None else self.tree.ns.by_id.get(vm.origin_id)
+        return None if origin is None or origin.hidden else origin
+
+    def _head(self, vm: Vm) -> Vm | None:
+        """The head whose versions/ lists this version."""
+        head = self.tree.ns.head_of(vm)
+        return None if head is None or vm.hidden else head
 
     def _node(self, inode: int) -> inodes.Node:
         node = inodes.decode(inode)
@@ -296,6 +336,10 @@ class Operations(pyfuse3.Operations):
         if isinstance(node, VmNode):
             vm = self._vm(node.vm_id)
             if node.entry in (VmEntry.ORIGIN, VmEntry.CLONE_LINK) and self._origin(vm) is None:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            if node.entry == VmEntry.TEMPLATE and vm.template is None:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            if node.entry == VmEntry.VERSION_LINK and self._head(vm) is None:
                 raise pyfuse3.FUSEError(errno.ENOENT)
         elif isinstance(node, VolumeNode):
             if self._saved_volume(node.volume_id) is None:
@@ -320,6 +364,11 @@ class Operations(pyfuse3.Operations):
                 if origin is None:
                     raise pyfuse3.FUSEError(errno.ENOENT)
                 return inodes.vm_inode(origin.id, VmEntry.CLONES)
+            if node.entry == VmEntry.VERSION_LINK:
+                head = self._head(self._vm(node.vm_id))
+                if head is None:
+                    raise pyfuse3.FUSEError(errno.ENOENT)
+                return inodes.vm_inode(head.id, VmEntry.VERSIONS)
             return inodes.vm_inode(node.vm_id)
         if isinstance(node, SavestateNode):
             vm, savestate = self._savestate(node.savestate_id)
@@ -345,8 +394,10 @@ class Operations(pyfuse3.Operations):
                 origin = self._origin(vm)
                 assert origin is not None  # _node checked it
                 return f"../{origin.name}"
-            if node.entry == VmEntry.CLONE_LINK:
+            if node.entry in (VmEntry.CLONE_LINK, VmEntry.VERSION_LINK):
                 return f"../../{vm.name}"
+            if node.entry == VmEntry.TEMPLATE and vm.template is not None:
+                return f"../{self.tree.ns.template_name(vm.template)}"
         raise refuse(errno.EINVAL, "not a symbolic link")
 
     # Attributes
@@ -396,7 +447,7 @@ class Operations(pyfuse3.Operations):
                 attr.st_nlink = 2
                 attr.entry_timeout = 0
                 attr.attr_timeout = 0
-            elif node.entry in (VmEntry.ORIGIN, VmEntry.CLONE_LINK):
+            elif node.entry in LINK_ENTRIES:
                 attr.st_mode = stat.S_IFLNK | 0o777
                 attr.st_size = len(self._link_target(inode))
             elif node.entry == VmEntry.CTL:
@@ -491,6 +542,13 @@ class Operations(pyfuse3.Operations):
                 ]
                 if self._origin(vm) is not None:
                     entries.append((inodes.vm_inode(vm.id, VmEntry.ORIGIN), "origin"))
+                if vm.template is not None:
+                    entries.append((inodes.vm_inode(vm.id, VmEntry.TEMPLATE), "template"))
+            elif node.entry == VmEntry.VERSIONS:
+                entries = [
+                    (inodes.vm_inode(v.id, VmEntry.VERSION_LINK), f"v{v.version}")
+                    for v in ns.versions_of(vm)
+                ]
             elif node.entry == VmEntry.VOLUMES:
                 entries = [(inodes.volume_inode(v.id), v.filename) for v in vm.volumes.values()]
             elif node.entry == VmEntry.CLONES:
@@ -552,6 +610,12 @@ class Operations(pyfuse3.Operations):
                     return inodes.vm_inode(vm.id, entry)
                 if name == "origin" and self._origin(vm) is not None:
                     return inodes.vm_inode(vm.id, VmEntry.ORIGIN)
+                if name == "template" and vm.template is not None:
+                    return inodes.vm_inode(vm.id, VmEntry.TEMPLATE)
+            elif node.entry == VmEntry.VERSIONS:
+                for version in ns.versions_of(vm):
+                    if name == f"v{version.version}":
+                        return inodes.vm_inode(version.id, VmEntry.VERSION_LINK)
             elif node.entry == VmEntry.VOLUMES:
                 if name.endswith(".img"):
                     volume = vm.volumes.get(name[: -len(".img")])
@@ -689,11 +753,11 @@ class Operations(pyfuse3.Operations):
             pyfuse3.invalidate_entry_async(parent_inode, name, ignore_enoent=True)
             return self._entry(inodes.vm_inode(clone.id, VmEntry.CLONE_PLACEHOLDER))
         if isinstance(node, VmNode) and node.entry in (VmEntry.SAVESTATES, VmEntry.VERSIONS):
-            what = {
-                VmEntry.SAVESTATES: "savestates made by mkdir (write `save LABEL` to ctl)",
-                VmEntry.VERSIONS: "versions (made by commits, not by mkdir)",
+            how = {
+                VmEntry.SAVESTATES: "savestates are made by `save LABEL` written to ctl",
+                VmEntry.VERSIONS: "versions are made by commits (`commit` written to ctl)",
             }[node.entry]
-            raise refuse(errno.EINVAL, f"{what} are not available in this version of vmtreefs")
+            raise refuse(errno.EINVAL, f"not by mkdir: {how}")
         raise refuse(errno.EPERM, "new directories can only be made at the top level (VMs)")
 
     @handler("rmdir")
@@ -739,6 +803,13 @@ class Operations(pyfuse3.Operations):
             raise refuse(
                 errno.EPERM, f"{text!r} lists a linked clone: delete it with rmdir of the VM itself"
             )
+        if isinstance(node, VmNode) and node.entry == VmEntry.VERSION_LINK:
+            raise refuse(
+                errno.EPERM, f"{text!r} lists a version: delete it with rmdir of the version itself"
+            )
+        if isinstance(node, VmNode) and node.entry == VmEntry.TEMPLATE:
+            await self.tree.remove_template(node.vm_id)
+            return
         raise refuse(errno.EPERM, f"{text!r} is part of the fixed layout and cannot be removed")
 
     @handler("rename", names=2)
@@ -917,7 +988,10 @@ class Operations(pyfuse3.Operations):
                     self._vm(handle.vm_id)
                 known = commands.GLOBAL_COMMANDS if handle.vm_id is None else commands.VM_COMMANDS
                 command = commands.parse_command(buf, known)
-                result = await self.tree.run_command(handle.vm_id, command)
+                try:
+                    result = await self.tree.run_command(handle.vm_id, command)
+                finally:
+                    await self.forget_stale_names()
                 handle.result = (result + "\n").encode()
             return len(buf)
         if isinstance(handle, DomainHandle):
@@ -970,11 +1044,12 @@ class Operations(pyfuse3.Operations):
             alias = await self.tree.create_alias(name, target)
             return self._entry(inodes.alias_inode(alias.id))
         if isinstance(node, VmNode) and node.entry == VmEntry.DIR:
-            raise refuse(
-                errno.EINVAL,
-                "symlinks inside a VM directory are not allowed "
-                "(template links come in a later version)",
-            )
+            if os.fsdecode(name) != "template":
+                raise refuse(
+                    errno.EINVAL, "the only symlink in a VM directory is its template (template)"
+                )
+            await self.tree.set_template(node.vm_id, target)
+            return self._entry(inodes.vm_inode(node.vm_id, VmEntry.TEMPLATE))
         raise refuse(errno.EPERM, "symlinks can only be made at the top level (aliases)")
 
     @handler("link")
@@ -1058,6 +1133,7 @@ class Operations(pyfuse3.Operations):
         elif isinstance(node, VmNode):
             await self.tree.set_property(node.vm_id, prop.name, checked)
             self.invalidate_volumes_later(node.vm_id)
+            await self.forget_stale_names()
 
     @handler("removexattr")
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
@@ -1071,6 +1147,7 @@ class Operations(pyfuse3.Operations):
         elif isinstance(node, VmNode):
             await self.tree.set_property(node.vm_id, prop.name, None)
             self.invalidate_volumes_later(node.vm_id)
+            await self.forget_stale_names()
 
     def invalidate_volumes_later(self, vm_id: int) -> None:
         """Volume modes follow immutability: drop the kernel's cached ones."""
