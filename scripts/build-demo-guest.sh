@@ -2,7 +2,8 @@
 # Build the demo guest: Debian's kernel and an initramfs of busybox-static whose
 # /init proves a VM really runs and really keeps its private volume:
 #
-#   - prints "VMTREE-BOOT N" and "VMTREE-READY" on the serial console, where N is a
+#   - prints "VMTREE-BOOT N", "VMTREE-ROOT TAG" (the letters and digits the root disk
+#     starts with) and "VMTREE-READY" on the serial console, where N is a
 #     boot counter kept in the first 32 bytes of the private volume (the second
 #     virtio disk, /dev/vdb; the cmdline "vmtree.private=vdX" names another), and
 #     synced there before READY;
@@ -80,6 +81,11 @@ else
   echo "VMTREE-NO-PRIVATE /dev/$private"
 fi
 echo "VMTREE-BOOT $n"
+# What the root disk (the first, /dev/vda, when there is another) starts with, so a test
+# sees which template version a VM booted from.
+root_tag=none
+[ "$private" != vda ] && [ -b /dev/vda ] && root_tag=$(head -c 32 /dev/vda | tr -dc 'A-Za-z0-9_-')
+echo "VMTREE-ROOT ${root_tag:-none}"
 # The power button: each "Power Button" event device is opened here, before READY (an
 # evdev client queues the events that come after it opens), and a background job waits
 # for its first event (24 bytes: one struct input_event) to shut down.

@@ -448,6 +448,8 @@ class Lifecycle:
             hypervisor = await self._require_hypervisor()
             if HOT_LABEL in vm.savestates:
                 await self.tree.delete_savestate(vm.id, HOT_LABEL)
+            if vm.versioned:
+                return  # it became versioned meanwhile: its versions make their own
             if vm.state in (states.RUNNING, states.PAUSED) and not vm.immutable:
                 await self.wait_ready(vm)
                 async with self.tree.locked(vm.id):
@@ -469,6 +471,8 @@ class Lifecycle:
             async with self.tree.locked(runner.id):
                 await self.start(runner, hypervisor)
             await self.wait_ready(runner)
+            if vm.versioned or vm.id not in self.tree.ns.by_id:
+                raise VmtreeError(errno.ECANCELED, f"{vm.name} became versioned or went away")
             async with self.tree.locked(runner.id):
                 await self.save(runner, hypervisor, HOT_LABEL, stop=True, owner=vm)
         finally:

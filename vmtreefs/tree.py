@@ -666,6 +666,8 @@ class VmTree:
         """Make the next NAME-vN of a head (the first one makes the VM versioned)."""
         async with self._locked(head_id) as head:
             version = await self._commit(head)
+        if HOT_LABEL in head.savestates:
+            await self.delete_savestate(head.id, HOT_LABEL)  # its versions have their own
         await self.prune(head_id)
         self._after_commit(version)
         return version

@@ -377,3 +377,113 @@ def test_property_plans() -> None:
     assert vm.props == {}
     vm.state = "running"
     assert errno_of(ns.plan_set_property, "work", "immutable", "1") == errno.EBUSY
+
+
+# Versions, templates, and what keeps a removed VM
+
+
+def commit(ns: Namespace, head_id: int, number: int, vm_id: int, alias_id: int = 90) -> Vm:
+    """What the tree does for a commit, without the store and the engine."""
+    plan = ns.plan_version(head_id, number)
+    version = Vm(vm_id, plan.name, 1.0, plan.origin, dict(plan.props))
+    for i, (_, spec) in enumerate(plan.volumes):
+        version.volumes[spec.name] = Volume(vm_id * 10 + i, spec.name, spec.size, spec.policy, 1.0)
+    ns.add_vm(version)
+    for child in plan.reparent:
+        ns.set_origin(child, version.id)
+    alias = None
+    if plan.alias_id is None:
+        alias = model.Alias(alias_id, plan.base, version.id, None, system=True)
+    ns.apply_version(plan, version, alias)
+    return version
+
+
+def test_version_plans_name_the_head_the_versions_and_the_alias() -> None:
+    ns = Namespace()
+    make_vm(ns, 1, "fedora")
+    make_vm(ns, 2, "work").origin_id = 1
+    plan = ns.plan_version(1, 1)
+    assert (plan.base, plan.name, plan.head_name, plan.alias_id) == (
+        "fedora",
+        "fedora-v1",
+        "fedora-next",
+        None,
+    )
+    assert plan.props == {"immutable": "1"} and plan.reparent == (2,)
+    assert errno_of(ns.plan_create_vm, "fedora-v1") == errno.EINVAL  # a system name anyway
+    ns.release("fedora-v1")
+    ns.release("fedora-next")
+    v1 = commit(ns, 1, 1, 3)
+    head = ns.get("fedora-next")
+    assert head.versioned and head.origin_id == 3 and ns.get("work").origin_id == 3
+    assert ns.resolve("fedora") is v1 and ns.newest_version(head) is v1
+    v2 = commit(ns, 1, 2, 4)
+    assert v2.origin_id == 3 and head.origin_id == 4 and ns.get_alias("fedora").target_vm == 4
+    assert [v.version for v in ns.versions_of(head)] == [1, 2]
+    assert ns.prunable(head) == [v1]
+    assert errno_of(ns.plan_version, 3, 9) == errno.EROFS  # a version is not a head
+    assert errno_of(ns.plan_delete_vm, "fedora-next") == errno.EBUSY
+    assert errno_of(ns.plan_delete_vm, "fedora-v2") == errno.EBUSY  # the newest
+    assert ns.plan_delete_vm("fedora-v1").vm_id == 3
+    assert errno_of(ns.plan_rename_vm, "fedora-v1", "old") == errno.EPERM
+    assert errno_of(ns.plan_set_property, "fedora-v1", "immutable", "0") == errno.EROFS
+    assert ns.instance_stem(v2) == ("fedora", 1)
+    assert ns.plan_instance("fedora-v2", "disp", 4).name == "fedora-disp4"
+
+
+def test_what_keeps_a_version_and_when_it_is_free() -> None:
+    ns = Namespace()
+    make_vm(ns, 1, "t")
+    v1 = commit(ns, 1, 1, 2)
+    commit(ns, 1, 2, 3)
+    assert ns.needs_of(v1) == []
+    disp = make_vm(ns, 4, "x")  # stands for t-disp1, made by the system
+    ns.remove_vm(4)
+    disp.name, disp.origin_id, disp.state = "t-disp1", v1.id, "running"
+    ns.add_vm(disp)
+    assert ns.needs_of(v1) == ["its instance t-disp1 is running"]
+    hide = ns.plan_hide("t-v1")
+    assert hide.reparent == (3,)  # t-v2 moves on; the running instance stays: it keeps it
+    ns.apply_hide(hide)
+    assert v1.hidden and ns.collectable() == []
+    disp.state = "halted"
+    assert ns.collectable() == [v1]
+    user = make_vm(ns, 5, "work")
+    user.template, user.template_used, user.state = model.TemplateLink(None, 90), v1.id, "running"
+    assert ns.needs_of(v1) == ["work runs from it as its template"]
+    user.state = "halted"
+    user.savestates["s"] = model.Savestate(7, "s", 1.0, "i", {"template_version": v1.id}, {})
+    assert ns.needs_of(v1) == ["savestate work/s records it"]
+
+
+def test_unversion_is_refused_while_versions_are_used() -> None:
+    ns = Namespace()
+    make_vm(ns, 1, "t")
+    commit(ns, 1, 1, 2)
+    work = make_vm(ns, 3, "work")
+    work.template = ns.plan_set_template(3, "../t")
+    assert work.template == model.TemplateLink(None, 90)
+    assert errno_of(ns.plan_unversion, 1) == errno.EBUSY
+    assert errno_of(ns.plan_remove_alias, "t") == errno.EPERM
+    work.template = None
+    plan = ns.plan_unversion(1)
+    assert (plan.base, plan.alias_id, plan.versions, plan.keep_history) == ("t", 90, (2,), False)
+    ns.apply_unversion(plan)
+    assert ns.get("t").id == 1 and "t" not in ns.aliases and ns.get("t-v1").version_of is None
+
+
+def test_template_link_plans() -> None:
+    ns = Namespace()
+    make_vm(ns, 1, "base")
+    work = make_vm(ns, 2, "work")
+    assert ns.plan_set_template(2, "../base") == model.TemplateLink(1, None)
+    assert ns.plan_set_template(2, b"base") == model.TemplateLink(1, None)
+    for bad in ("../work", "/base", "../../base", "..", "", "../nothing", "../base/x"):
+        assert errno_of(ns.plan_set_template, 2, bad) == errno.EINVAL, bad
+    work.template = model.TemplateLink(1, None)
+    assert ns.resolve_template(work) is ns.get("base")
+    assert errno_of(ns.plan_delete_vm, "base") == errno.EBUSY
+    work.state = "running"
+    assert errno_of(ns.plan_set_template, 2, "base") == errno.EBUSY
+    work.state, work.props["immutable"] = "halted", "1"
+    assert errno_of(ns.plan_set_template, 2, "base") == errno.EROFS
