@@ -282,3 +282,41 @@ def test_a_full_pool_grows_and_keeps_its_data(workdir: Path) -> None:
         tree.unmount()
     assert daemon is not None and daemon.process is not None
     assert daemon.process.returncode == 0, tree.log()  # thin_check passed after the teardown
+
+
+def test_versions_history_and_revert_on_thin_devices(workdir: Path) -> None:
+    """Each version is a thin snapshot of the head; dropped history frees its devices."""
+    tree = Tree(workdir)
+    tree.mount(["engine=dm-thin", "size=128M"])
+    try:
+        vms = tree.vms
+        os.mkdir(vms / "tpl")
+        private = vms / "tpl" / "volumes" / "private.img"
+        write_at(private, b"one")
+        os.setxattr(vms / "tpl", "user.vmtree.preserve_history", b"1")
+        os.setxattr(vms / "tpl", "user.vmtree.versioned", b"1")
+        head = vms / "tpl-next" / "volumes" / "private.img"
+        for text in (b"two", b"six"):
+            write_at(head, text)
+            fd = os.open(vms / "tpl-next" / "ctl", os.O_RDWR)
+            os.write(fd, b"commit\n")
+            os.close(fd)
+        assert [read_at(vms / f"tpl-v{n}" / "volumes" / "private.img", 3) for n in (1, 2, 3)] == [
+            b"one",
+            b"two",
+            b"six",
+        ]
+        fd = os.open(vms / "tpl-next" / "ctl", os.O_RDWR)
+        os.write(fd, b"revert v1\n")
+        assert os.read(fd, 100) == b"reverted to tpl-v1; what it held before is tpl-v4\n"
+        os.close(fd)
+        assert read_at(head, 3) == b"one"
+        os.setxattr(vms / "tpl-next", "user.vmtree.preserve_history", b"0")
+        assert listing(vms) == ["tpl", "tpl-next", "tpl-v4"]
+        status = tree.status()
+        assert (status["inventory"], status["volumes"], status["open_intents"]) == ("ok", "6", "0")
+        tree.remount()
+        assert read_at(vms / "tpl" / "volumes" / "private.img", 3) == b"six"
+        assert tree.status()["inventory"] == "ok"
+    finally:
+        tree.unmount()

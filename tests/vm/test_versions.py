@@ -167,3 +167,24 @@ def test_backup_of_a_running_vm(vmtree: VmTree) -> None:
     assert len(copy) == volume(vms, "srv", "private").stat().st_size
     for name in ("srv", "backup"):
         assert vmtree.ctl(name, "shutdown") == "halted"
+
+
+def test_a_hot_savestate_is_remade_when_the_template_gets_a_new_version(vmtree: VmTree) -> None:
+    vms = vmtree.vms
+    (vms / "base").mkdir()
+    write_at(volume(vms, "base", "root"), b"BASEONE")
+    os.setxattr(vms / "base", "user.vmtree.versioned", b"1")
+    (vms / "app").mkdir()
+    os.symlink("../base", vms / "app" / "template")
+    os.setxattr(vms / "app", "user.vmtree.hot_savestate", b"1")
+    first = wait_hot(vmtree, "app")
+    assert "template_version_name: base-v1\n" in first
+    write_at(volume(vms, "base-next", "root"), b"BASETWO")
+    made = os.stat(vms / "app/savestates/hot/info").st_mtime
+    assert vmtree.ctl("base-next", "commit") == "base-v2"
+    assert "template_version_name: base-v2\n" in wait_hot(vmtree, "app", after=made)
+    wait_gone(vmtree, "base-v1")  # the old hot savestate recorded it; it went with it
+    name = vmtree.ctl("app", "disposable")
+    vmtree.wait_console(name, r"VMTREE-TICK")
+    assert head(volume(vms, name, "root"), 7) == b"BASETWO"
+    assert vmtree.ctl(name, "kill") == "halted"
