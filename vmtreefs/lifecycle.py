@@ -236,7 +236,7 @@ class Lifecycle:
                 and vm.id in self.tree.ns.by_id
             ):
                 try:
-                    await self.tree.commit_version(vm.id)
+                    await self.tree.versions.commit_version(vm.id)
                 except VmtreeError as e:
                     log.error("VM %s stopped but could not commit: %s", vm.name, e.describe())
                     self.tree.announce(f"{vm.name}: commit failed: {e.reason}", time.time())
@@ -507,7 +507,7 @@ class Lifecycle:
             raise VmtreeError(errno.EROFS, f"cannot start VM {vm.name!r} itself: it is immutable")
         if vm.domain_xml is None:
             self._check_demo_guest()
-        await self.tree.refresh_template_volumes(vm)
+        await self.tree.versions.refresh_template_volumes(vm)
         await self._reset_volatile_volumes(vm)
         async with self._starting(vm):
             base = await self.base_domain_xml(vm)
@@ -673,7 +673,7 @@ class Lifecycle:
         """A VM restored from a savestate runs on the template version recorded in it."""
         used = savestate.info.get("template_version")
         if isinstance(used, int):
-            await self.tree.set_template_used(vm, used)
+            await self.tree.versions.set_template_used(vm, used)
 
     @asynccontextmanager
     async def held_still(self, vm: Vm) -> AsyncIterator[None]:

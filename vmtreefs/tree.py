@@ -20,7 +20,6 @@ import errno
 import functools
 import logging
 import os
-import re
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
@@ -49,6 +48,7 @@ from vmtreefs.model import (
     VolumeSpec,
 )
 from vmtreefs.store import Intent, Store, Txn
+from vmtreefs.versions import Versions
 
 if TYPE_CHECKING:
     from vmtreefs.lifecycle import Lifecycle
@@ -143,9 +143,10 @@ class VmTree:
         self._locks: dict[int, trio.Lock] = collections.defaultdict(trio.Lock)
         # Aliases name VMs by id: making, moving or dropping one must not interleave
         # with deleting the VM it names.
-        self._alias_lock = trio.Lock()
+        self.alias_lock = trio.Lock()
         self.changed = trio.lowlevel.ParkingLot()
         self.lifecycle: Lifecycle | None = None
+        self.versions = Versions(self)
         self._collecting = False
         self.on_volumes_written_outside: Callable[[list[int]], None] = lambda _ids: None
         # Names in a VM's volumes/ that now lead to other volumes (the kernel caches lookups).
@@ -291,7 +292,7 @@ class VmTree:
         log.warning("refused %s: %s", operation, error.describe())
         self.events.add(f"refused {operation}: {error.reason} ({error.errname})")
 
-    def _noted(self, tx: Txn, line: str) -> float:
+    def noted(self, tx: Txn, line: str) -> float:
         now = time.time()
         tx.add_event(now, line)
         return now
@@ -392,9 +393,9 @@ class VmTree:
     async def create_vm(self, raw_name: str | bytes) -> Vm:
         plan = self.ns.plan_create_vm(raw_name)
         sizes = ", ".join(f"{v.name} {format_bytes(v.size)}" for v in plan.volumes)
-        return await self._make_vm(plan.name, f"mkdir {plan.name}", plan.volumes, f": {sizes}")
+        return await self.make_vm(plan.name, f"mkdir {plan.name}", plan.volumes, f": {sizes}")
 
-    async def _make_vm(
+    async def make_vm(
         self,
         name: str,
         what: str,
@@ -467,7 +468,7 @@ class VmTree:
                             )
                         )
                     tx.complete_intent(intent)
-                    return vm_id, created, self._noted(tx, what), savestate_ids
+                    return vm_id, created, self.noted(tx, what), savestate_ids
 
             def link_and_commit() -> tuple[int, float, float, list[int]]:
                 for src, dst in links:
@@ -510,7 +511,7 @@ class VmTree:
     async def delete_vm(self, vm_id: int, verb: str = "rmdir") -> None:
         """rmdir: a VM goes now; one that runs, or that something still needs (a running
         instance, a savestate), is hidden and goes when it is free."""
-        async with self._locked(vm_id) as vm, self._alias_lock:
+        async with self._locked(vm_id) as vm, self.alias_lock:
             if vm.state != "halted" or self.ns.needs_of(vm):
                 if not vm.hidden:
                     await self._hide(vm, verb)
@@ -534,7 +535,7 @@ class VmTree:
                             "files": files,
                         },
                     )
-                    return intent, self._noted(tx, line)
+                    return intent, self.noted(tx, line)
 
             files = [str(self.savestate_dir / image) for image in plan.images]
             intent, t = await in_thread(commit)
@@ -581,7 +582,7 @@ class VmTree:
                     tx.set_vm_origin(child, plan.new_origin)
                 tx.rename_vm(plan.vm_id, plan.hidden_name)
                 tx.set_vm_props(plan.vm_id, props)
-                return self._noted(tx, line)
+                return self.noted(tx, line)
 
         t = await in_thread(commit)
         self.ns.apply_hide(plan)
@@ -616,7 +617,7 @@ class VmTree:
             def commit() -> float:
                 with self.store.transaction() as tx:
                     tx.rename_vm(plan.vm_id, plan.new)
-                    return self._noted(tx, f"mv {plan.old} {plan.new}")
+                    return self.noted(tx, f"mv {plan.old} {plan.new}")
 
             try:
                 t = await in_thread(commit)
@@ -647,7 +648,7 @@ class VmTree:
         self, source: Vm, plan: CloneVm, what: str, linked: tuple[Savestate, ...] = ()
     ) -> Vm:
         """A VM whose volumes are snapshots of the plan's (the source's, or its hot savestate's)."""
-        return await self._make_vm(
+        return await self.make_vm(
             plan.name,
             what,
             tuple(spec for _, spec in plan.volumes),
@@ -660,234 +661,10 @@ class VmTree:
             template=source.template,
         )
 
-    # Versions
-
-    async def commit_version(self, head_id: int) -> Vm:
-        """Make the next NAME-vN of a head (the first one makes the VM versioned)."""
-        async with self._locked(head_id) as head:
-            version = await self._commit(head)
-        if HOT_LABEL in head.savestates:
-            await self.delete_savestate(head.id, HOT_LABEL)  # its versions have their own
-        await self.prune(head_id)
-        self._after_commit(version)
-        return version
-
-    async def _commit(self, head: Vm) -> Vm:
-        """The head's lock is held. A running head is paused while its volumes are
-        snapshotted, so the version is what its disks held at one instant."""
-
-        def number() -> int:
-            with self.store.transaction() as tx:
-                return tx.next_number(f"version:{head.id}")
-
-        plan = self.ns.plan_version(head.id, await in_thread(number))
-        first = not head.versioned
-        made: list[Alias] = []
-
-        def also(tx: Txn, vm_id: int) -> None:
-            made.clear()
-            if first:
-                tx.rename_vm(head.id, plan.head_name)
-                tx.set_vm_props(head.id, {**head.props, "versioned": "1"})
-            tx.insert_version(vm_id, head.id, plan.number)
-            tx.set_vm_origin(head.id, vm_id)
-            if plan.alias_id is None:
-                created = time.time()
-                alias_id = tx.insert_alias(plan.base, vm_id, None, created, system=True)
-                made.append(Alias(alias_id, plan.base, vm_id, None, True, created))
-            else:
-                tx.retarget_alias(plan.alias_id, vm_id, None)
-
-        what = (
-            f"versioned {plan.base}: it is {plan.head_name} now, {plan.base} -> {plan.name}"
-            if first
-            else f"commit {plan.head_name}: {plan.base} -> {plan.name}"
-        )
-        async with self._alias_lock, self._held_still(head):
-            try:
-                version = await self._make_vm(
-                    plan.name,
-                    what,
-                    tuple(spec for _, spec in plan.volumes),
-                    sources=tuple(src for src, _ in plan.volumes),
-                    origin_id=plan.origin,
-                    props=plan.props,
-                    reparent=plan.reparent,
-                    domain_xml=head.domain_xml,
-                    template=head.template,
-                    also=also,
-                )
-            finally:
-                self.ns.release(plan.head_name)
-            self.ns.apply_version(plan, version, made[0] if made else None)
-        if first:
-            self.on_names_changed([plan.base, plan.head_name])
-        return version
-
-    @asynccontextmanager
-    async def _held_still(self, vm: Vm) -> AsyncIterator[None]:
-        if vm.state == "halted" or self.lifecycle is None:
-            yield
-            return
-        async with self.lifecycle.held_still(vm):
-            yield
-
-    async def prune(self, head_id: int) -> None:
-        """Without ``preserve_history``, versions older than the newest go (or wait, hidden,
-        until what uses them stops)."""
-        head = self.ns.by_id.get(head_id)
-        if head is None or not head.versioned or head.props.get("preserve_history") == "1":
-            return
-        for old in self.ns.prunable(head):
-            try:
-                await self.delete_vm(old.id, "history: drop")
-            except VmtreeError as e:
-                log.warning("history of %s: keeping %s: %s", head.name, old.name, e.reason)
-
-    def _after_commit(self, version: Vm) -> None:
-        """Hot savestates: the new version's own (a disposable factory), and those of the
-        VMs whose template now names it."""
-        if self.lifecycle is None:
-            return
-        if version.props.get("hot_savestate") == "1":
-            self.lifecycle.hot_savestate_changed(version)
-        for vm in list(self.ns.by_id.values()):
-            if vm.template is None or vm.props.get("hot_savestate") != "1" or vm.immutable:
-                continue
-            try:
-                template = self.ns.resolve_template(vm)
-            except VmtreeError:
-                continue
-            if template is version:
-                self.lifecycle.hot_savestate_changed(vm)
-
-    async def revert(self, head_id: int, raw: str) -> str:
-        """``revert vN``: commit what the head holds now, then its volumes become version N's."""
-        async with self._locked(head_id) as head:
-            if not head.versioned:
-                raise VmtreeError(errno.EINVAL, f"revert: VM {head.name!r} is not versioned")
-            if head.state != "halted":
-                raise VmtreeError(
-                    errno.EBUSY, f"cannot revert VM {head.name!r}: it is {head.state}, not halted"
-                )
-            match = re.fullmatch(r"v([0-9]{1,9})", raw)
-            if match is None:
-                raise VmtreeError(errno.EINVAL, f"usage: revert vN (not {raw[:20]!r})")
-            target = self.ns.by_name.get(f"{self.ns.base_name(head)}-{raw}")
-            if target is None or target.version_of != head.id:
-                raise VmtreeError(errno.ENOENT, f"{head.name!r} has no version {raw}")
-            before = await self._commit(head)
-            await self._swap_volumes(
-                head,
-                list(target.volumes.values()),
-                list(head.volumes.values()),
-                f"revert {head.name} to {target.name} (what it held is {before.name})",
-            )
-        await self.prune(head_id)
-        self._after_commit(before)
-        return f"reverted to {target.name}; what it held before is {before.name}"
-
-    async def unversion(self, head_id: int) -> None:
-        """Clearing ``versioned``: NAME-next is NAME again; its versions are kept as
-        immutable VMs of their own (``preserve_history`` 1) or deleted."""
-        async with self._locked(head_id) as head, self._alias_lock:
-            plan = self.ns.plan_unversion(head_id)
-            head_name = head.name
-            kept = "kept" if plan.keep_history else "deleted"
-            what = f"unversioned {plan.base}: {head.name} is {plan.base} again, versions {kept}"
-            props = {k: v for k, v in head.props.items() if k != "versioned"}
-
-            def commit() -> float:
-                with self.store.transaction() as tx:
-                    for alias_id in plan.retarget:
-                        tx.retarget_alias(alias_id, head.id, None)
-                    if plan.alias_id is not None:
-                        tx.delete_alias(plan.alias_id)
-                    tx.rename_vm(head.id, plan.base)
-                    tx.set_vm_props(head.id, props)
-                    for vm_id in plan.versions:
-                        tx.forget_version(vm_id)
-                    return self._noted(tx, what)
-
-            t = await in_thread(commit)
-            self.ns.apply_unversion(plan)
-            self.on_names_changed([plan.base, head_name])
-            self.announce(what, t)
-        if not plan.keep_history:
-            for vm_id in plan.versions:
-                try:
-                    await self.delete_vm(vm_id, "history: drop")
-                except VmtreeError as e:
-                    log.warning("unversioned %s: keeping VM %d: %s", plan.base, vm_id, e.reason)
-
-    # Templates
-
-    async def set_template(self, vm_id: int, raw_target: str | bytes) -> None:
-        async with self._locked(vm_id) as vm, self._alias_lock:
-            link = self.ns.plan_set_template(vm_id, raw_target)
-            what = f"ln -s ../{self.ns.template_name(link)} {vm.name}/template"
-
-            def commit() -> float:
-                with self.store.transaction() as tx:
-                    tx.set_template(vm.id, link.target_vm, link.target_alias)
-                    return self._noted(tx, what)
-
-            t = await in_thread(commit)
-            vm.template, vm.template_used = link, None
-            self.announce(what, t)
-
-    async def remove_template(self, vm_id: int) -> None:
-        async with self._locked(vm_id) as vm:
-            self.ns.check_template_removable(vm_id)
-            what = f"rm {vm.name}/template"
-
-            def commit() -> float:
-                with self.store.transaction() as tx:
-                    tx.set_template(vm.id, None, None)
-                    return self._noted(tx, what)
-
-            t = await in_thread(commit)
-            vm.template, vm.template_used = None, None
-            self.announce(what, t)
-        await self.collect()
-
-    async def refresh_template_volumes(self, vm: Vm) -> None:
-        """At a start: the ``template`` volumes become snapshots of the template's, from the
-        version its alias names now (the VM's lock is held)."""
-        template = self.ns.resolve_template(vm)
-        if template is None:
-            return
-        sources = [
-            template.volumes[v.name]
-            for v in sorted(vm.volumes.values(), key=lambda v: v.name)
-            if v.policy == "template" and v.name in template.volumes
-        ]
-        if sources:
-            names = ", ".join(v.filename for v in sources)
-            await self._swap_volumes(
-                vm,
-                sources,
-                [vm.volumes[v.name] for v in sources],
-                f"start {vm.name}: {names} from template {template.name}",
-            )
-        await self.set_template_used(vm, template.id)
-
-    async def set_template_used(self, vm: Vm, used: int | None) -> None:
-        """Which version a template-based VM runs from: that version is kept while it runs."""
-        if vm.template is None or vm.template_used == used:
-            return
-
-        def commit() -> None:
-            with self.store.transaction() as tx:
-                tx.set_template_used(vm.id, used)
-
-        await in_thread(commit)
-        vm.template_used = used
-
     # Aliases
 
     async def create_alias(self, raw_name: str | bytes, raw_target: str | bytes) -> Alias:
-        async with self._alias_lock:
+        async with self.alias_lock:
             return await self._create_alias(raw_name, raw_target)
 
     async def _create_alias(self, raw_name: str | bytes, raw_target: str | bytes) -> Alias:
@@ -903,7 +680,7 @@ class VmTree:
             with self.store.transaction() as tx:
                 created = time.time()
                 alias_id = tx.insert_alias(plan.name, plan.target_vm, plan.target_alias, created)
-                return alias_id, created, self._noted(tx, what)
+                return alias_id, created, self.noted(tx, what)
 
         try:
             alias_id, created, t = await in_thread(commit)
@@ -916,7 +693,7 @@ class VmTree:
         return alias
 
     async def remove_alias(self, name: str) -> None:
-        async with self._alias_lock:
+        async with self.alias_lock:
             await self._remove_alias(name)
 
     async def _remove_alias(self, name: str) -> None:
@@ -926,7 +703,7 @@ class VmTree:
         def commit() -> float:
             with self.store.transaction() as tx:
                 tx.delete_alias(plan.alias_id)
-                return self._noted(tx, what)
+                return self.noted(tx, what)
 
         t = await in_thread(commit)
         self.ns.remove_alias(plan.alias_id)
@@ -934,7 +711,7 @@ class VmTree:
 
     async def rename_alias(self, old: str, raw_new: str | bytes) -> None:
         """Rename an alias, or move it over another (``ln -sfn``), atomically."""
-        async with self._alias_lock:
+        async with self.alias_lock:
             await self._rename_alias(old, raw_new)
 
     async def _rename_alias(self, old: str, raw_new: str | bytes) -> None:
@@ -949,7 +726,7 @@ class VmTree:
                         tx.retarget_alias(alias_id, None, plan.keep_id)
                     tx.delete_alias(plan.drop_id)
                     tx.rename_alias(plan.keep_id, plan.name)
-                    return self._noted(tx, what)
+                    return self.noted(tx, what)
 
             t = await in_thread(replace)
             self.ns.apply_replace_alias(plan)
@@ -961,7 +738,7 @@ class VmTree:
             def rename() -> float:
                 with self.store.transaction() as tx:
                     tx.rename_alias(plan.alias_id, plan.new)
-                    return self._noted(tx, what)
+                    return self.noted(tx, what)
 
             try:
                 t = await in_thread(rename)
@@ -979,9 +756,9 @@ class VmTree:
             vm = self.ns.get_by_id(vm_id)
             self.ns.plan_set_property(vm.name, name, value)
             if value == "1" and not vm.versioned:
-                await self.commit_version(vm_id)
+                await self.versions.commit_version(vm_id)
             elif value != "1" and vm.versioned:
-                await self.unversion(vm_id)
+                await self.versions.unversion(vm_id)
             return
         async with self._locked(vm_id) as vm:
             plan = self.ns.plan_set_property(vm.name, name, value)
@@ -997,7 +774,7 @@ class VmTree:
             def commit() -> float:
                 with self.store.transaction() as tx:
                     tx.set_vm_props(vm.id, props)
-                    return self._noted(tx, what)
+                    return self.noted(tx, what)
 
             t = await in_thread(commit)
             self.ns.apply_set_property(plan)
@@ -1008,7 +785,7 @@ class VmTree:
         if name == "hot_savestate" and newest is not None:
             await self.set_property(newest.id, name, value)  # the factory's current version
         if name == "preserve_history" and value != "1":
-            await self.prune(vm.id)
+            await self.versions.prune(vm.id)
 
     async def set_volume_policy(self, volume_id: int, policy: str) -> None:
         vm, vol = self.ns.volume_by_id(volume_id)
@@ -1025,7 +802,7 @@ class VmTree:
             def commit() -> float:
                 with self.store.transaction() as tx:
                     tx.set_volume_policy(volume_id, policy)
-                    return self._noted(tx, what)
+                    return self.noted(tx, what)
 
             t = await in_thread(commit)
             vol.policy = policy
@@ -1078,7 +855,7 @@ class VmTree:
                     },
                 )
                 tx.complete_intent(pending.intent)
-                return ss_id, created, self._noted(tx, what)
+                return ss_id, created, self.noted(tx, what)
 
         try:
             ss_id, created, t = await in_thread(commit)
@@ -1117,7 +894,7 @@ class VmTree:
                     intent = tx.begin_intent(
                         "delete_volumes", {"what": what, "volume_ids": ids, "files": files}
                     )
-                    return intent, self._noted(tx, what)
+                    return intent, self.noted(tx, what)
 
             intent, t = await in_thread(commit)
             self.ns.remove_savestate(vm.id, label)
@@ -1128,14 +905,14 @@ class VmTree:
 
     async def restore_volumes(self, vm: Vm, savestate: Savestate) -> None:
         """The VM's volumes become fresh snapshots of the savestate's (the VM is halted)."""
-        await self._swap_volumes(
+        await self.swap_volumes(
             vm,
             list(savestate.volumes.values()),
             list(vm.volumes.values()),
             f"restore {vm.name} {savestate.label}: volumes",
         )
 
-    async def _swap_volumes(
+    async def swap_volumes(
         self, vm: Vm, sources: list[Volume], old: list[Volume], what: str
     ) -> None:
         """Replace ``old`` volumes of a halted VM with fresh snapshots of ``sources``,
@@ -1155,7 +932,7 @@ class VmTree:
                     "delete_volumes", {"what": what, "volume_ids": [v.id for v in old]}
                 )
                 tx.complete_intent(intent)
-                return deletion, self._noted(tx, what)
+                return deletion, self.noted(tx, what)
 
         created = time.time()
         deletion, t = await self._or_undo(intent, ids, commit)
@@ -1192,7 +969,7 @@ class VmTree:
             def commit() -> float:
                 with self.store.transaction() as tx:
                     tx.set_domain_xml(vm.id, xml)
-                    return self._noted(tx, what)
+                    return self.noted(tx, what)
 
             t = await in_thread(commit)
             vm.domain_xml = xml
@@ -1223,7 +1000,7 @@ class VmTree:
 
             def note() -> float:
                 with self.store.transaction() as tx:
-                    return self._noted(tx, what)
+                    return self.noted(tx, what)
 
             self.announce(what, await in_thread(note))
             return f"pool size {size}"
@@ -1244,10 +1021,10 @@ class VmTree:
             if command.verb == "commit":
                 if command.args:
                     raise VmtreeError(errno.EINVAL, "usage: commit")
-                return (await self.commit_version(vm.id)).name
+                return (await self.versions.commit_version(vm.id)).name
             if len(command.args) != 1:
                 raise VmtreeError(errno.EINVAL, "usage: revert vN")
-            return await self.revert(vm.id, command.args[0])
+            return await self.versions.revert(vm.id, command.args[0])
         if vm is not None and command.verb in LIFECYCLE_COMMANDS:
             if self.lifecycle is None:
                 raise VmtreeError(errno.ENOTCONN, "this mount runs no VMs")
@@ -1281,7 +1058,7 @@ class VmTree:
                         ids[0], vm.id, plan.spec.name, plan.spec.size, plan.spec.policy, created
                     )
                     tx.complete_intent(intent)
-                    return created, self._noted(tx, what)
+                    return created, self.noted(tx, what)
 
             created, t = await self._or_undo(intent, ids, commit)
             volume = Volume(ids[0], plan.spec.name, plan.spec.size, plan.spec.policy, created)
@@ -1302,7 +1079,7 @@ class VmTree:
                     intent = tx.begin_intent(
                         "delete_volumes", {"what": what, "volume_ids": [plan.volume_id]}
                     )
-                    return intent, self._noted(tx, what)
+                    return intent, self.noted(tx, what)
 
             intent, t = await in_thread(commit)
             self.ns.remove_volume(vm.id, vol.name)
@@ -1322,7 +1099,7 @@ class VmTree:
             def commit() -> float:
                 with self.store.transaction() as tx:
                     tx.rename_volume(plan.volume_id, plan.new)
-                    return self._noted(tx, what)
+                    return self.noted(tx, what)
 
             t = await in_thread(commit)
             self.ns.apply_rename_volume(plan)
@@ -1359,7 +1136,7 @@ class VmTree:
                 with self.store.transaction() as tx:
                     tx.set_volume_size(plan.volume_id, plan.new_size)
                     tx.complete_intent(intent)
-                    return self._noted(tx, what) if not at_least else time.time()
+                    return self.noted(tx, what) if not at_least else time.time()
 
             intent = await in_thread(begin)
             try:
@@ -1400,7 +1177,7 @@ class VmTree:
                 self.engine.discard(volume_id, size)
                 with self.store.transaction() as tx:
                     tx.complete_intent(intent)
-                    return self._noted(tx, what)
+                    return self.noted(tx, what)
 
             intent = await in_thread(begin)
             t = await in_thread(carry_out, intent)

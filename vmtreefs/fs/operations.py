@@ -808,7 +808,7 @@ class Operations(pyfuse3.Operations):
                 errno.EPERM, f"{text!r} lists a version: delete it with rmdir of the version itself"
             )
         if isinstance(node, VmNode) and node.entry == VmEntry.TEMPLATE:
-            await self.tree.remove_template(node.vm_id)
+            await self.tree.versions.remove_template(node.vm_id)
             return
         raise refuse(errno.EPERM, f"{text!r} is part of the fixed layout and cannot be removed")
 
@@ -1048,7 +1048,7 @@ class Operations(pyfuse3.Operations):
                 raise refuse(
                     errno.EINVAL, "the only symlink in a VM directory is its template (template)"
                 )
-            await self.tree.set_template(node.vm_id, target)
+            await self.tree.versions.set_template(node.vm_id, target)
             return self._entry(inodes.vm_inode(node.vm_id, VmEntry.TEMPLATE))
         raise refuse(errno.EPERM, "symlinks can only be made at the top level (aliases)")
 
