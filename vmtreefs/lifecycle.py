@@ -45,8 +45,9 @@ RECONNECT_SECONDS = 5.0
 CONNECT_WAIT_SECONDS = 10.0  # a command waits this long for libvirt to come (back)
 MAX_CONSOLE_READ = 1024 * 1024
 READY_TIMEOUT = 600.0  # for a hot savestate's boot: TCG on a busy host is slow
-# Stops after which a versioned VM's head does not commit: its disks may be half-written.
-NO_COMMIT_REASONS = frozenset({"killed", "crashed", "failed", "saved"})
+# The one stop after which a versioned VM's head commits: a clean shutdown. Not after a
+# kill, a crash, a failed start or a save: its disks may be half-written.
+COMMIT_REASON = "shut down"
 
 
 class Lifecycle:
@@ -232,7 +233,7 @@ class Lifecycle:
             if (
                 vm.versioned
                 and vm.props.get("commit", "shutdown") == "shutdown"
-                and reason not in NO_COMMIT_REASONS
+                and reason == COMMIT_REASON
                 and vm.id in self.tree.ns.by_id
             ):
                 try:
@@ -703,7 +704,7 @@ class Lifecycle:
         self._set_state(vm, states.STOPPING)
         log.info("VM %s: asked to shut down, waiting up to %d s", vm.name, timeout)
         if await self.wait_for(vm, frozenset({states.HALTED}), timeout):
-            await self._settle_stop(vm, "shut down")
+            await self._settle_stop(vm, COMMIT_REASON)
             return "halted"
         log.warning("VM %s did not shut down within %d s: forcing it off", vm.name, timeout)
         await self._destroy(vm, hypervisor)

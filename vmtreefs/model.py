@@ -605,8 +605,12 @@ class Namespace:
     def plan_version(self, head_id: int, number: int) -> MakeVersion:
         """The next version of ``head_id``; the first one also makes it versioned."""
         head = self.get_by_id(head_id)
-        if head.hidden or head.volatile:
+        if head.hidden:
             raise ModelError(errno.ENOENT, f"VM {head.name!r} is being deleted")
+        if head.volatile:
+            raise ModelError(
+                errno.EINVAL, f"VM {head.name!r} is volatile (it goes when it stops): no versions"
+            )
         if head.immutable or head.version_of is not None:
             raise ModelError(
                 errno.EROFS, f"cannot make versions of VM {head.name!r}: it is immutable"
@@ -985,6 +989,12 @@ class Namespace:
         if vm.immutable and name not in ("immutable", "hot_savestate", "ready"):
             raise ModelError(
                 errno.EROFS, f"cannot change {name} of VM {vm_name!r}: it is immutable"
+            )
+        if name == "immutable" and value == "1" and vm.versioned:
+            raise ModelError(
+                errno.EINVAL,
+                f"{vm_name!r} is the head of a versioned VM: it stays writable "
+                "(its versions are immutable)",
             )
         if name == "immutable" and value == "1" and vm.state != "halted":
             raise ModelError(errno.EBUSY, f"cannot make VM {vm_name!r} immutable: it is {vm.state}")

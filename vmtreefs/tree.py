@@ -989,8 +989,12 @@ class VmTree:
         if vm_id is None and command.verb == "gc":
             if command.args:
                 raise VmtreeError(errno.EINVAL, "usage: gc")
-            self.announce("gc: nothing to collect", time.time())
-            return "nothing to collect"
+            waiting = {vm.id: vm.name for vm in self.ns.collectable()}
+            await self.collect()
+            gone = sorted(name for vm_id, name in waiting.items() if vm_id not in self.ns.by_id)
+            result = f"destroyed {', '.join(gone)}" if gone else "nothing to collect"
+            self.announce(f"gc: {result}", time.time())
+            return result
         if vm_id is None and command.verb == "grow-pool":
             if len(command.args) > 1:
                 raise VmtreeError(errno.EINVAL, "usage: grow-pool [SIZE]")

@@ -49,9 +49,17 @@ class Versions:
         """The head's lock is held. A running head is paused while its volumes are
         snapshotted, so the version is what its disks held at one instant."""
 
+        ns = self.tree.ns
+        base = ns.base_name(head)
+        taken = set(ns.by_name) | set(ns.aliases) | ns.reserved
+
         def number() -> int:
+            """The next number whose NAME-vN is free (another VM may hold an old name)."""
             with self.tree.store.transaction() as tx:
-                return tx.next_number(f"version:{head.id}")
+                while True:
+                    n = tx.next_number(f"version:{head.id}")
+                    if f"{base}-v{n}" not in taken:
+                        return n
 
         plan = self.tree.ns.plan_version(head.id, await trio.to_thread.run_sync(number))
         first = not head.versioned
@@ -237,12 +245,14 @@ class Versions:
         ]
         if sources:
             names = ", ".join(v.filename for v in sources)
-            await self.tree.swap_volumes(
-                vm,
-                sources,
-                [vm.volumes[v.name] for v in sources],
-                f"start {vm.name}: {names} from template {template.name}",
-            )
+            # A template that runs (a link to a plain VM or a head) is held still meanwhile.
+            async with self._held_still(template):
+                await self.tree.swap_volumes(
+                    vm,
+                    sources,
+                    [vm.volumes[v.name] for v in sources],
+                    f"start {vm.name}: {names} from template {template.name}",
+                )
         await self.set_template_used(vm, template.id)
 
     async def set_template_used(self, vm: Vm, used: int | None) -> None:

@@ -230,3 +230,16 @@ def test_a_three_level_tree_survives_deleting_inner_nodes(tree: Tree) -> None:
     tree.remount()
     assert head(private(vms, "a1"), 5) == b"rootA"
     assert head(private(vms, "b1"), 6) == b"ver2B1"
+
+
+def test_a_head_stays_writable_and_version_names_never_clash(vms: Path) -> None:
+    os.mkdir(vms / "x")
+    versioned(vms, "x")
+    assert error_of(os.setxattr, vms / "x-next", "user.vmtree.immutable", b"1") == errno.EINVAL
+    ctl(vms, "x-next", "commit")
+    os.setxattr(vms / "x-next", "user.vmtree.versioned", b"0")  # keeps x-v1 and x-v2
+    os.rmdir(vms / "x")
+    os.mkdir(vms / "x")  # another VM of the same name
+    versioned(vms, "x")
+    assert os.readlink(vms / "x") == "x-v3"  # x-v1 and x-v2 are someone else's
+    assert listing(vms) == ["x", "x-next", "x-v1", "x-v2", "x-v3"]
