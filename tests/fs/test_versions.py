@@ -1,7 +1,7 @@
 """Versioned VMs and template links through the mount, with halted VMs.
 
 What a running VM adds (commit at shutdown, template volumes taken at start,
-disposable factories) is in tests/vm/test_versions.py.
+disposable factories) is in tests/vm/test_version_use_cases.py.
 """
 
 from __future__ import annotations
