@@ -1,4 +1,4 @@
-"""The ``vmtreefs`` command: init, mount, umount."""
+"""The ``vmtreefs`` command: init, mount, umount, fsck."""
 
 from __future__ import annotations
 
@@ -174,6 +174,53 @@ def cmd_umount(args: argparse.Namespace) -> int:
     return 0
 
 
+def _progress_bar(what: str, done: int, total: int) -> None:
+    """A one-line bar on a terminal, redrawn in place; nothing when stderr is not one."""
+    if not sys.stderr.isatty():
+        return
+    width = 30
+    filled = width if total == 0 else width * done // total
+    end = "\n" if done >= total else ""
+    sys.stderr.write(f"\r{what:<18} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}{end}")
+    sys.stderr.flush()
+
+
+def cmd_fsck(args: argparse.Namespace) -> int:
+    """Exit 0: clean; 1: problems found and all repaired; 4: problems left (as fsck(8))."""
+    from vmtreefs.fsck import fsck
+    from vmtreefs.source import STORE_NAME, open_source
+
+    source = Path(args.source).resolve()
+    check_source(source)
+    if not is_initialised(source):
+        raise VmtreeError(errno.ENOENT, f"{source} holds no vmtreefs tree ({STORE_NAME} missing)")
+    lock = SourceLock(source)
+    lock.acquire(None)  # EBUSY while mounted: fsck works offline
+    try:
+        store, engine, _ = open_source(source)
+        try:
+            report = fsck(store, engine, source / "savestates", args.repair, _progress_bar)
+        finally:
+            engine.stop()
+            store.close()
+    finally:
+        lock.release()
+    for finding in report.findings:
+        print(finding.line())
+    for line in report.pending:
+        print(f"pending: {line}")
+    counts = ", ".join(f"{n} {what}" for what, n in report.counts.items())
+    if report.clean:
+        print(f"{source}: clean ({counts})")
+        return 0
+    left = report.left
+    print(
+        f"{source}: {len(report.findings)} problems, "
+        f"{len(report.findings) - len(left)} repaired, {len(left)} left ({counts})"
+    )
+    return 4 if left else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vmtreefs", description="Virtual machines as directories: a FUSE filesystem."
@@ -206,6 +253,13 @@ def build_parser() -> argparse.ArgumentParser:
     p_umount = sub.add_parser("umount", help="unmount and wait for the daemon to finish")
     p_umount.add_argument("mountpoint")
     p_umount.set_defaults(func=cmd_umount)
+
+    p_fsck = sub.add_parser("fsck", help="check an unmounted SOURCE (and --repair it)")
+    p_fsck.add_argument("source")
+    p_fsck.add_argument(
+        "--repair", action="store_true", help="fix what can be fixed without guessing"
+    )
+    p_fsck.set_defaults(func=cmd_fsck)
     return parser
 
 

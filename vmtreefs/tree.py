@@ -161,7 +161,7 @@ class VmTree:
         report = RecoveryReport()
         for intent in self.store.load().open_intents:
             self._recover_intent(intent, report)
-        self._load()
+        self.load()
         self._compare_inventory(report)
         self.recovery = report
         for line in report.rolled_back:
@@ -215,7 +215,8 @@ class VmTree:
             log.error("could not recover %s: %s; left open", what, e.describe())
             report.left_open.append(what)
 
-    def _load(self) -> None:
+    def load(self) -> None:
+        """The namespace as the store has it (no recovery: fsck reads it this way)."""
         snapshot = self.store.load()
         vms = {
             row.id: Vm(
