@@ -187,7 +187,7 @@ def _progress_bar(what: str, done: int, total: int) -> None:
 
 def cmd_fsck(args: argparse.Namespace) -> int:
     """Exit 0: clean; 1: problems found and all repaired; 4: problems left (as fsck(8))."""
-    from vmtreefs.fsck import fsck
+    from vmtreefs.fsck import Finding, FsckReport, fsck
     from vmtreefs.source import STORE_NAME, open_source
 
     source = Path(args.source).resolve()
@@ -196,12 +196,20 @@ def cmd_fsck(args: argparse.Namespace) -> int:
         raise VmtreeError(errno.ENOENT, f"{source} holds no vmtreefs tree ({STORE_NAME} missing)")
     lock = SourceLock(source)
     lock.acquire(None)  # EBUSY while mounted: fsck works offline
+    report = FsckReport()
     try:
         store, engine, _ = open_source(source)
         try:
             report = fsck(store, engine, source / "savestates", args.repair, _progress_bar)
         finally:
-            engine.stop()
+            try:
+                # dm-thin takes the pool down and runs thin_check on its metadata here.
+                engine.stop()
+            except VmtreeError as e:
+                report.findings.append(Finding("engine", f"{engine.name}: {e.reason}"))
+            else:
+                if engine.name == "dmthin":
+                    print("engine: thin_check found the pool's metadata sound")
             store.close()
     finally:
         lock.release()

@@ -15,11 +15,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.fs.test_fsck import fsck
 from tests.helpers.mounts import MountFailed
 from tests.helpers.tree import Tree, error_of, listing, read_at, write_at
 from vmtreefs.engine.base import EngineError
 from vmtreefs.engine.dmthin import DmThinEngine
 from vmtreefs.engine.select import dmthin_available
+from vmtreefs.source import open_source
 
 MiB = 1 << 20
 
@@ -318,5 +320,31 @@ def test_versions_history_and_revert_on_thin_devices(workdir: Path) -> None:
         tree.remount()
         assert read_at(vms / "tpl" / "volumes" / "private.img", 3) == b"six"
         assert tree.status()["inventory"] == "ok"
+    finally:
+        tree.unmount()
+
+
+def test_fsck_adopts_an_orphan_thin_device_and_checks_the_metadata(workdir: Path) -> None:
+    tree = Tree(workdir)
+    tree.mount(["engine=dm-thin", "size=128M"])
+    os.mkdir(tree.vms / "a")
+    tree.unmount()
+    status, out = fsck(tree)
+    assert status == 0, out
+    assert "thin_check found the pool's metadata sound" in out
+    store, engine, _ = open_source(tree.source)  # a thin device the store never heard of
+    try:
+        engine.create(9999, 4 * MiB)
+    finally:
+        engine.stop()
+        store.close()
+    status, out = fsck(tree)
+    assert status == 4 and "1 engine volumes no VM owns: 9999" in out, out
+    assert fsck(tree, "--repair")[0] == 1
+    assert fsck(tree)[0] == 0
+    tree.mount()
+    try:
+        assert listing(tree.vms) == ["a", "lost-found"]
+        assert (tree.vms / "lost-found" / "volumes" / "vol-9999.img").stat().st_size == 4 * MiB
     finally:
         tree.unmount()
