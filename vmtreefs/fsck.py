@@ -10,7 +10,6 @@ removable with rmdir), and memory images no savestate names are moved to
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import re
@@ -20,9 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vmtreefs.engine.base import SnapshotEngine
-from vmtreefs.errors import VmtreeError
-from vmtreefs.model import MAX_ALIAS_CHAIN, Namespace, Vm
-from vmtreefs.store import Store, Txn
+from vmtreefs.invariants import Finding, check_namespace, compare_volumes
+from vmtreefs.model import Namespace
+from vmtreefs.store import Store
 from vmtreefs.tree import VmTree
 
 log = logging.getLogger("vmtreefs.fsck")
@@ -32,24 +31,6 @@ LOST_FOUND_DIR = "lost+found"
 _IMAGE_RE = re.compile(r"ss-[A-Za-z0-9-]+\.save\Z")
 
 Progress = Callable[[str, int, int], None]
-
-
-@dataclass
-class Finding:
-    """One broken invariant: what is wrong, and what ``--repair`` does about it (None: nothing)."""
-
-    check: str
-    problem: str
-    repair: str | None = None
-    repaired: bool = False
-    fix: Callable[[Txn], None] | None = field(default=None, repr=False)  # a store repair
-
-    def line(self) -> str:
-        if self.repaired:
-            return f"{self.check}: {self.problem}: repaired: {self.repair}"
-        if self.repair is None:
-            return f"{self.check}: {self.problem} (not repairable without guessing)"
-        return f"{self.check}: {self.problem} (--repair: {self.repair})"
 
 
 @dataclass
@@ -65,101 +46,6 @@ class FsckReport:
     @property
     def left(self) -> list[Finding]:
         return [f for f in self.findings if not f.repaired]
-
-
-# The rules within the namespace: pure, no I/O.
-
-
-def check_namespace(ns: Namespace) -> list[Finding]:
-    """Lineage, aliases and versions, as loaded from the store."""
-    findings: list[Finding] = []
-    for vm in sorted(ns.by_id.values(), key=lambda v: v.id):
-        seen = {vm.id}
-        step = vm.origin_id
-        while step is not None:
-            if step in seen:
-                findings.append(
-                    Finding(
-                        "lineage",
-                        f"VM {vm.name} (id {vm.id}) is its own ancestor",
-                        f"clear the origin of {vm.name}",
-                        fix=_clear_origin(vm.id),
-                    )
-                )
-                break
-            seen.add(step)
-            origin = ns.by_id.get(step)
-            if origin is None:
-                findings.append(
-                    Finding(
-                        "lineage",
-                        f"VM {vm.name} names a missing origin {step}",
-                        "clear it",
-                        fix=_clear_origin(vm.id),
-                    )
-                )
-                break
-            step = origin.origin_id
-    for alias in sorted(ns.aliases_by_id.values(), key=lambda a: a.id):
-        step_alias = alias
-        try:
-            for _ in range(MAX_ALIAS_CHAIN + 1):
-                if step_alias.target_vm is not None:
-                    ns.get_by_id(step_alias.target_vm)
-                    break
-                assert step_alias.target_alias is not None
-                step_alias = ns.aliases_by_id[step_alias.target_alias]
-            else:
-                raise VmtreeError(errno.ELOOP, "its chain does not end")
-        except (VmtreeError, KeyError) as e:
-            reason = e.reason if isinstance(e, VmtreeError) else "it names a missing alias"
-            findings.append(Finding("aliases", f"alias {alias.name}: {reason}", None))
-    for head in sorted((v for v in ns.by_id.values() if v.versioned), key=lambda v: v.id):
-        versions = ns.versions_of(head)
-        newest = versions[-1] if versions else None
-        system = ns.system_alias_of(head)
-        if newest is None:
-            findings.append(Finding("versions", f"{head.name} is versioned but has no version"))
-        elif system is None or system.target_vm != newest.id:
-            base = ns.base_name(head)
-
-            findings.append(
-                Finding(
-                    "versions",
-                    f"the alias {base} does not name the newest version {newest.name}",
-                    f"point {base} at {newest.name}",
-                    fix=_point_alias(base, None if system is None else system.id, newest.id),
-                )
-            )
-    for vm in ns.by_id.values():
-        if vm.version_of is not None and not ns.by_id.get(vm.version_of, Vm(0, "", 0)).versioned:
-            findings.append(
-                Finding(
-                    "versions",
-                    f"{vm.name} is a version of VM {vm.version_of}, which is not versioned",
-                    f"keep {vm.name} as a VM of its own",
-                    fix=_forget_version(vm.id),
-                )
-            )
-    return findings
-
-
-def _clear_origin(vm_id: int) -> Callable[[Txn], None]:
-    return lambda tx: tx.set_vm_origin(vm_id, None)
-
-
-def _forget_version(vm_id: int) -> Callable[[Txn], None]:
-    return lambda tx: tx.forget_version(vm_id)
-
-
-def _point_alias(base: str, alias_id: int | None, newest: int) -> Callable[[Txn], None]:
-    def point(tx: Txn) -> None:
-        if alias_id is None:
-            tx.insert_alias(base, newest, None, time.time(), system=True)
-        else:
-            tx.retarget_alias(alias_id, newest, None)
-
-    return point
 
 
 # Store, engine and files.
@@ -231,12 +117,12 @@ def _check(
         report.findings += found
         if repair:
             _repair_namespace(store, ns, found)
-    journalled = {
+    journalled = frozenset(
         vol_id
         for intent in store.load().open_intents
         for vol_id in [v["id"] for v in intent.payload.get("volumes", [])]
         + list(intent.payload.get("volume_ids", []))
-    }
+    )
     _check_volumes(store, engine, ns, journalled, repair, progress, report)
     _check_images(savestate_dir, ns, repair, progress, report)
     report.pending = [
@@ -250,61 +136,49 @@ def _check_volumes(
     store: Store,
     engine: SnapshotEngine,
     ns: Namespace,
-    journalled: set[int],
+    journalled: frozenset[int],
     repair: bool,
     progress: Progress,
     report: FsckReport,
 ) -> None:
     """Every volume the store knows is in the engine, at its size; and nothing else is
     (but the volumes an open intent names: they are its to make or delete)."""
-    in_engine = engine.inventory()
-    known: dict[int, tuple[str, int]] = {}
-    for vm in ns.by_id.values():
-        for vol in vm.volumes.values():
-            known[vol.id] = (f"{vm.name}/volumes/{vol.filename}", vol.size)
-        for ss in vm.savestates.values():
-            for vol in ss.volumes.values():
-                known[vol.id] = (f"{vm.name}/savestates/{ss.label}/{vol.filename}", vol.size)
-    with _step(progress, "volumes", len(known)) as advance:
-        for n, (vol_id, (where, size)) in enumerate(sorted(known.items()), 1):
-            if vol_id not in in_engine:
-                report.findings.append(
-                    Finding("volumes", f"{where} (volume {vol_id}) is missing from the engine")
-                )
-            elif in_engine[vol_id] < size:
-                finding = Finding(
-                    "volumes",
-                    f"{where} is {in_engine[vol_id]} bytes in the engine, {size} in the store",
-                    f"grow it to {size} bytes (volumes only grow)",
-                )
-                if repair:
-                    engine.resize(vol_id, size)
-                    finding.repaired = True
-                report.findings.append(finding)
-            elif in_engine[vol_id] > size:
-                finding = Finding(
-                    "volumes",
-                    f"{where} is {in_engine[vol_id]} bytes in the engine, {size} in the store",
-                    f"record {in_engine[vol_id]} bytes (a grow the store did not record)",
-                )
-                if repair:
-                    with store.transaction() as tx:
-                        tx.set_volume_size(vol_id, in_engine[vol_id])
-                    finding.repaired = True
-                report.findings.append(finding)
-            if n % 256 == 0:
-                advance(n)
-    orphans = sorted(set(in_engine) - set(known) - journalled)
+    with _step(progress, "volumes", len(ns.by_id)):
+        differences = compare_volumes(ns, engine.inventory(), journalled)
+    orphans = {d.vol_id: d.engine_size for d in differences if d.kind == "orphan"}
+    for diff in differences:
+        if diff.kind == "missing":
+            report.findings.append(Finding("volumes", diff.line()))
+        elif diff.kind == "smaller":
+            finding = Finding(
+                "volumes", diff.line(), f"grow it to {diff.store_size} bytes (volumes only grow)"
+            )
+            if repair:
+                engine.resize(diff.vol_id, diff.store_size)
+                finding.repaired = True
+            report.findings.append(finding)
+        elif diff.kind == "larger":
+            finding = Finding(
+                "volumes",
+                diff.line(),
+                f"record {diff.engine_size} bytes (a grow the store did not record)",
+            )
+            if repair:
+                with store.transaction() as tx:
+                    tx.set_volume_size(diff.vol_id, diff.engine_size)
+                finding.repaired = True
+            report.findings.append(finding)
     if not orphans:
         return
+    ids = sorted(orphans)
     finding = Finding(
         "volumes",
-        f"{len(orphans)} engine volumes no VM owns: {', '.join(map(str, orphans[:10]))}"
-        + (" ..." if len(orphans) > 10 else ""),
+        f"{len(ids)} engine volumes no VM owns: {', '.join(map(str, ids[:10]))}"
+        + (" ..." if len(ids) > 10 else ""),
         f"adopt them into the VM {LOST_FOUND_VM} as vol-ID.img",
     )
     if repair:
-        _adopt(store, ns, {vol_id: in_engine[vol_id] for vol_id in orphans})
+        _adopt(store, ns, orphans)
         finding.repaired = True
     report.findings.append(finding)
 

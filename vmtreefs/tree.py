@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
 
-from vmtreefs import domain, model
+from vmtreefs import domain, invariants, model
 from vmtreefs.commands import Command
 from vmtreefs.engine.base import NewVolume, OpenVolume, SnapshotEngine
 from vmtreefs.engine.select import format_size, parse_size
@@ -259,30 +259,17 @@ class VmTree:
             vms[link.vm_id].template_used = link.used
 
     def _compare_inventory(self, report: RecoveryReport) -> None:
-        engine_volumes = self.engine.inventory()
-        known: dict[int, tuple[str, int]] = {}
-        for vm in self.ns.by_id.values():
-            for vol in vm.volumes.values():
-                known[vol.id] = (f"{vm.name}/{vol.filename}", vol.size)
-            for ss in vm.savestates.values():
-                for vol in ss.volumes.values():
-                    known[vol.id] = (f"{vm.name}/savestates/{ss.label}/{vol.filename}", vol.size)
-        for vol_id, (where, size) in sorted(known.items()):
-            if vol_id not in engine_volumes:
-                report.differences.append(f"missing from engine: volume {vol_id} ({where})")
-            elif engine_volumes[vol_id] != size:
-                report.differences.append(
-                    f"size differs: volume {vol_id} ({where}) is {engine_volumes[vol_id]} "
-                    f"bytes in the engine, {size} in the store"
-                )
-        for vol_id in sorted(set(engine_volumes) - set(known)):
-            report.differences.append(f"unknown to the store: engine volume {vol_id}")
+        """The same checks as ``vmtreefs fsck`` (without repairs): the engine's volumes
+        against the store's, and the namespace's own rules."""
+        differences = invariants.compare_volumes(self.ns, self.engine.inventory())
+        report.differences += [d.line() for d in differences]
+        report.differences += [f.problem for f in invariants.check_namespace(self.ns)]
         for line in report.differences:
-            log.warning("inventory: %s", line)
+            log.warning("inventory: %s; run vmtreefs fsck", line)
         if not report.differences:
             log.info(
                 "inventory: engine and store agree (%d volumes of %d VMs)",
-                len(known),
+                len(invariants.known_volumes(self.ns)),
                 len(self.ns),
             )
 

@@ -100,8 +100,10 @@ def test_repair_fixes_what_it_can_and_a_second_run_is_clean(tree: Tree) -> None:
     assert status == 4, out
     for expected in (
         "1 engine volumes no VM owns: 9999 (--repair: adopt them into the VM lost-found",
-        f"b/volumes/root.img is {11 << 30} bytes in the engine, {10 << 30} in the store",
-        f"a/volumes/volatile.img is {512 << 20} bytes in the engine, {1 << 30} in the store",
+        f"b/volumes/root.img (volume {ids['b.root']}) is {11 << 30} bytes in the engine, "
+        f"{10 << 30} in the store",
+        f"a/volumes/volatile.img (volume {ids['a.volatile']}) is {512 << 20} bytes in the "
+        f"engine, {1 << 30} in the store",
         "memory image ss-1-0123456789ab.save belongs to no savestate",
         "the alias t does not name the newest version t-v2",
         "(create mkdir x) is open",

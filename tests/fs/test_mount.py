@@ -178,7 +178,7 @@ def test_open_intents_are_recovered_and_inventory_differences_shown(tree: Tree) 
     assert status["open_intents"] == "0"
     assert status["inventory"] == "1 differences"
     raw = (tree.vms / ".vmtree" / "status").read_text()
-    assert "inventory_difference: unknown to the store: engine volume 900" in raw
+    assert "inventory_difference: engine volume 900 belongs to no VM or savestate" in raw
     assert not (pool / "vol-500.img").exists()
     assert (pool / "vol-900.img").exists()
     assert "ghost" not in listing(tree.vms)

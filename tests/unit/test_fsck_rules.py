@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from vmtreefs.fsck import check_namespace
+from vmtreefs.invariants import check_namespace
 from vmtreefs.model import Alias, Namespace, Vm
 
 
