@@ -32,7 +32,7 @@ APT_GET ?= $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export PIP_NO_INPUT := 1
 
-.PHONY: help deps deps-system deps-guest venv run test test-guest lint bench bench-dmthin bench-lifecycle demo-guest install-mount-helper \
+.PHONY: help deps deps-system deps-guest venv run test test-guest crash-test lint bench bench-dmthin bench-lifecycle demo-guest install-mount-helper \
         uninstall-mount-helper clean
 
 help: ## list the targets
@@ -79,7 +79,7 @@ $(STAMP): pyproject.toml | deps-system
 run: deps deps-guest ## mount ./state at ./vms in the foreground with a bootable demo VM (Ctrl-C or `.venv/bin/vmtreefs umount vms` stops it)
 	bash scripts/run.sh $(BIN)/vmtreefs $(STATE) $(MNT) $(BUILD)/demo
 
-test: deps deps-guest lint ## lint, then every test: dm-thin in a guest, VMs under libvirt (~25 min under TCG)
+test: deps deps-guest lint ## lint, then every test: dm-thin in a guest, VMs under libvirt (~30 min under TCG)
 	$(BIN)/python -m pytest -q
 
 deps-guest: venv ## kernel, QEMU, dm/thin tools and virtme-ng for the dm-thin guest tests
@@ -87,6 +87,9 @@ deps-guest: venv ## kernel, QEMU, dm/thin tools and virtme-ng for the dm-thin gu
 
 test-guest: deps deps-guest ## the dm-thin tests, in a virtme-ng guest with a real dm-thin (~15 min under TCG)
 	$(BIN)/python -m pytest -q -m guest tests/dmthin
+
+crash-test: deps ## the kill -9 loop, long: KILLS=500 SEED=N to choose (a short one is in make test)
+	VMTREE_CRASH_KILLS=$(or $(KILLS),500) $(if $(SEED),VMTREE_CRASH_SEED=$(SEED)) $(BIN)/python -m pytest -q -s tests/crash
 
 lint: deps ## ruff check, ruff format --check, mypy
 	$(BIN)/ruff check vmtreefs tests
