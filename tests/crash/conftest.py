@@ -1,5 +1,5 @@
 """The crash loop runs on the same real mount as tests/fs: a loop-mounted XFS SOURCE."""
 
-from tests.fs.conftest import tree, workdir
+from tests.fs.conftest import workdir
 
-__all__ = ["tree", "workdir"]
+__all__ = ["workdir"]

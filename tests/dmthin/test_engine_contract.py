@@ -13,6 +13,7 @@ DMTHIN_TESTS = [
     "tests/engine/test_dmthin.py",
     "tests/fs/test_engines.py",
     "tests/fs/test_dmthin_mount.py",
+    "tests/crash/test_kill_loop.py",
     "-k",
     "dmthin",
 ]
