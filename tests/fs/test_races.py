@@ -69,6 +69,11 @@ def test_racing_clients_leave_nothing_half_made(tree: Tree) -> None:
         path = vms / name
         if path.is_symlink():
             assert path.resolve().is_dir(), f"alias {name} leads nowhere"
+            assert path.resolve().parent == vms.resolve(), f"alias {name} leads outside"
         else:
             volumes = sorted(os.listdir(path / "volumes"))
             assert volumes == ["private.img", "root.img", "volatile.img"], (name, volumes)
+            links = [path / "origin", *(path / "clones").iterdir()]
+            for link in (p for p in links if p.is_symlink()):
+                target = link.resolve()
+                assert target.parent == vms.resolve() and target.is_dir(), link
