@@ -528,6 +528,7 @@ class VmTree:
             files = [str(self.savestate_dir / image) for image in plan.images]
             intent, t = await in_thread(commit)
             self.ns.remove_vm(plan.vm_id)
+            self.on_names_changed([plan.name, *gone])
             self.announce(line, t)
             with trio.CancelScope(shield=True):
                 await self._finish_deletion(intent, list(plan.volume_ids), files)
@@ -574,6 +575,7 @@ class VmTree:
 
         t = await in_thread(commit)
         self.ns.apply_hide(plan)
+        self.on_names_changed([plan.name, *gone])
         self.announce(line, t)
 
     async def make_instance(self, source_id: int, kind: str) -> Vm:

@@ -430,6 +430,9 @@ class Operations(pyfuse3.Operations):
         elif isinstance(node, AliasNode):
             if inode not in self.departed_links:
                 time_ns = int(self._alias(node.alias_id).created * 1e9)
+            # An alias can go, or name another VM, as a side effect of an operation on
+            # something else (rmdir of its VM, a commit): the kernel must ask each time.
+            attr.entry_timeout = 0
             attr.st_mode = stat.S_IFLNK | 0o777
             attr.st_size = len(self._link_target(inode))
         elif isinstance(node, VmNode):
