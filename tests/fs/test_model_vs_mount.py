@@ -20,11 +20,13 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_stat
 
 from tests.fs.test_fsck import fsck
 from tests.helpers.tree import Tree
-from vmtreefs import properties
+from vmtreefs import commands, properties
+from vmtreefs.commands import VM_COMMANDS
 from vmtreefs.errors import VmtreeError
 from vmtreefs.model import (
     DEFAULT_VOLUMES,
     Alias,
+    CloneVm,
     CreateAlias,
     Namespace,
     RenameAlias,
@@ -188,6 +190,72 @@ class ModelAndMount(RuleBasedStateMachine):
         assert got == expected, f"setfattr memory={value!r} {name!r}: {got} != {expected}"
         if got == 0:
             self.ns.resolve(name).props["memory"] = str(checked)
+
+    @rule(
+        name=st.sampled_from(GOOD),
+        line=st.sampled_from(
+            [b"frobnicate\n", b"\n", b"clone\n", b"commit\n", b"x" * 5000, b"\xff\n"]
+            + [b"clone " + n.encode() + b"\n" for n in ["a", "b", "bad name", "c-next"]]
+        ),
+    )
+    def write_ctl(self, name: str, line: bytes) -> None:
+        """A ctl write: the parser's refusal, or what the model plans for the command."""
+        plan: object = None
+        if self.kind(name) is None:
+            expected = errno.ENOENT
+        else:
+            vm = self.ns.resolve(name)
+            expected, command = predicted(lambda: commands.parse_command(line, VM_COMMANDS))
+            if isinstance(command, commands.Command) and command.verb == "commit":
+                expected = errno.EINVAL  # not versioned
+            elif isinstance(command, commands.Command):
+                if len(command.args) != 1:
+                    expected = errno.EINVAL  # usage: clone NEW
+                else:
+                    expected, plan = predicted(lambda: self.ns.plan_clone(vm.name, command.args[0]))
+        got = outcome(lambda: (self.vms / name / "ctl").write_bytes(line))
+        assert got == expected, f"ctl {name!r} {line[:20]!r}: {got} != {expected}"
+        if isinstance(plan, CloneVm):
+            clone = Vm(next(self.ids), plan.name, 1.0, plan.source_id, dict(plan.props))
+            for _, spec in plan.volumes:
+                clone.volumes[spec.name] = Volume(next(self.ids), spec.name, spec.size, "x", 1)
+            self.ns.add_vm(clone)
+
+    @rule(name=st.sampled_from(GOOD), flag=st.sampled_from([b"0", b"1"]))
+    def set_immutable(self, name: str, flag: bytes) -> None:
+        if self.kind(name) is None:
+            expected = errno.ENOENT
+        else:
+            vm = self.ns.resolve(name)
+            value = flag.decode()
+            expected, _ = predicted(lambda: self.ns.plan_set_property(vm.name, "immutable", value))
+        got = outcome(lambda: os.setxattr(self.vms / name, "user.vmtree.immutable", flag))
+        assert got == expected, f"setfattr immutable={flag!r} {name!r}: {got} != {expected}"
+        if got == 0:
+            self.ns.resolve(name).props["immutable"] = flag.decode()
+
+    @rule(name=st.sampled_from(GOOD), data=st.binary(min_size=1, max_size=64))
+    def write_volume(self, name: str, data: bytes) -> None:
+        if self.kind(name) is None:
+            expected = errno.ENOENT
+        else:
+            expected, _ = predicted(
+                lambda: self.ns.check_volume_write(self.ns.resolve(name).name, "private")
+            )
+        path = self.vms / name / "volumes" / "private.img"
+
+        def write() -> None:
+            fd = os.open(path, os.O_WRONLY)
+            try:
+                os.pwrite(fd, data, 0)
+            finally:
+                os.close(fd)
+
+        got = outcome(write)
+        assert got == expected, f"write {name!r}/private.img: {got} != {expected}"
+        if got == 0:
+            with open(path, "rb") as f:
+                assert f.read(len(data)) == data
 
     # What the whole top level looks like
 
