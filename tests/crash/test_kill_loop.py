@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from tests.fs.test_fsck import fsck
-from tests.helpers.tree import Tree, head, listing, write_at
+from tests.helpers.tree import Tree, ctl, head, listing, write_at
 from vmtreefs.engine.select import dmthin_available
 
 KILLS = int(os.environ.get("VMTREE_CRASH_KILLS", "27"))
@@ -35,15 +35,6 @@ KILLS = int(os.environ.get("VMTREE_CRASH_KILLS", "27"))
 KILLS_DMTHIN = int(os.environ.get("VMTREE_CRASH_KILLS", "4"))
 SEED = int(os.environ.get("VMTREE_CRASH_SEED", str(int(time.time()))))
 MAX_DELAY = 0.04  # seconds: most operations take a few milliseconds
-
-
-def ctl(vms: Path, name: str, command: str) -> str:
-    fd = os.open(vms / name / "ctl", os.O_RDWR)
-    try:
-        os.write(fd, command.encode() + b"\n")
-        return os.read(fd, 4096).decode().strip()
-    finally:
-        os.close(fd)
 
 
 @dataclass

@@ -15,7 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.helpers.tree import Tree, head, listing, write_at
+from tests.helpers.tree import Tree, ctl, head, listing, write_at
 from vmtreefs.store import Store
 
 
@@ -27,15 +27,6 @@ def fsck(tree: Tree, *args: str) -> tuple[int, str]:
         timeout=300,
     )
     return done.returncode, done.stdout + done.stderr
-
-
-def ctl(vms: Path, name: str, command: str) -> str:
-    fd = os.open(vms / name / "ctl", os.O_RDWR)
-    try:
-        os.write(fd, command.encode() + b"\n")
-        return os.read(fd, 4096).decode().strip()
-    finally:
-        os.close(fd)
 
 
 def volume_id(vms: Path, vm: str, volume: str) -> int:

@@ -10,20 +10,11 @@ import errno
 import os
 from pathlib import Path
 
-from tests.helpers.tree import Tree, error_of, head, listing, write_at
+from tests.helpers.tree import Tree, ctl, error_of, head, listing, write_at
 
 
 def private(vms: Path, name: str) -> Path:
     return vms / name / "volumes" / "private.img"
-
-
-def ctl(vms: Path, name: str, command: str) -> str:
-    fd = os.open(vms / name / "ctl", os.O_RDWR)
-    try:
-        os.write(fd, command.encode() + b"\n")
-        return os.read(fd, 4096).decode().strip()
-    finally:
-        os.close(fd)
 
 
 def versioned(vms: Path, name: str, history: bool = True) -> None:

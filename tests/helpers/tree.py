@@ -84,3 +84,13 @@ def error_of(fn: Callable[..., object], *args: object) -> int:
         assert e.errno is not None
         return e.errno
     raise AssertionError(f"{fn} did not fail")
+
+
+def ctl(vms: Path, vm: str, command: str) -> str:
+    """`exec 3<>ctl; echo CMD >&3; read -u 3`: write a command, read back its result line."""
+    fd = os.open(vms / vm / "ctl", os.O_RDWR)
+    try:
+        os.write(fd, command.encode() + b"\n")
+        return os.read(fd, 4096).decode().strip()
+    finally:
+        os.close(fd)
