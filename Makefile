@@ -88,8 +88,9 @@ deps-guest: venv ## kernel, QEMU, dm/thin tools and virtme-ng for the dm-thin gu
 test-guest: deps deps-guest ## the dm-thin tests, in a virtme-ng guest with a real dm-thin (~15 min under TCG)
 	$(BIN)/python -m pytest -q -m guest tests/dmthin
 
-crash-test: deps ## the kill -9 loop, long: KILLS=500 SEED=N to choose (a short one is in make test)
-	VMTREE_CRASH_KILLS=$(or $(KILLS),500) $(if $(SEED),VMTREE_CRASH_SEED=$(SEED)) $(BIN)/python -m pytest -q -s tests/crash
+crash-test: deps deps-guest ## the kill -9 loops, long: KILLS=500 (file operations) VM_KILLS=100 (VM commands, libvirt) SEED=N (a short run is in make test)
+	VMTREE_CRASH_KILLS=$(or $(KILLS),500) VMTREE_CRASH_VM_KILLS=$(or $(VM_KILLS),100) \
+	  $(if $(SEED),VMTREE_CRASH_SEED=$(SEED)) $(BIN)/python -m pytest -q -s tests/crash
 
 lint: deps ## ruff check, ruff format --check, mypy
 	$(BIN)/ruff check vmtreefs tests

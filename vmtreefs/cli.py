@@ -9,6 +9,7 @@ import logging
 import os
 import re
 import select
+import signal
 import subprocess
 import sys
 import time
@@ -136,13 +137,46 @@ def _unescape(field: str) -> str:
 
 def _mount_source(mountpoint: Path) -> Path | None:
     """SOURCE of the vmtreefs mounted at ``mountpoint``, from /proc/self/mountinfo."""
+    found = _mount_entry(mountpoint)
+    return None if found is None else found[0]
+
+
+def _mount_entry(mountpoint: Path) -> tuple[Path, str] | None:
+    """(SOURCE, device number) of the vmtreefs mounted at ``mountpoint``."""
     with open("/proc/self/mountinfo") as f:
         for line in f:
             fields = line.split()
             sep = fields.index("-")
             if _unescape(fields[4]) == str(mountpoint) and fields[sep + 1] == "fuse.vmtreefs":
-                return Path(_unescape(fields[sep + 2]))
+                return Path(_unescape(fields[sep + 2])), fields[2]
     return None
+
+
+FUSECTL = Path("/sys/fs/fuse/connections")
+
+
+def _abort_connection(mountpoint: Path, device: str) -> None:
+    """End the FUSE connection of a mount whose daemon died, through fusectl.
+
+    A daemon killed while one of its threads waited in the kernel for a lock that
+    a request to its own mount held (an invalidation during an ``rmdir``) cannot
+    finish dying, so the kernel never learns that nobody will answer: every
+    process that touches the mount hangs, and a lazy unmount does not help.
+    Aborting the connection answers them all with ENOTCONN and lets it die.
+    """
+    major, _, minor = device.partition(":")
+    if major != "0" or not minor.isdigit():
+        return
+    if not (FUSECTL / minor).exists():
+        subprocess.run(["mount", "-t", "fusectl", "none", str(FUSECTL)], check=False)
+    abort = FUSECTL / minor / "abort"
+    try:
+        abort.write_text("1")
+    except OSError as e:
+        if e.errno != errno.ENOENT:  # ENOENT: the connection is gone already
+            log.warning("cannot abort the FUSE connection of %s: %s", mountpoint, e.strerror)
+        return
+    log.info("aborted the FUSE connection of %s: its daemon is dead", mountpoint)
 
 
 def _running(pid: int) -> bool:
@@ -153,12 +187,31 @@ def _running(pid: int) -> bool:
         return False
 
 
+def _dying(pid: int) -> bool:
+    """SIGKILL is pending: the process is being killed, but a thread stuck in the kernel
+    keeps it from finishing."""
+    kill = 1 << (signal.SIGKILL - 1)
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            status = (task / "status").read_text()
+            for pending in re.findall(r"^(?:SigPnd|ShdPnd):\s*([0-9a-f]+)$", status, re.M):
+                if int(pending, 16) & kill:
+                    return True
+    except OSError:
+        return True
+    return False
+
+
 def cmd_umount(args: argparse.Namespace) -> int:
-    mountpoint = Path(args.mountpoint).resolve()
-    source = _mount_source(mountpoint)
-    if source is None:
+    # Not resolve(): a stat of a dead mount can hang until its connection is aborted.
+    mountpoint = Path(os.path.abspath(args.mountpoint))
+    entry = _mount_entry(mountpoint)
+    if entry is None:
         raise VmtreeError(errno.EINVAL, f"{mountpoint} is not a vmtreefs mount")
+    source, device = entry
     pid = read_lock_info(source).get("pid")
+    if not (isinstance(pid, int) and _running(pid) and not _dying(pid)):
+        _abort_connection(mountpoint, device)
     result = subprocess.run(
         ["fusermount3", "-u", str(mountpoint)], capture_output=True, text=True, check=False
     )
@@ -204,13 +257,13 @@ def cmd_fsck(args: argparse.Namespace) -> int:
             report = fsck(store, engine, source / "savestates", args.repair, _progress_bar)
         finally:
             try:
-                # dm-thin takes the pool down and runs thin_check on its metadata here.
+                # dm-thin takes the pool down (unless a running VM holds one of its
+                # devices) and runs thin_check on the inactive metadata too.
                 engine.stop()
             except VmtreeError as e:
                 report.findings.append(Finding("engine", f"{engine.name}: {e.reason}"))
-            else:
-                if engine.name == "dmthin":
-                    print("engine: thin_check found the pool's metadata sound")
+            if engine.name == "dmthin" and not any(f.check == "engine" for f in report.findings):
+                print("engine: thin_check found the pool's metadata sound")
             store.close()
     finally:
         lock.release()
@@ -218,6 +271,8 @@ def cmd_fsck(args: argparse.Namespace) -> int:
         print(finding.line())
     for line in report.pending:
         print(f"pending: {line}")
+    for line in report.checked:
+        print(f"checked: {line}")
     counts = ", ".join(f"{n} {what}" for what, n in report.counts.items())
     if report.clean:
         print(f"{source}: clean ({counts})")

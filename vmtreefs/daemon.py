@@ -115,14 +115,16 @@ def serve(source: Path, mountpoint: Path, options: MountOptions, ready_fd: int |
         try:
             log.info("engine: %s (%s)", engine.describe(), reason)
             tree = VmTree(store, engine, source / "savestates")
+            tree.defer_vm_intents = bool(options.libvirt)
             report = tree.recover()
             log.info(
                 "recovered: %d rolled back, %d rolled forward, %d left open, %d inventory "
-                "differences",
+                "differences, %d saves or restores to settle with libvirt",
                 len(report.rolled_back),
                 len(report.rolled_forward),
                 len(report.left_open),
                 len(report.differences),
+                len(report.deferred),
             )
             hypervisor = Hypervisor(options.libvirt) if options.libvirt else None
             tree.lifecycle = Lifecycle(

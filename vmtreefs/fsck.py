@@ -19,10 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vmtreefs.engine.base import SnapshotEngine
+from vmtreefs.errors import VmtreeError
 from vmtreefs.invariants import Finding, check_namespace, compare_volumes
 from vmtreefs.model import Namespace
 from vmtreefs.store import Store
-from vmtreefs.tree import VmTree
+from vmtreefs.tree import RESTORE_COPY_PREFIX, VmTree
 
 log = logging.getLogger("vmtreefs.fsck")
 
@@ -38,6 +39,7 @@ class FsckReport:
     findings: list[Finding] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=dict)
     pending: list[str] = field(default_factory=list)  # volatile VMs that wait, as they should
+    checked: list[str] = field(default_factory=list)  # checks of the engine's own that passed
 
     @property
     def clean(self) -> bool:
@@ -73,6 +75,7 @@ def fsck(
         _check(store, engine, savestate_dir, False, progress, again)
         report.findings = [f for f in report.findings if f.repaired] + again.findings
         report.counts, report.pending = again.counts, again.pending
+        report.checked = again.checked
     return report
 
 
@@ -124,6 +127,12 @@ def _check(
         + list(intent.payload.get("volume_ids", []))
     )
     _check_volumes(store, engine, ns, journalled, repair, progress, report)
+    with _step(progress, "engine metadata", 1):
+        try:
+            if engine.check_metadata_live() is not None:
+                report.checked.append(f"{engine.name}: {engine.live_check_name}: sound")
+        except VmtreeError as e:
+            report.findings.append(Finding("engine", f"{engine.name}: {e.reason}"))
     _check_images(savestate_dir, ns, repair, progress, report)
     report.pending = [
         f"{vm.name} waits: {'; '.join(ns.needs_of(vm)) or 'nothing needs it'}"
@@ -215,9 +224,18 @@ def _check_images(
                     )
                 )
         try:
-            present = sorted(p.name for p in savestate_dir.iterdir() if _IMAGE_RE.match(p.name))
+            entries = sorted(p.name for p in savestate_dir.iterdir())
         except FileNotFoundError:
-            present = []
+            entries = []
+        present = [name for name in entries if _IMAGE_RE.match(name)]
+        for name in entries:
+            if name.startswith(RESTORE_COPY_PREFIX):
+                # A restore's rewritten copy of an image, left by a crash (mount removes it too).
+                finding = Finding("savestates", f"{name} is a leftover restore copy", "remove it")
+                if repair:
+                    (savestate_dir / name).unlink(missing_ok=True)
+                    finding.repaired = True
+                report.findings.append(finding)
         for name in present:
             if name in named:
                 continue

@@ -92,6 +92,17 @@ _STATES = {
     libvirt.VIR_DOMAIN_CRASHED: "halted",
 }
 
+
+def _state_of(dom: libvirt.virDomain) -> str:
+    """Our word for the domain's state. One paused while libvirt still starts (or
+    restores) it is ``starting``: it runs as soon as libvirt is done, also when the
+    client that asked for it is gone."""
+    state, reason = dom.state()
+    if state == libvirt.VIR_DOMAIN_PAUSED and reason == libvirt.VIR_DOMAIN_PAUSED_STARTING_UP:
+        return "starting"
+    return _STATES.get(state, "running")
+
+
 _ERRNO_OF_LIBVIRT = {
     libvirt.VIR_ERR_NO_DOMAIN: errno.ENOENT,
     libvirt.VIR_ERR_OPERATION_INVALID: errno.EBUSY,
@@ -224,22 +235,29 @@ class Hypervisor:
         """Every domain whose name starts with ``prefix`` that libvirt runs: name -> state."""
         try:
             found = self._connection().listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)
-            return {
-                d.name(): _STATES.get(d.state()[0], "running")
-                for d in found
-                if d.name().startswith(prefix)
-            }
+            return {d.name(): _state_of(d) for d in found if d.name().startswith(prefix)}
         except libvirt.libvirtError as e:
             raise _translate(e, "list domains") from None
 
     def state(self, name: str) -> str:
         """The domain's state; ``halted`` when libvirt does not know it (it stopped)."""
         try:
-            return _STATES.get(self._connection().lookupByName(name).state()[0], "running")
+            return _state_of(self._connection().lookupByName(name))
         except libvirt.libvirtError as e:
             if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
                 return "halted"
             raise _translate(e, f"ask the state of {name}") from None
+
+    def job_running(self, name: str) -> bool:
+        """Is libvirt carrying out a job on the domain (a save, a restore's load)? A job
+        goes on when the client that asked for it is gone."""
+        try:
+            kind = self._connection().lookupByName(name).jobInfo()[0]
+        except libvirt.libvirtError as e:
+            if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                return False
+            raise _translate(e, f"ask about the jobs of {name}") from None
+        return kind in (libvirt.VIR_DOMAIN_JOB_BOUNDED, libvirt.VIR_DOMAIN_JOB_UNBOUNDED)
 
     def saved_description(self, image: str) -> str:
         """The domain description inside a save image."""

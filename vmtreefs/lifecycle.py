@@ -34,9 +34,10 @@ from vmtreefs.commands import Command
 from vmtreefs.domain import Disk, Identity
 from vmtreefs.errors import VmtreeError
 from vmtreefs.hypervisor import DomainEvent, Hypervisor
-from vmtreefs.model import HOT_LABEL, Savestate, Vm
+from vmtreefs.model import HOT_LABEL, HOT_RUNNER_PREFIX, Savestate, Vm
 
 if TYPE_CHECKING:
+    from vmtreefs.store import Intent
     from vmtreefs.tree import VmTree
 
 log = logging.getLogger("vmtreefs.lifecycle")
@@ -44,6 +45,7 @@ log = logging.getLogger("vmtreefs.lifecycle")
 RECONNECT_SECONDS = 5.0
 CONNECT_WAIT_SECONDS = 10.0  # a command waits this long for libvirt to come (back)
 MAX_CONSOLE_READ = 1024 * 1024
+JOB_WAIT_SECONDS = 600.0  # a save or restore libvirt carries on after a crash
 READY_TIMEOUT = 600.0  # for a hot savestate's boot: TCG on a busy host is slow
 # The one stop after which a versioned VM's head commits: a clean shutdown. Not after a
 # kill, a crash, a failed start or a save: its disks may be half-written.
@@ -169,9 +171,11 @@ class Lifecycle:
         """Take the states libvirt has now: VMs that stopped while we were away are halted."""
         assert self.hypervisor is not None
         versions = dict(self._versions)
-        running = await trio.to_thread.run_sync(
-            self.hypervisor.domains, domain.domain_name(self.tree_id, 0)[:-1]
-        )
+        prefix = domain.domain_name(self.tree_id, 0)[:-1]
+        while self.tree.recovery.deferred:
+            await self._settle_interrupted(self.tree.recovery.deferred[0])
+            self.tree.recovery.deferred.pop(0)
+        running = await trio.to_thread.run_sync(self.hypervisor.domains, prefix)
         known: set[str] = set()
         for vm in list(self.tree.ns.by_id.values()):
             name = self.domain_name(vm)
@@ -187,6 +191,16 @@ class Lifecycle:
         for name in sorted(set(running) - known):
             log.warning("libvirt runs %s, which is not a VM of this tree: left alone", name)
         for vm in list(self.tree.ns.by_id.values()):
+            if (
+                vm.name.startswith(HOT_RUNNER_PREFIX)
+                and vm.state != states.HALTED
+                and vm.id not in self._driving
+                and not self._hot_tasks
+            ):
+                # Booted to make a hot savestate by a daemon that crashed: nobody will save it.
+                log.info("stopping %s, a hot savestate runner a crash left running", vm.name)
+                await self._destroy(vm, self.hypervisor)
+        for vm in list(self.tree.ns.by_id.values()):
             if vm.props.get("hot_savestate") == "1" and HOT_LABEL not in vm.savestates:
                 self._schedule_hot(vm)
             if vm.volatile and vm.state == states.HALTED and vm.id not in self._driving:
@@ -194,6 +208,71 @@ class Lifecycle:
                 await self._stopped(vm, "stopped while vmtreefs was away")
         await self.tree.collect()
         log.info("libvirt: %d of %d VMs running", sum(1 for n in running if n in known), len(known))
+
+    async def _settle_interrupted(self, intent: Intent) -> None:
+        """Finish a save or restore the daemon's crash interrupted.
+
+        libvirt carries on with a save or a restore when its client is gone, so its
+        job is waited for first; then the outcome decides. A save whose memory image
+        is whole is kept (and the VM runs on, unless it was ``save --stop``); one
+        whose image is not is rolled back and the VM, paused for it, resumed. A
+        restore whose domain does not run is done again: its volumes may already be
+        the savestate's, so only a run makes the VM whole.
+        """
+        assert self.hypervisor is not None
+        hypervisor = self.hypervisor
+        payload = intent.payload
+        vm_id = payload["savestate"]["vm_id"] if intent.kind == "save" else payload["vm_id"]
+        vm = self.tree.ns.by_id.get(vm_id)
+        name = domain.domain_name(self.tree_id, vm_id)
+        what = f"interrupted {payload.get('what', intent.kind)}"
+        with trio.move_on_after(JOB_WAIT_SECONDS):
+            while await trio.to_thread.run_sync(hypervisor.job_running, name):
+                log.info("%s: libvirt is still at it, waiting", what)
+                await trio.sleep(0.5)
+        state = await trio.to_thread.run_sync(hypervisor.state, name)
+        if intent.kind == "save":
+            saved = payload["savestate"]
+            savestate = await self.tree.settle_interrupted_save(intent)
+            if vm is not None and savestate is not None:
+                log.info("%s: libvirt finished the image, the savestate is kept", what)
+                if not saved["stop"] and state == states.HALTED:
+                    await self._resume_from(vm, hypervisor, savestate, saved["was_paused"])
+            elif vm is not None:
+                log.info("%s: the image is not whole, the savestate is rolled back", what)
+                if state == states.PAUSED and not saved["was_paused"]:
+                    await trio.to_thread.run_sync(hypervisor.resume, name)
+        elif vm is not None and state == states.HALTED:
+            found = [s for s in vm.savestates.values() if s.id == payload["savestate_id"]]
+            if found:
+                log.info("%s: the VM does not run, restoring it again", what)
+                try:
+                    await self.restore(vm, hypervisor, found[0].label)
+                except VmtreeError as e:
+                    log.error("%s: restoring again failed: %s", what, e.describe())
+        await trio.to_thread.run_sync(self.tree.complete_intent, intent.id)
+        self.tree.recovery.rolled_forward.append(what)
+
+    async def _resume_from(
+        self, vm: Vm, hypervisor: Hypervisor, savestate: Savestate, paused: bool
+    ) -> None:
+        """What the interrupted save had still to do: run the VM on from its image."""
+        self._driving.add(vm.id)
+        try:
+            await self._attach(vm)
+            try:
+                image = str(self.tree.image_path(savestate))
+                await trio.to_thread.run_sync(
+                    functools.partial(hypervisor.restore, image, paused=paused)
+                )
+            except VmtreeError as e:
+                await self._release(vm)
+                log.error("VM %s: running on after the save failed: %s", vm.name, e.describe())
+                return
+            self._set_state(vm, states.PAUSED if paused else states.RUNNING)
+            self.tree.announce(f"{vm.name}: runs on from savestate {savestate.label}", time.time())
+        finally:
+            self._driving.discard(vm.id)
 
     def _apply(self, event: DomainEvent) -> None:
         vm_id = domain.parse_domain_name(self.tree_id, event.name)
@@ -407,7 +486,10 @@ class Lifecycle:
                 functools.partial(hypervisor.restore, image, xml, paused=paused)
             )
             return
-        copy = self.tree.savestate_dir / f".restore-{vm.id}-{secrets.token_hex(4)}.save"
+        copy = (
+            self.tree.savestate_dir
+            / f"{saveimage.RESTORE_COPY_PREFIX}{vm.id}-{secrets.token_hex(4)}.save"
+        )
         try:
             await trio.to_thread.run_sync(saveimage.rewrite_xml, image, copy, xml)
             await trio.to_thread.run_sync(
@@ -592,12 +674,27 @@ class Lifecycle:
             raise VmtreeError(errno.EEXIST, f"VM {owner.name!r} already has a savestate {label!r}")
         name = self.domain_name(vm)
         was_paused = vm.state == states.PAUSED
-        self._driving.add(vm.id)
-        try:
+        info: dict[str, object] = {
+            "vm": vm.name,
+            "memory_mib": int(vm.props.get("memory", "256")),
+            "vcpus": int(vm.props.get("vcpus", "1")),
+            "paused": was_paused,
+        }
+        used = self.tree.ns.by_id.get(vm.template_used or 0)
+        if vm.template is not None and used is not None:
+            info["template_version"] = used.id
+            info["template_version_name"] = used.name
+
+        async def pause() -> None:
             if not was_paused:
                 await trio.to_thread.run_sync(hypervisor.suspend, name)
+
+        self._driving.add(vm.id)
+        try:
             try:
-                pending = await self.tree.snapshot_for_savestate(vm, label)
+                pending = await self.tree.snapshot_for_savestate(
+                    vm, owner, label, info, stop, was_paused, pause
+                )
                 try:
                     started = time.monotonic()
                     await trio.to_thread.run_sync(hypervisor.save, name, pending.image_path)
@@ -611,17 +708,7 @@ class Lifecycle:
                     if not was_paused and now == states.PAUSED:
                         await trio.to_thread.run_sync(hypervisor.resume, name)
                 raise
-            info: dict[str, object] = {
-                "vm": vm.name,
-                "memory_mib": int(vm.props.get("memory", "256")),
-                "vcpus": int(vm.props.get("vcpus", "1")),
-                "paused": was_paused,
-            }
-            used = self.tree.ns.by_id.get(vm.template_used or 0)
-            if vm.template is not None and used is not None:
-                info["template_version"] = used.id
-                info["template_version_name"] = used.name
-            await self.tree.record_savestate(owner, pending, info)
+            await self.tree.record_savestate(owner, pending, keep_open=not stop)
             if stop:
                 self._set_state(vm, states.HALTED)
                 await self._release(vm)
@@ -635,6 +722,8 @@ class Lifecycle:
                 with trio.CancelScope(shield=True):
                     await self._release(vm)
                 raise
+            finally:
+                await self.tree.finish_save(pending)
             self._set_state(vm, states.PAUSED if was_paused else states.RUNNING)
         finally:
             self._driving.discard(vm.id)
@@ -662,9 +751,13 @@ class Lifecycle:
             label = max(vm.savestates.values(), key=lambda ss: (ss.created, ss.id)).label
         savestate = self.tree.ns.get_savestate(vm, label)
         paused = bool(savestate.info.get("paused"))
-        async with self._starting(vm):
-            await self.tree.restore_volumes(vm, savestate)
-            await self._restore_image(vm, hypervisor, savestate, paused)
+        intent = await self.tree.begin_restore(vm, savestate)
+        try:
+            async with self._starting(vm):
+                await self.tree.restore_volumes(vm, savestate)
+                await self._restore_image(vm, hypervisor, savestate, paused)
+        finally:
+            await self.tree.end_restore(intent)
         await self._runs_from(vm, savestate)
         self._set_state(vm, states.PAUSED if paused else states.RUNNING)
         self._done(vm, f"restored {label}")

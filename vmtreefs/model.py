@@ -112,6 +112,8 @@ def check_volume_filename(raw: str | bytes) -> str:
 _LABEL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\Z")
 MAX_LABEL_CHARS = 64
 HOT_LABEL = "hot"
+HOT_RUNNER_PREFIX = ".hot-"
+"""The hidden VMs booted only to make a hot savestate are named .hot-SOURCEID-N."""
 
 
 def check_savestate_label(raw: str | bytes) -> str:
@@ -527,7 +529,11 @@ class Namespace:
             raise ModelError(errno.EINVAL, f"no instance kind {kind!r}")
         # The runner of a hot savestate is hidden: a name no user can make or see.
         stem, _ = self.instance_stem(source)
-        name = f".hot-{source.id}-{number}" if kind == "hot" else f"{stem}-{kind}{number}"
+        name = (
+            f"{HOT_RUNNER_PREFIX}{source.id}-{number}"
+            if kind == "hot"
+            else f"{stem}-{kind}{number}"
+        )
         self._check_free(name)
         self.reserved.add(name)
         props = inherited(source.props)

@@ -52,6 +52,8 @@ from vmtreefs.errors import VmtreeError
 MAGIC = b"LibvirtQemudSave"
 PARTIAL_MAGIC = b"LibvirtQemudPart"
 """The magic of an image libvirt has not finished writing."""
+RESTORE_COPY_PREFIX = ".restore-"
+"""Names of the rewritten copies a restore makes next to the images (removed after it)."""
 
 SUPPORTED_VERSIONS = frozenset({2})
 """Save format versions this module reads and writes (libvirt 9.0 writes 2)."""
@@ -122,6 +124,16 @@ def read_header(path: str | os.PathLike[str]) -> SaveHeader:
         return _read_header_fd(fd, os.fspath(path))
     finally:
         os.close(fd)
+
+
+def is_complete(path: str | os.PathLike[str]) -> bool:
+    """Has libvirt finished writing this image? It writes the final magic last, so an
+    image whose save a crash interrupted (or that is still being written) says no."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(MAGIC)) == MAGIC
+    except FileNotFoundError:
+        return False
 
 
 def rewrite_xml(

@@ -22,7 +22,7 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
 
-from vmtreefs import domain, invariants, model
+from vmtreefs import domain, invariants, model, saveimage
 from vmtreefs.commands import Command
 from vmtreefs.engine.base import NewVolume, OpenVolume, SnapshotEngine
 from vmtreefs.engine.select import format_size, parse_size
@@ -47,7 +47,7 @@ from vmtreefs.model import (
     Volume,
     VolumeSpec,
 )
-from vmtreefs.store import Intent, Store, Txn
+from vmtreefs.store import Intent, SavestateRow, Store, Txn
 from vmtreefs.versions import Versions
 
 if TYPE_CHECKING:
@@ -63,6 +63,9 @@ LIFECYCLE_COMMANDS = frozenset(
 T = TypeVar("T")
 
 EVENTS_KEPT = 1000
+VM_INTENTS = frozenset({"save", "restore"})
+"""Intents whose outcome depends on libvirt: a running mount settles them with it."""
+RESTORE_COPY_PREFIX = saveimage.RESTORE_COPY_PREFIX
 
 
 async def in_thread(fn: Callable[..., T], *args: Any) -> T:
@@ -88,6 +91,9 @@ class RecoveryReport:
     rolled_forward: list[str] = field(default_factory=list)
     left_open: list[str] = field(default_factory=list)
     differences: list[str] = field(default_factory=list)
+    # Saves and restores a crash interrupted, for the lifecycle: what became of them
+    # depends on libvirt, which may still be carrying them out.
+    deferred: list[Intent] = field(default_factory=list)
 
 
 class EventLog:
@@ -119,6 +125,15 @@ class PendingSavestate:
     intent: int
     specs: tuple[VolumeSpec, ...]
     ids: list[int]
+    info: dict[str, Any]
+
+
+def _savestate_of(row: SavestateRow) -> Savestate:
+    volumes = {
+        name: Volume(vol_id, name, size, "persistent", row.created)
+        for name, (vol_id, size) in row.volumes.items()
+    }
+    return Savestate(row.id, row.label, row.created, row.image, row.info, volumes)
 
 
 def _remove_files(paths: list[str]) -> None:
@@ -148,6 +163,8 @@ class VmTree:
         self.lifecycle: Lifecycle | None = None
         self.versions = Versions(self)
         self._collecting = False
+        # Set when a lifecycle with libvirt will settle interrupted saves and restores.
+        self.defer_vm_intents = False
         self.on_volumes_written_outside: Callable[[list[int]], None] = lambda _ids: None
         # Names in a VM's volumes/ that now lead to other volumes (the kernel caches lookups).
         self.on_volumes_replaced: Callable[[int, list[str]], None] = lambda _vm, _names: None
@@ -160,7 +177,11 @@ class VmTree:
         """Finish or undo what a crash interrupted, load the namespace, compare with the engine."""
         report = RecoveryReport()
         for intent in self.store.load().open_intents:
-            self._recover_intent(intent, report)
+            if intent.kind in VM_INTENTS and self.defer_vm_intents:
+                report.deferred.append(intent)
+            else:
+                self._recover_intent(intent, report)
+        self._remove_restore_copies()
         self.load()
         self._compare_inventory(report)
         self.recovery = report
@@ -196,6 +217,17 @@ class VmTree:
                 with self.store.transaction() as tx:
                     tx.complete_intent(intent.id)
                 report.rolled_forward.append(what)
+            elif intent.kind == "save":
+                if self.settle_save(intent) == "recorded":
+                    report.rolled_forward.append(what)
+                else:
+                    report.rolled_back.append(what)
+                self.complete_intent(intent.id)
+            elif intent.kind == "restore":
+                # Without libvirt nothing can be started: the VM stays halted, with the
+                # volumes the crash left (the restore swaps them in one transaction).
+                self.complete_intent(intent.id)
+                report.rolled_back.append(what)
             elif intent.kind == "resize_volume":
                 vol_id, size = payload["volume_id"], payload["size"]
                 known = {v.id for v in self.store.load().volumes}
@@ -214,6 +246,65 @@ class VmTree:
         except VmtreeError as e:
             log.error("could not recover %s: %s; left open", what, e.describe())
             report.left_open.append(what)
+
+    def settle_save(self, intent: Intent) -> str:
+        """The store's part of a save a crash interrupted: ``recorded`` when libvirt
+        finished the memory image (the savestate is kept), else ``rolled back``.
+
+        Blocking; the intent stays open (the lifecycle may still resume the VM).
+        """
+        saved = intent.payload["savestate"]
+        snapshot = self.store.load()
+        if any(row.image == saved["image"] for row in snapshot.savestates):
+            return "recorded"
+        owner_known = any(row.id == saved["owner_id"] for row in snapshot.vms)
+        if owner_known and saveimage.is_complete(self.savestate_dir / saved["image"]):
+            with self.store.transaction() as tx:
+                tx.insert_savestate(
+                    saved["owner_id"],
+                    saved["label"],
+                    time.time(),
+                    saved["image"],
+                    saved["info"],
+                    {v["name"]: (v["id"], v["size"]) for v in intent.payload["volumes"]},
+                )
+                self.noted(tx, f"recovered: {intent.payload['what']}: the image is whole, kept")
+            return "recorded"
+        for vol in intent.payload["volumes"]:
+            self.engine.delete(vol["id"], missing_ok=True)
+        _remove_files(intent.payload.get("files", []))
+        return "rolled back"
+
+    async def settle_interrupted_save(self, intent: Intent) -> Savestate | None:
+        """:meth:`settle_save` on a live tree: the savestate kept, or None."""
+        outcome = await in_thread(self.settle_save, intent)
+        saved = intent.payload["savestate"]
+        owner = self.ns.by_id.get(saved["owner_id"])
+        if outcome != "recorded" or owner is None:
+            return None
+        for savestate in owner.savestates.values():
+            if savestate.image == saved["image"]:
+                return savestate
+        rows = (await in_thread(self.store.load)).savestates
+        row = next(r for r in rows if r.image == saved["image"])
+        savestate = _savestate_of(row)
+        self.ns.add_savestate(owner.id, savestate)
+        self.announce(
+            f"recovered: {intent.payload['what']}: libvirt finished the image", time.time()
+        )
+        return savestate
+
+    def complete_intent(self, intent_id: int) -> None:
+        with self.store.transaction() as tx:
+            tx.complete_intent(intent_id)
+
+    def _remove_restore_copies(self) -> None:
+        """A restore's rewritten copy of an image outlives a crash; libvirt, if it is
+        still reading one, holds it open."""
+        with contextlib.suppress(FileNotFoundError):
+            for path in self.savestate_dir.glob(f"{RESTORE_COPY_PREFIX}*"):
+                log.info("removing %s, left by an interrupted restore", path)
+                _remove_files([str(path)])
 
     def load(self) -> None:
         """The namespace as the store has it (no recovery: fsck reads it this way)."""
@@ -239,14 +330,7 @@ class VmTree:
         for vm in vms.values():
             self.ns.add_vm(vm)
         for saved in snapshot.savestates:
-            volumes = {
-                name: Volume(vol_id, name, size, "persistent", saved.created)
-                for name, (vol_id, size) in saved.volumes.items()
-            }
-            self.ns.add_savestate(
-                saved.vm_id,
-                Savestate(saved.id, saved.label, saved.created, saved.image, saved.info, volumes),
-            )
+            self.ns.add_savestate(saved.vm_id, _savestate_of(saved))
         for row in snapshot.aliases:
             self.ns.add_alias(
                 Alias(row.id, row.name, row.target_vm, row.target_alias, row.system, row.created)
@@ -261,7 +345,10 @@ class VmTree:
     def _compare_inventory(self, report: RecoveryReport) -> None:
         """The same checks as ``vmtreefs fsck`` (without repairs): the engine's volumes
         against the store's, and the namespace's own rules."""
-        differences = invariants.compare_volumes(self.ns, self.engine.inventory())
+        journalled = frozenset(
+            vol["id"] for intent in report.deferred for vol in intent.payload.get("volumes", [])
+        )
+        differences = invariants.compare_volumes(self.ns, self.engine.inventory(), journalled)
         report.differences += [d.line() for d in differences]
         report.differences += [f.problem for f in invariants.check_namespace(self.ns)]
         for line in report.differences:
@@ -305,8 +392,14 @@ class VmTree:
         specs: tuple[VolumeSpec, ...],
         sources: tuple[int, ...] | None = None,
         files: tuple[str, ...] = (),
+        kind: str = "create",
+        extra: dict[str, Any] | None = None,
+        prepare: Callable[[], Awaitable[None]] | None = None,
     ) -> tuple[int, list[int]]:
         """Journal, then create (or snapshot from ``sources``) engine volumes.
+
+        ``prepare`` runs between the two, under the intent (a save pauses the VM there,
+        so that a recovery knows to resume it).
 
         ``files`` are made by the caller under the same intent (a savestate's
         memory image): rolling the intent back removes them too.
@@ -323,11 +416,18 @@ class VmTree:
                     for i, s in zip(ids, specs, strict=True)
                 ]
                 intent = tx.begin_intent(
-                    "create", {"what": what, "volumes": volumes, "files": list(files)}
+                    kind, {"what": what, "volumes": volumes, "files": list(files), **(extra or {})}
                 )
             return intent, ids
 
         intent, ids = await in_thread(begin)
+        if prepare is not None:
+            try:
+                await prepare()
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    await self._undo_creation(intent, ids, files)
+                raise
         new = [
             NewVolume(vol_id, spec.size, None if sources is None else sources[n])
             for n, (vol_id, spec) in enumerate(zip(ids, specs, strict=True))
@@ -808,27 +908,62 @@ class VmTree:
 
     # Savestates (the lifecycle drives the VM; these keep the store and the engine)
 
-    async def snapshot_for_savestate(self, vm: Vm, label: str) -> PendingSavestate:
-        """Snapshot every volume of a paused VM, journalled with the image still to come."""
+    async def snapshot_for_savestate(
+        self,
+        vm: Vm,
+        owner: Vm,
+        label: str,
+        info: dict[str, Any],
+        stop: bool,
+        was_paused: bool,
+        pause: Callable[[], Awaitable[None]],
+    ) -> PendingSavestate:
+        """Pause the VM (``pause``) and snapshot every volume, journalled with the image
+        still to come.
+
+        The intent (kind ``save``) holds all a recovery needs to finish the save if
+        libvirt completes the image after a crash: whose savestate, and whether the
+        VM was to run on (``stop``, ``was_paused``).
+        """
         volumes = sorted(vm.volumes.values(), key=lambda v: v.id)
         specs = tuple(VolumeSpec(v.name, v.size, v.policy) for v in volumes)
         image = f"ss-{vm.id}-{secrets.token_hex(6)}.save"
         image_path = str(self.savestate_dir / image)
         await in_thread(functools.partial(self.savestate_dir.mkdir, exist_ok=True))
+        saved = {
+            "vm_id": vm.id,
+            "owner_id": owner.id,
+            "label": label,
+            "image": image,
+            "info": info,
+            "stop": stop,
+            "was_paused": was_paused,
+        }
         intent, ids = await self._create_volumes(
-            f"save {vm.name} {label}", specs, tuple(v.id for v in volumes), (image_path,)
+            f"save {owner.name} {label}",
+            specs,
+            tuple(v.id for v in volumes),
+            (image_path,),
+            kind="save",
+            extra={"savestate": saved},
+            prepare=pause,
         )
-        return PendingSavestate(label, image, image_path, intent, specs, ids)
+        return PendingSavestate(label, image, image_path, intent, specs, ids, info)
 
     async def abandon_savestate(self, pending: PendingSavestate) -> None:
         with trio.CancelScope(shield=True):
             await self._undo_creation(pending.intent, pending.ids, (pending.image_path,))
 
     async def record_savestate(
-        self, vm: Vm, pending: PendingSavestate, info: dict[str, object]
+        self, vm: Vm, pending: PendingSavestate, keep_open: bool = False
     ) -> Savestate:
-        """Record the savestate as ``vm``'s (for a hot savestate: the VM it was made for)."""
+        """Record the savestate as ``vm``'s (for a hot savestate: the VM it was made for).
+
+        ``keep_open``: the save's intent stays open until :meth:`finish_save`, so that a
+        crash before the VM runs again is followed by a resume at the next mount.
+        """
         what = f"save {vm.name} {pending.label}"
+        info = pending.info
 
         def commit() -> tuple[int, float, float]:
             with self.store.transaction() as tx:
@@ -844,7 +979,8 @@ class VmTree:
                         for spec, vol_id in zip(pending.specs, pending.ids, strict=True)
                     },
                 )
-                tx.complete_intent(pending.intent)
+                if not keep_open:
+                    tx.complete_intent(pending.intent)
                 return ss_id, created, self.noted(tx, what)
 
         try:
@@ -866,6 +1002,31 @@ class VmTree:
         self.ns.add_savestate(vm.id, savestate)
         self.announce(what, t)
         return savestate
+
+    async def finish_save(self, pending: PendingSavestate) -> None:
+        with trio.CancelScope(shield=True):
+            await in_thread(self.complete_intent, pending.intent)
+
+    async def begin_restore(self, vm: Vm, savestate: Savestate) -> int:
+        """Journal a restore: a crash before the VM runs is followed by the restore at
+        the next mount (its volumes may already be the savestate's)."""
+
+        def begin() -> int:
+            with self.store.transaction() as tx:
+                return tx.begin_intent(
+                    "restore",
+                    {
+                        "what": f"restore {vm.name} {savestate.label}",
+                        "vm_id": vm.id,
+                        "savestate_id": savestate.id,
+                    },
+                )
+
+        return await in_thread(begin)
+
+    async def end_restore(self, intent: int) -> None:
+        with trio.CancelScope(shield=True):
+            await in_thread(self.complete_intent, intent)
 
     def image_path(self, savestate: Savestate) -> Path:
         return self.savestate_dir / savestate.image

@@ -14,10 +14,9 @@ exactly the store's volumes (``.vmtree/status``: inventory ok).
 
 from __future__ import annotations
 
-import errno
+import functools
 import os
 import random
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fs.test_fsck import fsck
+from tests.helpers.crash import killed_during, sound_after_recovery
 from tests.helpers.tree import Tree, ctl, head, listing, write_at
 from vmtreefs.engine.select import dmthin_available
 
@@ -156,32 +155,6 @@ def setup_tree(vms: Path) -> None:
     os.setxattr(vms / "h", "user.vmtree.versioned", b"1")
 
 
-def interrupted(tree: Tree, op: Operation, n: int, delay: float) -> bool:
-    """Run the operation and kill the daemon after ``delay``; did it return success?"""
-    outcome: list[BaseException | None] = []
-
-    def work() -> None:
-        try:
-            op.run(tree.vms, n)
-            outcome.append(None)
-        except BaseException as e:
-            outcome.append(e)
-
-    worker = threading.Thread(target=work)
-    worker.start()
-    time.sleep(delay)
-    assert tree.daemon is not None
-    tree.daemon.kill9()
-    worker.join(timeout=60)
-    assert not worker.is_alive(), f"{op.name} still blocks after the daemon died"
-    error = outcome[0]
-    if isinstance(error, OSError) and error.errno in (errno.ENOTCONN, errno.ECONNABORTED):
-        return False
-    if error is not None:
-        raise error
-    return True
-
-
 @pytest.mark.parametrize("engine", ["reflink", "dmthin"])
 def test_kill9_loop(workdir: Path, engine: str, capsys: pytest.CaptureFixture[str]) -> None:
     if engine == "dmthin" and not dmthin_available()[0]:
@@ -206,21 +179,15 @@ def loop(tree: Tree, kills: int, engine: str, capsys: pytest.CaptureFixture[str]
         op = OPERATIONS[n % len(OPERATIONS)]
         delay = rng.uniform(0, MAX_DELAY)
         op.prepare(tree.vms, n)
-        done = interrupted(tree, op, n, delay)
+        done, _ = killed_during(tree, functools.partial(op.run, tree.vms, n), delay)
         tally[op.name][0 if done else 1] += 1
-        tree.daemon = None
         what = f"round {n}: {op.name} killed after {delay * 1000:.1f} ms, seed {SEED}"
         vms = tree.mount()  # recovery rolls an unfinished operation back or forward
         try:
             op.check(vms, n, done)
         except AssertionError as e:
             raise AssertionError(f"{what} ({'returned' if done else 'interrupted'}): {e}") from e
-        status = tree.status()
-        assert (status["inventory"], status["open_intents"]) == ("ok", "0"), what
-        tree.unmount()
-        status_code, out = fsck(tree)
-        assert status_code == 0, f"{what}: fsck:\n{out}"
-        tree.mount()
+        sound_after_recovery(tree, what)
     with capsys.disabled():
         print(
             f"kill -9 loop on {engine}: "

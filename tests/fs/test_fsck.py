@@ -127,3 +127,62 @@ def test_a_lost_volume_is_reported_and_left(tree: Tree) -> None:
             f"a/volumes/private.img (volume {ids['a.private']}) is missing from the engine "
             "(not repairable without guessing)"
         ) in out
+
+
+def _interrupted_save(tree: Tree, label: str, magic: bytes) -> str:
+    """What a crash during `save LABEL` of a leaves: a journalled snapshot of a's private
+    volume and a memory image libvirt finished (magic ...Save) or not (...Part)."""
+    pool = tree.source / "pool"
+    with contextlib.closing(sqlite3.connect(tree.source / "vmtree.db")) as db:
+        (a_id,) = db.execute("SELECT id FROM vms WHERE name = 'a'").fetchone()
+        (private, size) = db.execute(
+            "SELECT id, size FROM volumes WHERE vm_id = ? AND name = 'private'", (a_id,)
+        ).fetchone()
+    image = f"ss-{a_id}-{label:0>12}.save"
+    (tree.source / "savestates").mkdir(exist_ok=True)
+    (tree.source / "savestates" / image).write_bytes(magic + b"\0" * 100)
+    with Store.open(tree.source / "vmtree.db") as store, store.transaction() as tx:
+        (snap,) = tx.allocate_volume_ids(1)
+        saved = {"vm_id": a_id, "owner_id": a_id, "label": label, "image": image}
+        tx.begin_intent(
+            "save",
+            {
+                "what": f"save a {label}",
+                "volumes": [{"id": snap, "name": "private", "size": size}],
+                "files": [str(tree.source / "savestates" / image)],
+                "savestate": {**saved, "info": {"vm": "a"}, "stop": False, "was_paused": False},
+            },
+        )
+    subprocess.run(
+        ["cp", "--reflink=always", pool / f"vol-{private}.img", pool / f"vol-{snap}.img"],
+        check=True,
+    )
+    return image
+
+
+def test_an_interrupted_save_is_kept_when_libvirt_finished_its_image(tree: Tree) -> None:
+    """Without libvirt (fsck, or a mount with libvirt=none) the image decides: whole, the
+    savestate is recorded; not whole, it is rolled back. A restore's copy is removed."""
+    build(tree)
+    kept = _interrupted_save(tree, "kept", b"LibvirtQemudSave")
+    dropped = _interrupted_save(tree, "dropped", b"LibvirtQemudPart")
+    (tree.source / "savestates/.restore-3-0badcafe.save").write_bytes(b"copy")
+    status, out = fsck(tree)
+    assert status == 4, out
+    for expected in (
+        "(save save a kept) is open",
+        "(save save a dropped) is open",
+        ".restore-3-0badcafe.save is a leftover restore copy",
+    ):
+        assert expected in out, out
+    status, out = fsck(tree, "--repair")
+    assert status == 1 and ", 0 left" in out, out
+    status, out = fsck(tree)
+    assert status == 0 and "1 savestates" in out, out
+    assert sorted(os.listdir(tree.source / "savestates")) == [kept]
+    assert not (tree.source / "savestates" / dropped).exists()
+
+    vms = tree.mount()
+    assert listing(vms / "a/savestates") == ["kept"]
+    assert head(vms / "a/savestates/kept/volumes/private.img", 4) == b"of a"
+    assert tree.status()["inventory"] == "ok"

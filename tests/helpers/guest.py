@@ -430,6 +430,9 @@ def _execute(
             env=env,
             start_new_session=True,
         )
+        _RUNNING.add(proc.pid)
+        if _STOPPING.is_set():  # the session ended while this guest was being started
+            _kill_group(proc.pid, signal.SIGKILL)
         assert proc.stdout is not None
         stdout = proc.stdout
 
@@ -469,6 +472,7 @@ def _execute(
         finally:
             reaped.set()
             timer.cancel()
+            _RUNNING.discard(proc.pid)
         proc.returncode = os.waitstatus_to_exitcode(status)
         reader.join(timeout=30)
         stdout.close()
@@ -507,6 +511,19 @@ def _execute(
         native=native,
         kvm=kvm,
     )
+
+
+_RUNNING: set[int] = set()
+"""Process groups of the guests (or native runs) under way, led by our own children."""
+_STOPPING = threading.Event()
+
+
+def stop_all_guests() -> None:
+    """End every guest this process started that still runs, and any it starts from now
+    on (a session that ends while a guest runs in a thread)."""
+    _STOPPING.set()
+    for pgid in list(_RUNNING):
+        _kill_group(pgid, signal.SIGKILL)
 
 
 def _kill_group(pgid: int, sig: int) -> None:

@@ -74,8 +74,17 @@ class Daemon:
         """Simulate a crash: SIGKILL the daemon and clear the dead mount as an admin would."""
         assert self.process is not None
         self.process.send_signal(signal.SIGKILL)
+        # `vmtreefs umount` on the dead mount: it aborts the FUSE connection first, so a
+        # daemon thread stuck in the kernel on its own mount can finish dying.
+        subprocess.run(
+            [sys.executable, "-m", "vmtreefs", "umount", str(self.mountpoint)],
+            check=False,
+            capture_output=True,
+            timeout=60,
+        )
         self.process.wait(timeout=30)
-        subprocess.run(["fusermount3", "-u", "-z", str(self.mountpoint)], check=False)
+        if is_mountpoint(self.mountpoint):
+            subprocess.run(["fusermount3", "-u", "-z", str(self.mountpoint)], check=False)
 
     def stop(self) -> None:
         """Unmount and wait for the daemon; escalate only against our own pid."""

@@ -176,6 +176,15 @@ class SnapshotEngine(abc.ABC):
             f"the {self.name} engine cannot grow its pool: grow its filesystem (docs/engines.md)",
         )
 
+    live_check_name: ClassVar[str] = ""
+    """What :meth:`check_metadata_live` runs, in words (for fsck's report)."""
+
+    def check_metadata_live(self) -> str | None:
+        """Check the engine's own metadata while it is in use; None where it keeps none
+        (a reflink pool is a filesystem: xfs_repair or btrfs check, unmounted, are its
+        checks). EIO with the checker's report if it finds damage."""
+        return None
+
     @abc.abstractmethod
     def exclusive_bytes(self, vol_id: int) -> int:
         """Bytes of the volume's data that no other volume shares: what deleting it would free.

@@ -529,6 +529,19 @@ class DmThinEngine(SnapshotEngine):
         finally:
             run(["losetup", "-d", dev], f"detach {dev}")
 
+    live_check_name = "thin_check of a metadata snapshot of the live pool"
+
+    def check_metadata_live(self) -> str:
+        """thin_check a metadata snapshot of the live pool: the pool stays up (a running VM
+        may hold its devices) and the check reads a consistent copy of the metadata."""
+        with self._lock:
+            self._require_started()
+            self._dm.message(self.pool_name, "reserve_metadata_snap", "reserve a metadata snap")
+            try:
+                return run(["thin_check", "--metadata-snap", self._meta_dev], "thin_check")
+            finally:
+                self._dm.message(self.pool_name, "release_metadata_snap", "release metadata snap")
+
     def _our_devices(self) -> list[str]:
         out = run(["dmsetup", "ls"], "list devices")
         prefix = f"vmtree-{self.pool_id}-"
