@@ -20,10 +20,11 @@ from pathlib import Path
 
 from vmtreefs.engine.base import SnapshotEngine
 from vmtreefs.errors import VmtreeError
-from vmtreefs.invariants import Finding, check_namespace, compare_volumes
+from vmtreefs.invariants import Finding, check_namespace, compare_volumes, journalled_volumes
 from vmtreefs.model import Namespace
+from vmtreefs.saveimage import RESTORE_COPY_PREFIX
 from vmtreefs.store import Store
-from vmtreefs.tree import RESTORE_COPY_PREFIX, VmTree
+from vmtreefs.tree import VmTree
 
 log = logging.getLogger("vmtreefs.fsck")
 
@@ -120,12 +121,7 @@ def _check(
         report.findings += found
         if repair:
             _repair_namespace(store, ns, found)
-    journalled = frozenset(
-        vol_id
-        for intent in store.load().open_intents
-        for vol_id in [v["id"] for v in intent.payload.get("volumes", [])]
-        + list(intent.payload.get("volume_ids", []))
-    )
+    journalled = journalled_volumes(store.load().open_intents)
     _check_volumes(store, engine, ns, journalled, repair, progress, report)
     with _step(progress, "engine metadata", 1):
         try:

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import errno
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from vmtreefs.errors import VmtreeError
 from vmtreefs.model import MAX_ALIAS_CHAIN, Namespace, Vm
-from vmtreefs.store import Txn
+from vmtreefs.store import Intent, Txn
 
 
 @dataclass
@@ -161,6 +161,16 @@ def known_volumes(ns: Namespace) -> dict[int, tuple[str, int]]:
             for vol in ss.volumes.values():
                 known[vol.id] = (f"{vm.name}/savestates/{ss.label}/{vol.filename}", vol.size)
     return known
+
+
+def journalled_volumes(intents: Iterable[Intent]) -> frozenset[int]:
+    """The engine volumes open intents name: theirs to make or delete, not orphans."""
+    return frozenset(
+        vol_id
+        for intent in intents
+        for vol_id in [v["id"] for v in intent.payload.get("volumes", [])]
+        + list(intent.payload.get("volume_ids", []))
+    )
 
 
 def compare_volumes(

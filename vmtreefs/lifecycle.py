@@ -226,6 +226,7 @@ class Lifecycle:
         vm = self.tree.ns.by_id.get(vm_id)
         name = domain.domain_name(self.tree_id, vm_id)
         what = f"interrupted {payload.get('what', intent.kind)}"
+        undone = False
         with trio.move_on_after(JOB_WAIT_SECONDS):
             while await trio.to_thread.run_sync(hypervisor.job_running, name):
                 log.info("%s: libvirt is still at it, waiting", what)
@@ -240,6 +241,7 @@ class Lifecycle:
                     await self._resume_from(vm, hypervisor, savestate, saved["was_paused"])
             elif vm is not None:
                 log.info("%s: the image is not whole, the savestate is rolled back", what)
+                undone = True
                 if state == states.PAUSED and not saved["was_paused"]:
                     await trio.to_thread.run_sync(hypervisor.resume, name)
         elif vm is not None and state == states.HALTED:
@@ -251,7 +253,8 @@ class Lifecycle:
                 except VmtreeError as e:
                     log.error("%s: restoring again failed: %s", what, e.describe())
         await trio.to_thread.run_sync(self.tree.complete_intent, intent.id)
-        self.tree.recovery.rolled_forward.append(what)
+        recovery = self.tree.recovery
+        (recovery.rolled_back if undone else recovery.rolled_forward).append(what)
 
     async def _resume_from(
         self, vm: Vm, hypervisor: Hypervisor, savestate: Savestate, paused: bool

@@ -65,7 +65,6 @@ T = TypeVar("T")
 EVENTS_KEPT = 1000
 VM_INTENTS = frozenset({"save", "restore"})
 """Intents whose outcome depends on libvirt: a running mount settles them with it."""
-RESTORE_COPY_PREFIX = saveimage.RESTORE_COPY_PREFIX
 
 
 async def in_thread(fn: Callable[..., T], *args: Any) -> T:
@@ -302,7 +301,7 @@ class VmTree:
         """A restore's rewritten copy of an image outlives a crash; libvirt, if it is
         still reading one, holds it open."""
         with contextlib.suppress(FileNotFoundError):
-            for path in self.savestate_dir.glob(f"{RESTORE_COPY_PREFIX}*"):
+            for path in self.savestate_dir.glob(f"{saveimage.RESTORE_COPY_PREFIX}*"):
                 log.info("removing %s, left by an interrupted restore", path)
                 _remove_files([str(path)])
 
@@ -345,9 +344,7 @@ class VmTree:
     def _compare_inventory(self, report: RecoveryReport) -> None:
         """The same checks as ``vmtreefs fsck`` (without repairs): the engine's volumes
         against the store's, and the namespace's own rules."""
-        journalled = frozenset(
-            vol["id"] for intent in report.deferred for vol in intent.payload.get("volumes", [])
-        )
+        journalled = invariants.journalled_volumes(report.deferred)
         differences = invariants.compare_volumes(self.ns, self.engine.inventory(), journalled)
         report.differences += [d.line() for d in differences]
         report.differences += [f.problem for f in invariants.check_namespace(self.ns)]
