@@ -32,7 +32,7 @@ APT_GET ?= $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export PIP_NO_INPUT := 1
 
-.PHONY: help deps deps-system deps-guest venv run test test-guest crash-test lint bench bench-dmthin bench-lifecycle demo-guest install-mount-helper \
+.PHONY: help deps deps-system deps-guest venv run test test-guest crash-test lint bench bench-backup bench-dmthin bench-lifecycle demo-guest install-mount-helper \
         uninstall-mount-helper clean
 
 help: ## list the targets
@@ -102,6 +102,9 @@ demo-guest: deps-guest ## build the demo guest (kernel + busybox initramfs) into
 
 bench: deps ## benchmarks (tests/bench), side by side with the raw operations; as root
 	$(BIN)/python -m tests.bench.clone
+
+bench-backup: deps ## exports vs direct reads, change map vs full compare, clone and ls -l at 10/1,000/10,000 VMs; as root
+	$(BIN)/python -m tests.bench.backup
 
 bench-lifecycle: deps deps-guest ## disposable from a hot savestate vs cold boot; save time by guest RAM (libvirt, TCG)
 	$(BIN)/python -m tests.bench.lifecycle

@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+from vmtreefs import forest, mountinfo
 from vmtreefs.engine.select import parse_size
 from vmtreefs.errors import VmtreeError
 from vmtreefs.source import (
@@ -130,11 +131,6 @@ def _spawn_daemon(source: Path, mountpoint: Path, option_groups: list[str]) -> i
     return 1
 
 
-def _unescape(field: str) -> str:
-    """mountinfo writes space, tab, newline and backslash as octal escapes."""
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
-
-
 def _mount_source(mountpoint: Path) -> Path | None:
     """SOURCE of the vmtreefs mounted at ``mountpoint``, from /proc/self/mountinfo."""
     found = _mount_entry(mountpoint)
@@ -143,13 +139,8 @@ def _mount_source(mountpoint: Path) -> Path | None:
 
 def _mount_entry(mountpoint: Path) -> tuple[Path, str] | None:
     """(SOURCE, device number) of the vmtreefs mounted at ``mountpoint``."""
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            sep = fields.index("-")
-            if _unescape(fields[4]) == str(mountpoint) and fields[sep + 1] == "fuse.vmtreefs":
-                return Path(_unescape(fields[sep + 2])), fields[2]
-    return None
+    entry = mountinfo.mounted_at(str(mountpoint), "fuse.vmtreefs")
+    return None if entry is None else (Path(entry.source), entry.device)
 
 
 FUSECTL = Path("/sys/fs/fuse/connections")
@@ -324,6 +315,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--repair", action="store_true", help="fix what can be fixed without guessing"
     )
     p_fsck.set_defaults(func=cmd_fsck)
+
+    p_tree = sub.add_parser("tree", help="draw the forest of VMs of a mounted tree")
+    p_tree.add_argument("mountpoint", nargs="?", help="the mount (default: the only one)")
+    p_tree.add_argument("--format", choices=["text", "dot"], default="text")
+    p_tree.set_defaults(func=cmd_tree)
     return parser
 
 
@@ -334,6 +330,24 @@ def _ensure_system_path() -> None:
     """mount(8) and systemd may start us with no PATH; mkfs.xfs and losetup live in sbin."""
     current = [p for p in os.environ.get("PATH", "").split(os.pathsep) if p]
     os.environ["PATH"] = os.pathsep.join(current + [p for p in SYSTEM_PATH if p not in current])
+
+
+def cmd_tree(args: argparse.Namespace) -> int:
+    if args.mountpoint is not None:
+        vms = Path(args.mountpoint).resolve()
+    else:
+        found = [m.mount_point for m in mountinfo.mounts() if m.fstype == "fuse.vmtreefs"]
+        if len(found) != 1:
+            where = ", ".join(found) if found else "none"
+            print(f"vmtreefs tree: name the MOUNTPOINT (vmtreefs mounts: {where})", file=sys.stderr)
+            return 2
+        vms = Path(found[0])
+    if mountinfo.mounted_at(str(vms), "fuse.vmtreefs") is None:
+        print(f"vmtreefs tree: {vms} is not a mounted vmtreefs", file=sys.stderr)
+        return 2
+    nodes = forest.read(vms)
+    sys.stdout.write(forest.dot(nodes) if args.format == "dot" else forest.text(nodes))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
+from vmtreefs import mountinfo
 from vmtreefs.accel import ACCEL_CHOICES
 from vmtreefs.engine.select import parse_size
 from vmtreefs.errors import VmtreeError
@@ -100,6 +101,28 @@ def fuse_options(source: Path, options: MountOptions) -> set[str]:
     return opts
 
 
+READAHEAD_KB = 1024
+"""The mount's read-ahead: one FUSE read request of the largest size (256 pages).
+
+The kernel gives a FUSE mount 128 KiB, so a sequential export is read in 128 KiB
+requests and their round trips, not the copies, set its speed. 1 MiB measured
+here: 2.4 GB/s against 0.3; 4 MiB and more were no faster and less steady.
+"""
+
+
+def widen_readahead(mountpoint: Path) -> None:
+    """Raise the mount's read-ahead (its backing_dev_info, named by the mount's st_dev)."""
+    entry = mountinfo.mounted_at(str(mountpoint), "fuse.vmtreefs")
+    if entry is None:
+        log.warning("read-ahead left as it is: %s is not in mountinfo", mountpoint)
+        return
+    knob = Path("/sys/class/bdi") / entry.device / "read_ahead_kb"
+    try:
+        knob.write_text(f"{READAHEAD_KB}\n")
+    except OSError as e:
+        log.warning("read-ahead left as it is: cannot write %s: %s", knob, e.strerror or e)
+
+
 def serve(source: Path, mountpoint: Path, options: MountOptions, ready_fd: int | None) -> int:
     """Mount and serve until unmounted or signalled; returns the process exit status."""
     source = source.resolve()
@@ -178,6 +201,8 @@ async def _announce_ready(lifecycle: Lifecycle, mountpoint: Path, ready_fd: int 
     and every VM's state is libvirt's (or libvirt did not answer)."""
     await lifecycle.settled.wait()
     await trio.to_thread.run_sync(os.stat, mountpoint / ".vmtree" / "status")
+    # Only now: the kernel sets the read-ahead when FUSE's INIT is answered.
+    widen_readahead(mountpoint)
     log.info("ready: %s answers", mountpoint)
     if ready_fd is not None:
         try:

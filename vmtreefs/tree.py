@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
 
-from vmtreefs import domain, invariants, model, saveimage
+from vmtreefs import blockmap, domain, invariants, model, saveimage
 from vmtreefs.commands import Command
 from vmtreefs.engine.base import NewVolume, OpenVolume, SnapshotEngine
 from vmtreefs.engine.select import format_size, parse_size
@@ -39,6 +39,7 @@ from vmtreefs.model import (
     HOT_LABEL,
     Alias,
     CloneVm,
+    ModelError,
     Namespace,
     ReplaceAlias,
     Savestate,
@@ -1348,7 +1349,31 @@ class VmTree:
         self.ns.savestate_volume_by_id(volume_id)
         return await in_thread(self.engine.open, volume_id, False)
 
+    def _volume_label(self, volume_id: int) -> str:
+        """VM/VOL.img, or VM@LABEL/VOL.img for a savestate's volume, for the log."""
+        try:
+            vm, volume = self.ns.volume_by_id(volume_id)
+            return f"{vm.name}/{volume.filename}"
+        except ModelError:
+            vm, savestate, volume = self.ns.savestate_volume_by_id(volume_id)
+            return f"{vm.name}@{savestate.label}/{volume.filename}"
+
+    async def change_map(self, volume_id: int, other_id: int) -> bytes:
+        """``VOL.changes/OTHER``: where the volume may differ from the other one."""
+        ranges = await in_thread(self.engine.changed_ranges, volume_id, other_id)
+        log.info(
+            "change map of %s against %s: %d ranges, %s",
+            self._volume_label(volume_id),
+            self._volume_label(other_id),
+            len(ranges),
+            format_bytes(sum(length for _, length in ranges)),
+        )
+        return blockmap.text(ranges).encode()
+
     async def read_volume(self, handle: OpenVolume, offset: int, size: int) -> bytes:
+        """Cached data is copied on the loop; only a read that may wait goes to a thread."""
+        if handle.cached(size, offset):
+            return handle.pread(size, offset)
         return await in_thread(handle.pread, size, offset)
 
     async def write_volume(self, handle: OpenVolume, offset: int, data: bytes) -> int:

@@ -46,7 +46,9 @@ CONTRACT_TEST = "test_dmthin_engine_in_a_real_kernel"
 DMTHIN_TESTS = [
     "tests/engine/test_reflink.py",
     "tests/engine/test_dmthin.py",
+    "tests/engine/test_change_ranges.py",
     "tests/fs/test_engines.py",
+    "tests/fs/test_change_maps.py",
     "tests/fs/test_dmthin_mount.py",
     "tests/crash/test_kill_loop.py",
     "-k",

@@ -27,8 +27,10 @@ def test_mkdir_makes_a_vm_with_the_default_layout(vms: Path) -> None:
         ["ctl", "state", "domain.xml", "console", "clones", "volumes", "savestates", "versions"]
     )
     assert (work / "state").read_text() == "halted\n"
-    sizes = {p.name: p.stat().st_size for p in (work / "volumes").iterdir()}
+    sizes = {p.name: p.stat().st_size for p in (work / "volumes").glob("*.img")}
     assert sizes == {"root.img": 10 * GiB, "private.img": 2 * GiB, "volatile.img": 1 * GiB}
+    changes = sorted(p.name for p in (work / "volumes").iterdir() if p.is_dir())
+    assert changes == ["private.changes", "root.changes", "volatile.changes"]
     for sub in ("clones", "savestates", "versions"):
         assert os.listdir(work / sub) == []
 
@@ -97,7 +99,16 @@ def test_volumes_can_be_created_renamed_and_removed(tree: Tree) -> None:
     (volumes / "data.img").write_bytes(data)
     assert (volumes / "data.img").stat().st_size == len(data)
     os.rename(volumes / "data.img", volumes / "home.img")
-    assert sorted(os.listdir(volumes)) == ["home.img", "private.img", "root.img", "volatile.img"]
+    assert sorted(os.listdir(volumes)) == [
+        "home.changes",  # its change maps' directory follows the volume's name
+        "home.img",
+        "private.changes",
+        "private.img",
+        "root.changes",
+        "root.img",
+        "volatile.changes",
+        "volatile.img",
+    ]
     assert error_of(os.rename, volumes / "home.img", volumes / "root.img") == errno.EEXIST
     assert error_of(open, volumes / "bad name.img", "wb") == errno.EINVAL
     assert error_of(open, volumes / "data.raw", "wb") == errno.EINVAL

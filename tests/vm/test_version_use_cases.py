@@ -165,6 +165,22 @@ def test_backup_of_a_running_vm(vmtree: VmTree) -> None:
         copy = f.read()
     assert copy[:32].strip(b" \n\0") == b"1"
     assert len(copy) == volume(vms, "srv", "private").stat().st_size
+    # The next night's backup is incremental: nightly's copy plus the ranges the map lists.
+    assert vmtree.ctl("srv", "save second") == "second"
+    saved = vms / "srv" / "savestates"
+    newer = saved / "second" / "volumes" / "private.img"
+    ranges = [
+        tuple(map(int, line.split()))
+        for line in (saved / "second" / "volumes" / "private.changes" / "srv@nightly")
+        .read_text()
+        .splitlines()
+    ]
+    rebuilt = bytearray((saved / "nightly" / "volumes" / "private.img").read_bytes())
+    with open(newer, "rb") as f:
+        for offset, length in ranges:
+            f.seek(offset)
+            rebuilt[offset : offset + length] = f.read(length)
+    assert bytes(rebuilt) == newer.read_bytes()
     for name in ("srv", "backup"):
         assert vmtree.ctl(name, "shutdown") == "halted"
 

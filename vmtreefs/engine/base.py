@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Protocol
 
+from vmtreefs import pagecache
 from vmtreefs.errors import VmtreeError
 
 
@@ -76,6 +77,10 @@ class OpenVolume:
 
     def pread(self, size: int, offset: int) -> bytes:
         return os.pread(self.fd, size, offset)
+
+    def cached(self, size: int, offset: int) -> bool:
+        """Whether :meth:`pread` of this range would not wait for the disk."""
+        return self.fd >= 0 and pagecache.cached(self.fd, offset, size)
 
     def pwrite(self, data: bytes, offset: int) -> int:
         return os.pwrite(self.fd, data, offset)
@@ -184,6 +189,11 @@ class SnapshotEngine(abc.ABC):
         (a reflink pool is a filesystem: xfs_repair or btrfs check, unmounted, are its
         checks). EIO with the checker's report if it finds damage."""
         return None
+
+    def changed_ranges(self, vol_id: int, other_id: int) -> list[tuple[int, int]]:
+        """(offset, length) byte ranges where ``vol_id`` may differ from ``other_id``,
+        from the engine's metadata alone (no data is read); see :mod:`vmtreefs.blockmap`."""
+        raise EngineError(errno.EOPNOTSUPP, f"{self.name} cannot map changed blocks")
 
     @abc.abstractmethod
     def exclusive_bytes(self, vol_id: int) -> int:

@@ -25,6 +25,7 @@ wait`` on the pool and logs when it passes its low-water mark or fills.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -32,11 +33,13 @@ import os
 import re
 import subprocess
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
+from xml.etree import ElementTree
 
+from vmtreefs import blockmap
 from vmtreefs.engine.base import (
     Attachment,
     EngineError,
@@ -531,16 +534,45 @@ class DmThinEngine(SnapshotEngine):
 
     live_check_name = "thin_check of a metadata snapshot of the live pool"
 
+    @contextlib.contextmanager
+    def _metadata_snapshot(self) -> Iterator[None]:
+        """A metadata snapshot of the live pool, reserved for the tools that read it
+        (``--metadata-snap``); the pool commits before it is taken. Caller holds the lock."""
+        self._dm.message(self.pool_name, "reserve_metadata_snap", "reserve a metadata snap")
+        try:
+            yield
+        finally:
+            self._dm.message(self.pool_name, "release_metadata_snap", "release metadata snap")
+
     def check_metadata_live(self) -> str:
         """thin_check a metadata snapshot of the live pool: the pool stays up (a running VM
         may hold its devices) and the check reads a consistent copy of the metadata."""
         with self._lock:
             self._require_started()
-            self._dm.message(self.pool_name, "reserve_metadata_snap", "reserve a metadata snap")
-            try:
+            with self._metadata_snapshot():
                 return run(["thin_check", "--metadata-snap", self._meta_dev], "thin_check")
-            finally:
-                self._dm.message(self.pool_name, "release_metadata_snap", "release metadata snap")
+
+    def changed_ranges(self, vol_id: int, other_id: int) -> list[tuple[int, int]]:
+        """thin_delta of the two thin devices, read from a metadata snapshot of the live pool
+        (the pool commits before reserving it, so every acknowledged write is in it)."""
+        with self._lock:
+            self._require_started()
+            self._check_known(vol_id)
+            self._check_known(other_id)
+            with self._metadata_snapshot():
+                out = run(
+                    [
+                        "thin_delta",
+                        "--metadata-snap",
+                        "--snap1",
+                        str(other_id),
+                        "--snap2",
+                        str(vol_id),
+                        self._meta_dev,
+                    ],
+                    f"thin_delta of volumes {other_id} and {vol_id}",
+                )
+            return blockmap.clip(parse_thin_delta(out), self._sizes[vol_id])
 
     def _our_devices(self) -> list[str]:
         out = run(["dmsetup", "ls"], "list devices")
@@ -812,7 +844,12 @@ class DmThinEngine(SnapshotEngine):
         with self._lock:
             self._require_started()
             self._check_known(vol_id)
-            return DmOpenVolume(self, vol_id, writable)
+            opened = DmOpenVolume(self, vol_id, writable)
+            if not writable and self._sizes[vol_id] > 0:
+                # An export's device is active read-only from the open to the last close,
+                # so a backup reads one stable device and its reads never wait on dmsetup.
+                opened._fd()
+            return opened
 
     def _acquire(self, vol_id: int, writable: bool) -> int:
         """An fd on the active device (activating it), counted until :meth:`_release`."""
@@ -858,8 +895,7 @@ class DmThinEngine(SnapshotEngine):
         """id -> (mapped bytes, exclusive bytes), from a metadata snapshot of the live pool."""
         with self._lock:
             self._require_started()
-            self._dm.message(self.pool_name, "reserve_metadata_snap", "reserve a metadata snap")
-            try:
+            with self._metadata_snapshot():
                 out = run(
                     [
                         "thin_ls",
@@ -871,8 +907,6 @@ class DmThinEngine(SnapshotEngine):
                     ],
                     "thin_ls",
                 )
-            finally:
-                self._dm.message(self.pool_name, "release_metadata_snap", "release metadata snap")
         found: dict[int, tuple[int, int]] = {}
         for line in out.splitlines():
             fields = line.split()
@@ -901,6 +935,30 @@ class DmThinEngine(SnapshotEngine):
         )
 
 
+def parse_thin_delta(xml_text: str) -> list[tuple[int, int]]:
+    """Byte ranges of thin_delta's report where the two devices' mappings differ.
+
+    Its ranges are in data blocks (``data_block_size`` sectors, on the superblock);
+    everything but ``same`` counts as changed (a block only one side maps differs
+    from the zeros the other side reads).
+    """
+    try:
+        root = ElementTree.fromstring(xml_text)
+    except ElementTree.ParseError as e:
+        raise EngineError(errno.EIO, f"thin_delta wrote what is not XML: {e}") from None
+    block = int(root.get("data_block_size", "0")) * SECTOR
+    if block <= 0:
+        raise EngineError(errno.EIO, "thin_delta's report has no data_block_size")
+    ranges = []
+    for diff in root.iter("diff"):
+        for entry in diff:
+            if entry.tag != "same":
+                ranges.append(
+                    (int(entry.get("begin", "0")) * block, int(entry.get("length", "0")) * block)
+                )
+    return blockmap.merge(ranges)
+
+
 class DmOpenVolume(OpenVolume):
     """An open thin device; a volume of size 0 has no device until it grows."""
 
@@ -916,7 +974,7 @@ class DmOpenVolume(OpenVolume):
         return self.fd
 
     def pread(self, size: int, offset: int) -> bytes:
-        if self.engine.size(self.vol_id) == 0:
+        if self.fd < 0 and self.engine.size(self.vol_id) == 0:
             return b""
         return os.pread(self._fd(), size, offset)
 

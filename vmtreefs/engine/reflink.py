@@ -19,10 +19,10 @@ import re
 import secrets
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
+from vmtreefs import blockmap
 from vmtreefs.engine import fiemap
 from vmtreefs.engine.base import (
     Attachment,
@@ -33,6 +33,7 @@ from vmtreefs.engine.base import (
     SnapshotEngine,
 )
 from vmtreefs.engine.tools import run
+from vmtreefs.mountinfo import MountEntry, mounts
 
 FICLONE = 0x40049409
 """``_IOW(0x94, 9, int)``: clone all of the source file's extents into the destination."""
@@ -45,42 +46,6 @@ XFS_MIN_IMAGE_SIZE = 300 * 1024 * 1024
 
 _VOL_RE = re.compile(r"vol-(0|[1-9][0-9]*)\.img")
 _TMP_PREFIX = ".tmp-vol-"
-
-
-@dataclass(frozen=True)
-class MountEntry:
-    """One line of /proc/self/mountinfo, reduced to what the engine needs."""
-
-    mount_point: str
-    fstype: str
-    source: str
-
-
-def _unescape(field: str) -> str:
-    """mountinfo writes space, tab, newline and backslash as octal escapes."""
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
-
-
-def mounts() -> list[MountEntry]:
-    """Every mount this process sees, in mount order (a later entry covers an earlier one)."""
-    entries: list[MountEntry] = []
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-        for line in f:
-            fields = line.split()
-            try:
-                sep = fields.index("-", 6)
-            except ValueError:
-                continue
-            if len(fields) < sep + 3:
-                continue
-            entries.append(
-                MountEntry(
-                    mount_point=_unescape(fields[4]),
-                    fstype=fields[sep + 1],
-                    source=_unescape(fields[sep + 2]),
-                )
-            )
-    return entries
 
 
 def mount_of(path: Path) -> MountEntry:
@@ -455,6 +420,32 @@ class ReflinkEngine(SnapshotEngine):
             total_bytes=st.f_blocks * st.f_frsize,
             used_bytes=(st.f_blocks - st.f_bfree) * st.f_frsize,
         )
+
+    def changed_ranges(self, vol_id: int, other_id: int) -> list[tuple[int, int]]:
+        """Compare the two files' extent maps (FIEMAP): a range both map to the same
+        disk address is shared, so identical; a range both leave unmapped reads zeros."""
+        self._require_started()
+        (a, a_size), (b, b_size) = self._mappings(vol_id, 1), self._mappings(other_id, 2)
+        return blockmap.differences(a, a_size, b, b_size)
+
+    def _mappings(self, vol_id: int, side: int) -> tuple[list[blockmap.Mapping], int]:
+        try:
+            fd = os.open(self.path(vol_id), os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise _error(e, f"open volume {vol_id}") from e
+        try:
+            size = os.fstat(fd).st_size
+            found: list[blockmap.Mapping] = []
+            for n, extent in enumerate(fiemap.extents(fd)):
+                physical: int | None = extent.physical
+                if extent.unwritten:
+                    physical = None  # allocated, never written: reads zeros, like a hole
+                elif extent.flags & fiemap.FIEMAP_EXTENT_UNKNOWN:
+                    physical = -2 * n - side  # nowhere known: equal to nothing on the other side
+                found.append(blockmap.Mapping(extent.logical, extent.length, physical))
+            return found, size
+        finally:
+            os.close(fd)
 
     def exclusive_bytes(self, vol_id: int) -> int:
         """The total length of the volume file's extents that FIEMAP does not mark SHARED.

@@ -33,6 +33,10 @@ _SAVESTATE_BASE = 1 << 50
 _SAVESTATE_STRIDE = 4
 _VOLUME_BASE = 1 << 52
 _VOLUME_STRIDE = 4
+_CHANGES_DIR = 1  # offset in a volume's stride: its VOL.changes/ directory
+CHANGE_MAP_BASE = 1 << 62
+"""Change maps (VOL.changes/OTHER) get numbers from here on, handed out per mount:
+they name a pair of volumes, which does not fit one stable number."""
 
 
 class VmEntry(enum.IntEnum):
@@ -105,6 +109,20 @@ class VolumeNode:
 
 
 @dataclass(frozen=True)
+class ChangesDirNode:
+    """``volumes/VOL.changes/``: its entries are looked up by name, never listed."""
+
+    volume_id: int
+
+
+@dataclass(frozen=True)
+class ChangeMapNode:
+    """``VOL.changes/OTHER``, by the number the mount handed out for the pair."""
+
+    serial: int
+
+
+@dataclass(frozen=True)
 class AliasNode:
     alias_id: int
 
@@ -115,7 +133,7 @@ class SavestateNode:
     entry: SavestateEntry
 
 
-Node = Control | VmNode | VolumeNode | AliasNode | SavestateNode
+Node = Control | VmNode | VolumeNode | ChangesDirNode | ChangeMapNode | AliasNode | SavestateNode
 
 
 def vm_inode(vm_id: int, entry: VmEntry = VmEntry.DIR) -> int:
@@ -124,6 +142,14 @@ def vm_inode(vm_id: int, entry: VmEntry = VmEntry.DIR) -> int:
 
 def volume_inode(volume_id: int, entry: VolumeEntry = VolumeEntry.FILE) -> int:
     return _VOLUME_BASE + volume_id * _VOLUME_STRIDE + entry
+
+
+def changes_dir_inode(volume_id: int) -> int:
+    return _VOLUME_BASE + volume_id * _VOLUME_STRIDE + _CHANGES_DIR
+
+
+def change_map_inode(serial: int) -> int:
+    return CHANGE_MAP_BASE + serial
 
 
 def savestate_inode(savestate_id: int, entry: SavestateEntry = SavestateEntry.DIR) -> int:
@@ -136,8 +162,12 @@ def alias_inode(alias_id: int) -> int:
 
 def decode(inode: int) -> Node | None:
     """What an inode number names, or None for a number we never hand out."""
+    if inode >= CHANGE_MAP_BASE:
+        return ChangeMapNode(inode - CHANGE_MAP_BASE)
     if inode >= _VOLUME_BASE:
         volume_id, rest = divmod(inode - _VOLUME_BASE, _VOLUME_STRIDE)
+        if rest == _CHANGES_DIR:
+            return ChangesDirNode(volume_id)
         try:
             return VolumeNode(volume_id, VolumeEntry(rest))
         except ValueError:

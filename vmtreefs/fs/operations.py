@@ -16,14 +16,14 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import pyfuse3
 import trio
 
-from vmtreefs import commands, properties
+from vmtreefs import commands, lineage, properties
 from vmtreefs.domain import MAX_DOMAIN_XML
 from vmtreefs.engine.base import OpenVolume
 from vmtreefs.errors import VmtreeError
@@ -38,6 +38,8 @@ from vmtreefs.fs.inodes import (
     CONTROL_VOLATILE,
     ROOT,
     AliasNode,
+    ChangeMapNode,
+    ChangesDirNode,
     Control,
     SavestateEntry,
     SavestateNode,
@@ -54,6 +56,7 @@ log = logging.getLogger("vmtreefs.fs")
 LINK_ENTRIES = frozenset(
     {VmEntry.ORIGIN, VmEntry.CLONE_LINK, VmEntry.TEMPLATE, VmEntry.VERSION_LINK}
 )
+CHANGES_SUFFIX = ".changes"
 ATTR_TIMEOUT = 1.0
 ENTRY_TIMEOUT = 1.0
 BLOCK_SIZE = 4096
@@ -202,6 +205,9 @@ class Operations(pyfuse3.Operations):
         tree.on_volumes_written_outside = self._forget_volume_pages
         tree.on_volumes_replaced = self._forget_volume_names
         self._stale_names: set[tuple[int, str]] = set()
+        # VOL.changes/OTHER: the (volume, other volume) pair of each number handed out.
+        self.change_maps: dict[int, tuple[int, int]] = {}
+        self._change_map_serials: dict[tuple[int, int], int] = {}
         tree.on_names_changed = self._forget_top_names
 
     # Invalidation: done after the reply, from a task of its own, never inside a handler.
@@ -277,6 +283,27 @@ class Operations(pyfuse3.Operations):
         except VmtreeError:
             return None
 
+    def _any_volume(self, volume_id: int) -> tuple[Vm, Volume]:
+        """A VM's volume or a savestate's, with the VM that owns it."""
+        saved = self._saved_volume(volume_id)
+        return (saved[0], saved[2]) if saved is not None else self._volume(volume_id)
+
+    def _change_map(self, serial: int) -> tuple[int, int]:
+        pair = self.change_maps.get(serial)
+        if pair is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        for volume_id in pair:
+            self._any_volume(volume_id)
+        return pair
+
+    def _change_map_inode(self, volume_id: int, other_id: int) -> int:
+        serial = self._change_map_serials.get((volume_id, other_id))
+        if serial is None:
+            serial = len(self.change_maps)
+            self.change_maps[serial] = (volume_id, other_id)
+            self._change_map_serials[(volume_id, other_id)] = serial
+        return inodes.change_map_inode(serial)
+
     def _savestate(self, savestate_id: int) -> tuple[Vm, Savestate]:
         try:
             return self.tree.ns.savestate_by_id(savestate_id)
@@ -344,6 +371,10 @@ class Operations(pyfuse3.Operations):
         elif isinstance(node, VolumeNode):
             if self._saved_volume(node.volume_id) is None:
                 self._volume(node.volume_id)
+        elif isinstance(node, ChangesDirNode):
+            self._any_volume(node.volume_id)
+        elif isinstance(node, ChangeMapNode):
+            self._change_map(node.serial)
         elif isinstance(node, SavestateNode):
             self._savestate(node.savestate_id)
         elif isinstance(node, AliasNode) and inode not in self.departed_links:
@@ -375,6 +406,8 @@ class Operations(pyfuse3.Operations):
             if node.entry == SavestateEntry.DIR:
                 return inodes.vm_inode(vm.id, VmEntry.SAVESTATES)
             return inodes.savestate_inode(savestate.id)
+        if isinstance(node, ChangeMapNode):
+            return inodes.changes_dir_inode(self._change_map(node.serial)[0])
         saved = self._saved_volume(node.volume_id)
         if saved is not None:
             return inodes.savestate_inode(saved[1].id, SavestateEntry.VOLUMES)
@@ -480,6 +513,14 @@ class Operations(pyfuse3.Operations):
             else:
                 attr.st_mode = stat.S_IFREG | 0o444
                 attr.st_size = len(self._savestate_info(vm, savestate))
+        elif isinstance(node, ChangesDirNode):
+            directory = True
+            attr.st_nlink = 2
+            time_ns = int(self._any_volume(node.volume_id)[1].created * 1e9)
+        elif isinstance(node, ChangeMapNode):
+            # Made at open from the engine's metadata: its size is known only then.
+            attr.st_mode = stat.S_IFREG | 0o444
+            attr.entry_timeout = attr.attr_timeout = 0
         elif (saved := self._saved_volume(node.volume_id)) is not None:
             _, _, volume = saved
             attr.st_mode = stat.S_IFREG | 0o400
@@ -553,7 +594,7 @@ class Operations(pyfuse3.Operations):
                     for v in ns.versions_of(vm)
                 ]
             elif node.entry == VmEntry.VOLUMES:
-                entries = [(inodes.volume_inode(v.id), v.filename) for v in vm.volumes.values()]
+                entries = self._volume_entries(vm.volumes.values())
             elif node.entry == VmEntry.CLONES:
                 entries = [
                     (inodes.vm_inode(c.id, VmEntry.CLONE_LINK), c.name) for c in ns.clones_of(vm)
@@ -574,15 +615,32 @@ class Operations(pyfuse3.Operations):
                     for name, entry in inodes.SAVESTATE_DIR_ENTRIES.items()
                 ]
             elif node.entry == SavestateEntry.VOLUMES:
-                entries = [
-                    (inodes.volume_inode(v.id), v.filename) for v in savestate.volumes.values()
-                ]
+                entries = self._volume_entries(savestate.volumes.values())
             else:
                 raise pyfuse3.FUSEError(errno.ENOTDIR)
+        elif isinstance(node, ChangesDirNode):
+            entries = []  # any related VM can be looked up: listing them all would not scale
         else:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         entries.sort()
         return entries
+
+    @staticmethod
+    def _volume_entries(volumes: Iterable[Volume]) -> list[tuple[int, str]]:
+        entries = []
+        for v in volumes:
+            entries.append((inodes.volume_inode(v.id), v.filename))
+            entries.append((inodes.changes_dir_inode(v.id), v.name + CHANGES_SUFFIX))
+        return entries
+
+    @staticmethod
+    def _volume_child(volumes: Iterable[Volume], name: str) -> int | None:
+        for volume in volumes:
+            if name == volume.filename:
+                return inodes.volume_inode(volume.id)
+            if name == volume.name + CHANGES_SUFFIX:
+                return inodes.changes_dir_inode(volume.id)
+        return None
 
     def _child(self, parent: int, name: str) -> int:
         """The inode of ``name`` in ``parent``; ENOENT when there is none."""
@@ -620,10 +678,9 @@ class Operations(pyfuse3.Operations):
                     if name == f"v{version.version}":
                         return inodes.vm_inode(version.id, VmEntry.VERSION_LINK)
             elif node.entry == VmEntry.VOLUMES:
-                if name.endswith(".img"):
-                    volume = vm.volumes.get(name[: -len(".img")])
-                    if volume is not None:
-                        return inodes.volume_inode(volume.id)
+                found = self._volume_child(vm.volumes.values(), name)
+                if found is not None:
+                    return found
             elif node.entry == VmEntry.CLONES:
                 clone = ns.by_name.get(name)
                 if clone is not None and clone.origin_id == vm.id:
@@ -641,11 +698,20 @@ class Operations(pyfuse3.Operations):
                 if ss_entry is not None:
                     return inodes.savestate_inode(savestate.id, ss_entry)
             elif node.entry == SavestateEntry.VOLUMES:
-                for volume in savestate.volumes.values():
-                    if volume.filename == name:
-                        return inodes.volume_inode(volume.id)
+                found = self._volume_child(savestate.volumes.values(), name)
+                if found is not None:
+                    return found
             else:
                 raise pyfuse3.FUSEError(errno.ENOTDIR)
+        elif isinstance(node, ChangesDirNode):
+            vm, volume = self._any_volume(node.volume_id)
+            try:
+                other = lineage.comparable_volume(ns, vm, volume, name)
+            except VmtreeError as e:
+                # A lookup's ENOENT is not logged as a rule; this one says why.
+                self.tree.refused(f"change map of {vm.name}/{volume.filename} against {name}", e)
+                raise pyfuse3.FUSEError(e.errno) from None
+            return self._change_map_inode(volume.id, other.id)
         else:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         raise pyfuse3.FUSEError(errno.ENOENT)
@@ -777,7 +843,10 @@ class Operations(pyfuse3.Operations):
             vm, savestate = self._savestate(node.savestate_id)
             await self.tree.delete_savestate(vm.id, savestate.label)
             return
-        if inode == CONTROL_DIR or (isinstance(node, VmNode) and node.entry in inodes.VM_SUBDIRS):
+        fixed = isinstance(node, ChangesDirNode) or (
+            isinstance(node, VmNode) and node.entry in inodes.VM_SUBDIRS
+        )
+        if inode == CONTROL_DIR or fixed:
             raise refuse(errno.EPERM, f"{text!r} is part of the fixed layout and cannot be removed")
         raise refuse(errno.ENOTDIR, f"{text!r} is not a directory")
 
@@ -895,7 +964,14 @@ class Operations(pyfuse3.Operations):
             if writable:
                 raise refuse(errno.EROFS, "a savestate's volumes are read-only")
             opened = await self.tree.open_saved_volume(node.volume_id)
-            return pyfuse3.FileInfo(fh=self._add_handle(VolumeHandle(opened)))
+            # A savestate's volume never changes: what the kernel cached of it stays true.
+            return pyfuse3.FileInfo(fh=self._add_handle(VolumeHandle(opened)), keep_cache=True)
+        if isinstance(node, ChangeMapNode):
+            if writable:
+                raise refuse(errno.EACCES, "a change map is read-only")
+            volume_id, other_id = self._change_map(node.serial)
+            data = await self.tree.change_map(volume_id, other_id)
+            return pyfuse3.FileInfo(fh=self._add_handle(ContentHandle(data)), direct_io=True)
         if isinstance(node, SavestateNode) and node.entry == SavestateEntry.MEMORY:
             if writable:
                 raise refuse(errno.EROFS, "a savestate's memory image is read-only")
@@ -910,7 +986,10 @@ class Operations(pyfuse3.Operations):
                 await self.tree.discard_volume(node.volume_id)
                 self.invalidate_later(inode, data=True)
             opened = await self.tree.open_volume(node.volume_id, writable)
-            return pyfuse3.FileInfo(fh=self._add_handle(VolumeHandle(opened, truncate)))
+            stable = self._volume(node.volume_id)[0].version_of is not None
+            return pyfuse3.FileInfo(
+                fh=self._add_handle(VolumeHandle(opened, truncate)), keep_cache=stable
+            )
         handle: Handle
         if inode == CONTROL_CTL:
             handle = CtlHandle(None)
