@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import random
+import subprocess
 
 from vmtreefs import blockmap
 from vmtreefs.engine.base import SnapshotEngine
+from vmtreefs.engine.dmthin import DmThinEngine
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -98,3 +100,23 @@ def test_unwritten_volumes_have_an_empty_map(engine: SnapshotEngine) -> None:
     assert len(ranges) == 1
     offset, length = ranges[0]
     assert offset <= 8 * MiB and 8 * MiB + 4096 <= offset + length
+
+
+def test_dmthin_an_export_is_active_read_only_from_open_to_last_close(dmthin: DmThinEngine) -> None:
+    """A backup reads one stable device: activated read-only at the open (not at the first
+    read), removed at the last close."""
+    dmthin.create(1, SIZE)
+    device = dmthin.path(1)
+    assert not device.exists()
+    first = dmthin.open(1, writable=False)
+    second = dmthin.open(1, writable=False)
+    try:
+        assert device.exists()
+        ro = subprocess.run(["blockdev", "--getro", str(device)], capture_output=True, text=True)
+        assert ro.stdout.strip() == "1", ro
+        first.close()
+        assert device.exists()  # the second reader still has it
+    finally:
+        first.close()
+        second.close()
+    assert not device.exists()
