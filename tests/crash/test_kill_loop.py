@@ -31,7 +31,7 @@ from vmtreefs.engine.select import dmthin_available
 KILLS = int(os.environ.get("VMTREE_CRASH_KILLS", "27"))
 # dm-thin runs in a TCG guest, where a round (three mounts and an fsck with thin_check)
 # takes about 50 s: 14 kills there took 12 minutes.
-KILLS_DMTHIN = int(os.environ.get("VMTREE_CRASH_KILLS", "4"))
+KILLS_DMTHIN = int(os.environ.get("VMTREE_CRASH_KILLS", "3"))
 SEED = int(os.environ.get("VMTREE_CRASH_SEED", str(int(time.time()))))
 MAX_DELAY = 0.04  # seconds: most operations take a few milliseconds
 

@@ -58,6 +58,18 @@ def apply_map(newer: Path, older: Path, changes: Path, target: Path) -> int:
     return sum(length for _, length in blockmap.parse(changes.read_text()))
 
 
+def rebuilt(newer: Path, older: Path, changes: Path) -> bytes:
+    """The same in memory (quicker than a dd per range in the slow guest)."""
+    data = bytearray(older.read_bytes())
+    data[newer.stat().st_size :] = b""
+    data.extend(bytes(newer.stat().st_size - len(data)))
+    with open(newer, "rb") as src:
+        for offset, length in blockmap.parse(changes.read_text()):
+            src.seek(offset)
+            data[offset : offset + length] = src.read(length)
+    return bytes(data)
+
+
 def digest(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -81,13 +93,13 @@ def test_an_incremental_backup_from_the_change_map(
         os.mkdir(vms / "work")
         volume(vms, "work").write_bytes(b"")  # a small disk of its own, so copies are quick
         os.truncate(volume(vms, "work"), 16 * MiB)
-        scribble(volume(vms, "work"), rng, 40)
+        scribble(volume(vms, "work"), rng, 20)
         os.setxattr(vms / "work", "user.vmtree.preserve_history", b"1")  # backups keep v1
         os.setxattr(vms / "work", "user.vmtree.versioned", b"1")  # work-next, work-v1
         assert "data.changes" in listing(vms / "work-v1" / "volumes")
         assert (vms / "work-next" / "volumes" / "data.changes" / "work-v1").read_text() == ""
 
-        written = scribble(volume(vms, "work-next"), rng, 25)
+        written = scribble(volume(vms, "work-next"), rng, 15)
         os.truncate(volume(vms, "work-next"), 20 * MiB)  # grown since the last backup
         with open(volume(vms, "work-next"), "r+b") as f:
             f.seek(18 * MiB)
@@ -97,24 +109,19 @@ def test_an_incremental_backup_from_the_change_map(
         restored = tmp_path / "restored"
         copied = apply_map(volume(vms, "work-v2"), volume(vms, "work-v1"), changes, restored)
         assert digest(restored) == digest(volume(vms, "work-v2"))
-        assert 0 < copied <= written + 26 * 2 * 64 * KiB + 64 * KiB, copied
+        assert 0 < copied <= written + 16 * 2 * 64 * KiB + 64 * KiB, copied
         # The alias names the newest version: "changes since the last backup" reads the same.
         alias = vms / "work" / "volumes" / "data.changes" / "work-v1"
         assert alias.read_text() == changes.read_text()
 
         # Against a clone written since, both ways, and against the live head.
         os.mkdir(vms / "work-v2" / "clones" / "fork")
-        scribble(volume(vms, "fork"), rng, 10)
-        scribble(volume(vms, "work-next"), rng, 10)
+        scribble(volume(vms, "fork"), rng, 6)
+        scribble(volume(vms, "work-next"), rng, 6)
         for newer, older in [("fork", "work-next"), ("work-next", "fork"), ("fork", "work-v1")]:
-            target = tmp_path / f"{newer}-from-{older}"
-            apply_map(
-                volume(vms, newer),
-                volume(vms, older),
-                vms / newer / "volumes" / "data.changes" / older,
-                target,
-            )
-            assert digest(target) == digest(volume(vms, newer)), f"{newer} from {older}"
+            changes = vms / newer / "volumes" / "data.changes" / older
+            result = rebuilt(volume(vms, newer), volume(vms, older), changes)
+            assert result == volume(vms, newer).read_bytes(), f"{newer} from {older}"
 
         # Unrelated, unknown or malformed names: ENOENT; the map is read-only.
         os.mkdir(vms / "stranger")
