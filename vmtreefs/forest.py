@@ -77,20 +77,17 @@ def read(vms: Path) -> list[Node]:
         nodes[name] = node
     for node in nodes.values():
         if node.template is not None:
-            node.template_vm = _resolve(node.template, aliases)
+            node.template_vm = _final(vms / node.name / "template")
     for alias, target in aliases.items():
-        final = _resolve(target, aliases)
+        final = _final(vms / alias)  # the kernel follows alias chains like any symlink
         if final in nodes:
             nodes[final].aliases.append(alias if final == target else f"{alias} -> {target}")
     return list(nodes.values())
 
 
-def _resolve(name: str, aliases: dict[str, str]) -> str:
-    seen = 0
-    while name in aliases and seen < 40:
-        name = aliases[name]
-        seen += 1
-    return name
+def _final(link: Path) -> str:
+    """The VM a chain of symlinks ends at, by name."""
+    return os.path.basename(os.path.realpath(link))
 
 
 def _version_number(name: str) -> int:
@@ -109,20 +106,24 @@ def _children(nodes: Iterable[Node]) -> tuple[list[Node], dict[str, list[Node]]]
     return roots, below
 
 
-def _label(node: Node) -> str:
-    parts = [node.name, f"[{node.state}]"]
-    if node.own_bytes is not None:
-        parts.append(f"own {format_bytes(node.own_bytes)}")
-    parts += node.flags
+def _facts(node: Node) -> list[str]:
+    """What is shown of a VM after its name and state, in both formats."""
+    facts = [] if node.own_bytes is None else [f"own {format_bytes(node.own_bytes)}"]
+    if node.flags:
+        facts.append(" ".join(node.flags))
     if node.versions:
-        parts.append("versions " + " ".join(node.versions))
+        facts.append("versions " + " ".join(node.versions))
     if node.template:
-        parts.append(f"template {node.template}")
+        facts.append(f"template {node.template}")
     if node.aliases:
-        parts.append("<- " + ", ".join(node.aliases))
+        facts.append("<- " + ", ".join(node.aliases))
     if node.savestates:
-        parts.append("savestates " + " ".join(node.savestates))
-    return "  ".join(parts)
+        facts.append("savestates " + " ".join(node.savestates))
+    return facts
+
+
+def _label(node: Node) -> str:
+    return "  ".join([node.name, f"[{node.state}]", *_facts(node)])
 
 
 def text(nodes: Iterable[Node]) -> str:
@@ -154,15 +155,7 @@ def dot(nodes: Iterable[Node]) -> str:
     names = {n.name for n in listed}
     out = ["digraph vmtree {", "  rankdir=LR;", '  node [shape=box, fontname="monospace"];']
     for node in sorted(listed, key=lambda n: n.name):
-        lines = [f"{node.name} [{node.state}]"]
-        if node.own_bytes is not None:
-            lines.append(f"own {format_bytes(node.own_bytes)}")
-        if node.flags:
-            lines.append(" ".join(node.flags))
-        if node.aliases:
-            lines.append("<- " + ", ".join(node.aliases))
-        if node.savestates:
-            lines.append("savestates: " + " ".join(node.savestates))
+        lines = [f"{node.name} [{node.state}]", *_facts(node)]
         style = ', style="rounded,filled", fillcolor="#d8f0d8"' if node.state == "running" else ""
         label = "\\n".join(line.replace("\\", "\\\\").replace('"', '\\"') for line in lines)
         out.append(f'  {_quoted(node.name)} [label="{label}"{style}];')

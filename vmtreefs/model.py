@@ -420,6 +420,13 @@ class Namespace:
                     return vm, ss, vol
         raise ModelError(errno.ENOENT, f"savestate volume id {volume_id} is gone")
 
+    def any_volume_by_id(self, volume_id: int) -> tuple[Vm, Savestate | None, Volume]:
+        """A VM's own volume (savestate None) or a savestate's; ENOENT once it is gone."""
+        if volume_id in self._volume_owner:
+            vm, volume = self.volume_by_id(volume_id)
+            return vm, None, volume
+        return self.savestate_volume_by_id(volume_id)
+
     def add_savestate(self, vm_id: int, savestate: Savestate) -> None:
         vm = self.get_by_id(vm_id)
         vm.savestates[savestate.label] = savestate

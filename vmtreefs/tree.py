@@ -39,7 +39,6 @@ from vmtreefs.model import (
     HOT_LABEL,
     Alias,
     CloneVm,
-    ModelError,
     Namespace,
     ReplaceAlias,
     Savestate,
@@ -1351,12 +1350,9 @@ class VmTree:
 
     def _volume_label(self, volume_id: int) -> str:
         """VM/VOL.img, or VM@LABEL/VOL.img for a savestate's volume, for the log."""
-        try:
-            vm, volume = self.ns.volume_by_id(volume_id)
-            return f"{vm.name}/{volume.filename}"
-        except ModelError:
-            vm, savestate, volume = self.ns.savestate_volume_by_id(volume_id)
-            return f"{vm.name}@{savestate.label}/{volume.filename}"
+        vm, savestate, volume = self.ns.any_volume_by_id(volume_id)
+        where = vm.name if savestate is None else f"{vm.name}@{savestate.label}"
+        return f"{where}/{volume.filename}"
 
     async def change_map(self, volume_id: int, other_id: int) -> bytes:
         """``VOL.changes/OTHER``: where the volume may differ from the other one."""

@@ -10,6 +10,7 @@ import hashlib
 import random
 import subprocess
 
+from tests.helpers.changes import rebuild
 from vmtreefs import blockmap
 from vmtreefs.engine.base import SnapshotEngine
 from vmtreefs.engine.dmthin import DmThinEngine
@@ -46,13 +47,7 @@ def content(engine: SnapshotEngine, vol_id: int) -> bytes:
 def rebuilt(engine: SnapshotEngine, newer: int, older: int) -> tuple[bytes, list[blockmap.Range]]:
     """``older``'s bytes, resized to ``newer``'s size, with the mapped ranges of ``newer``."""
     ranges = engine.changed_ranges(newer, older)
-    copy = bytearray(content(engine, older)[: engine.size(newer)])
-    copy.extend(bytes(engine.size(newer) - len(copy)))
-    data = content(engine, newer)
-    for offset, length in ranges:
-        assert offset >= 0 and offset + length <= len(copy), (offset, length)
-        copy[offset : offset + length] = data[offset : offset + length]
-    return bytes(copy), ranges
+    return rebuild(content(engine, older), content(engine, newer), ranges), ranges
 
 
 def test_applying_the_map_rebuilds_the_newer_volume(engine: SnapshotEngine) -> None:

@@ -285,8 +285,11 @@ class Operations(pyfuse3.Operations):
 
     def _any_volume(self, volume_id: int) -> tuple[Vm, Volume]:
         """A VM's volume or a savestate's, with the VM that owns it."""
-        saved = self._saved_volume(volume_id)
-        return (saved[0], saved[2]) if saved is not None else self._volume(volume_id)
+        try:
+            vm, _, volume = self.tree.ns.any_volume_by_id(volume_id)
+        except VmtreeError:
+            raise pyfuse3.FUSEError(errno.ENOENT) from None
+        return vm, volume
 
     def _change_map(self, serial: int) -> tuple[int, int]:
         pair = self.change_maps.get(serial)
@@ -368,10 +371,7 @@ class Operations(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(errno.ENOENT)
             if node.entry == VmEntry.VERSION_LINK and self._head(vm) is None:
                 raise pyfuse3.FUSEError(errno.ENOENT)
-        elif isinstance(node, VolumeNode):
-            if self._saved_volume(node.volume_id) is None:
-                self._volume(node.volume_id)
-        elif isinstance(node, ChangesDirNode):
+        elif isinstance(node, (VolumeNode, ChangesDirNode)):
             self._any_volume(node.volume_id)
         elif isinstance(node, ChangeMapNode):
             self._change_map(node.serial)
