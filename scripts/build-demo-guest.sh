@@ -16,20 +16,32 @@
 # Usage: scripts/build-demo-guest.sh OUTDIR
 #   OUTDIR gets vmlinuz and initrd.img (mode 0644: libvirt's qemu user reads them).
 # Needs: linux-image-amd64 (kernel and its virtio, ACPI button and evdev modules),
-# busybox-static, kmod, cpio, gzip.
-set -euo pipefail
+# busybox-static, kmod, cpio, gzip (scripts/guest-deps.sh installs them).
+#
+# Every failure prints one line "build-demo-guest: WHAT; WHAT TO DO" (the ERR
+# trap names any command that fails without a check of its own).
+set -Eeuo pipefail
+trap 'echo "build-demo-guest: failed (exit $?): $BASH_COMMAND (line $LINENO); make deps-guest installs what this needs" >&2' ERR
 
-out=${1:?usage: $0 OUTDIR}
-kernel=$(ls /boot/vmlinuz-* 2>/dev/null | sort -V | tail -n 1)
-if [ -z "$kernel" ]; then
-  echo "build-demo-guest: no /boot/vmlinuz-*: install linux-image-amd64 (make deps-guest)" >&2
+die() {
+  echo "build-demo-guest: $*" >&2
   exit 1
-fi
+}
+
+[ $# -eq 1 ] || die "usage: $0 OUTDIR"
+out=$1
+kernel=$(find /boot -maxdepth 1 -name 'vmlinuz-*' 2>/dev/null | sort -V | tail -n 1)
+[ -n "$kernel" ] || die "no /boot/vmlinuz-*; install linux-image-amd64 (make deps-guest)"
+[ -r "$kernel" ] || die "$kernel is not readable; run as root"
 kver=${kernel#/boot/vmlinuz-}
+[ -d "/lib/modules/$kver" ] || die "no /lib/modules/$kver for $kernel; reinstall linux-image-$kver"
+for tool in modprobe cpio gzip; do
+  command -v "$tool" >/dev/null || die "$tool is missing; install it (make deps-guest)"
+done
 busybox=$(command -v busybox || true)
-if [ -z "$busybox" ] || ! file -L "$busybox" | grep -q "statically linked"; then
-  echo "build-demo-guest: no static busybox: install busybox-static (make deps-guest)" >&2
-  exit 1
+# ldd fails on a static binary: a dynamic busybox cannot run in the initramfs.
+if [ -z "$busybox" ] || ldd "$busybox" >/dev/null 2>&1; then
+  die "no static busybox; install busybox-static (make deps-guest)"
 fi
 
 root=$(mktemp -d)
@@ -43,18 +55,20 @@ cp "$busybox" "$root/bin/busybox"
 # into the kernel shows as "builtin NAME", not "insmod PATH", and is skipped.
 : >"$root/modules/order"
 for module in virtio_pci virtio_blk button evdev; do
-  modprobe --show-depends -S "$kver" "$module" | while read -r verb path _; do
+  deps=$(modprobe --show-depends -S "$kver" "$module" 2>&1) \
+    || die "kernel $kver has no module $module: $deps"
+  while read -r verb path _; do
     [ "$verb" = insmod ] || continue
     name=$(basename "$path")
     name=${name%%.ko*}
     grep -qx "$name" "$root/modules/order" && continue
     case "$path" in
-      *.ko.xz) xz -dc "$path" >"$root/modules/$name.ko" ;;
-      *.ko.zst) zstd -qdc "$path" >"$root/modules/$name.ko" ;;
+      *.ko.xz) xz -dc "$path" >"$root/modules/$name.ko" || die "cannot unpack $path; install xz-utils" ;;
+      *.ko.zst) zstd -qdc "$path" >"$root/modules/$name.ko" || die "cannot unpack $path; install zstd" ;;
       *) cp "$path" "$root/modules/$name.ko" ;;
     esac
     echo "$name" >>"$root/modules/order"
-  done
+  done <<<"$deps"
 done
 
 cat >"$root/init" <<'EOF'
@@ -128,7 +142,7 @@ done
 EOF
 chmod 0755 "$root/init"
 
-mkdir -p "$out"
+mkdir -p "$out" || die "cannot make $out"
 (cd "$root" && find . | cpio --quiet -o -H newc | gzip -9) >"$out/initrd.img.tmp"
 cp "$kernel" "$out/vmlinuz.tmp"
 chmod 0644 "$out/initrd.img.tmp" "$out/vmlinuz.tmp"

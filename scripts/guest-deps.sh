@@ -6,8 +6,12 @@
 #   - virtme-ng from PyPI into the project's venv (the `vng` launcher).
 # apt-get runs only when a package is missing; pip only when .venv/bin/vng is.
 #
+# Every failure prints one line "guest-deps: WHAT; WHAT TO DO" (the ERR trap names
+# any command that fails without a check of its own, e.g. apt-get or pip).
+#
 # Usage: scripts/guest-deps.sh            (from anywhere; VENV=path overrides .venv)
-set -euo pipefail
+set -Eeuo pipefail
+trap 'echo "guest-deps: failed (exit $?): $BASH_COMMAND (line $LINENO); see its output above, fix that and run it again" >&2' ERR
 
 cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/.."
 
@@ -23,10 +27,11 @@ VENV=${VENV:-.venv}
 # thin-provisioning-tools  thin_check, thin_ls, thin_delta, thin_metadata_size
 # xfsprogs e2fsprogs util-linux  mkfs.xfs / mkfs.ext4 / losetup in the guest
 # fuse3                 fusermount3 for FUSE mounts in the guest
+# cpio                  the demo guest's initramfs (scripts/build-demo-guest.sh)
 # qemu-utils and udev are not needed: vng shares the host root over 9p
 # (Debian 12 has no virtiofsd package) and its init makes /dev nodes itself.
 PACKAGES=(linux-image-amd64 qemu-system-x86 busybox-static kmod lvm2
-          thin-provisioning-tools xfsprogs e2fsprogs util-linux fuse3)
+          thin-provisioning-tools xfsprogs e2fsprogs util-linux fuse3 cpio)
 
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then

@@ -15,7 +15,11 @@
 #
 # Start and stop calls are serialised by a lock file, so two test sessions
 # starting at once do not both start libvirtd.
-set -euo pipefail
+#
+# Every failure prints one line "libvirt: WHAT; WHAT TO DO" (the ERR trap names
+# any command that fails without a check of its own).
+set -Eeuo pipefail
+trap 'echo "libvirt: failed (exit $?): $BASH_COMMAND (scripts/libvirt-daemons.sh line $LINENO); fix that and run it again" >&2' ERR
 
 LOCK=/run/lock/vmtree-libvirt-daemons.lock
 READY_TIMEOUT=30
@@ -101,7 +105,7 @@ start_daemon() {
   # fd 9 (the lock) closed for the daemon: it must not hold the lock for ever.
   # Its output goes to a file, not to our caller's pipes (which would then stay open).
   if ! "$name" -d 9>&- </dev/null >"$errors" 2>&1; then
-    echo "libvirt: could not start $name: $(cat "$errors")" >&2
+    echo "libvirt: could not start $name: $(tr '\n' ' ' <"$errors"); run \`$name\` in the foreground to see why" >&2
     rm -f "$errors"
     return 1
   fi
@@ -109,7 +113,7 @@ start_daemon() {
   deadline=$((SECONDS + 10))
   until pid=$(pid_from_pidfile "$name"); do
     if [ $SECONDS -ge $deadline ]; then
-      echo "libvirt: $name -d returned but $(daemon_pidfile "$name") names no live $name" >&2
+      echo "libvirt: $name -d returned but $(daemon_pidfile "$name") names no live $name; run \`$name\` in the foreground to see why" >&2
       return 1
     fi
     sleep 0.1
@@ -126,7 +130,7 @@ wait_ready() {
       return 0
     fi
     if [ $SECONDS -ge $deadline ]; then
-      echo "libvirt: $URI did not answer within ${READY_TIMEOUT} s: $out" >&2
+      echo "libvirt: $URI did not answer within ${READY_TIMEOUT} s: $out; run \`libvirtd\` in the foreground to see why" >&2
       return 1
     fi
     sleep 0.2
@@ -141,9 +145,10 @@ do_start() {
       exit 1
     }
   done
-  start_daemon virtlogd
-  start_daemon libvirtd
-  wait_ready
+  # Each says why itself when it fails; `|| exit` keeps the ERR trap from saying it twice.
+  start_daemon virtlogd || exit 1
+  start_daemon libvirtd || exit 1
+  wait_ready || exit 1
 }
 
 # -- stop ----------------------------------------------------------------------

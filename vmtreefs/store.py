@@ -907,7 +907,12 @@ class Store:
 
     @classmethod
     def _migrate(cls, conn: sqlite3.Connection, path: Path) -> None:
-        """Apply each pending migration in its own transaction, with its version bump."""
+        """Apply each pending migration in its own transaction, with its version bump.
+
+        A new store logs one line; an older one logs each step it is taken through,
+        since that is what an administrator upgrading wants to see.
+        """
+        started_at: int | None = None
         while True:
             # Re-read under the write lock: another process may have migrated meanwhile.
             conn.execute("BEGIN IMMEDIATE")
@@ -919,17 +924,22 @@ class Store:
                         f"store schema version {version} is newer than this vmtreefs "
                         f"({cls.SCHEMA_VERSION})",
                     )
+                if started_at is None:
+                    started_at = version
                 if version == cls.SCHEMA_VERSION:
                     # A real write, so a read-only file fails here rather than
                     # at the first operation after the mount.
                     conn.execute(f"PRAGMA user_version = {version:d}")
                     conn.execute("COMMIT")
+                    if started_at == 0 and version > 0:
+                        log.info("store %s: created store, schema v%d", path, version)
                     return
                 for statement in _statements(cls.MIGRATIONS[version]):
                     conn.execute(statement)
                 conn.execute(f"PRAGMA user_version = {version + 1:d}")
                 conn.execute("COMMIT")
-                log.info("store %s: schema migrated to version %d", path, version + 1)
+                if started_at > 0:
+                    log.info("store %s: schema migrated to version %d", path, version + 1)
             except BaseException:
                 if conn.in_transaction:
                     conn.rollback()

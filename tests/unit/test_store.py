@@ -205,6 +205,31 @@ def test_v1_store_upgrades_to_current_in_place_keeping_its_data(db: Path) -> Non
         assert [a.name for a in s.load().aliases] == ["latest"]
 
 
+def test_a_new_store_logs_one_line_and_an_upgrade_logs_each_step(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """What an administrator reads in the log: one line for a new store, a line per upgrade."""
+    now = Store.SCHEMA_VERSION
+
+    def store_lines() -> list[str]:
+        lines = [r.getMessage() for r in caplog.records if r.name == "vmtreefs.store"]
+        caplog.clear()
+        return lines
+
+    new, old = tmp_path / "new.db", tmp_path / "old.db"
+    with caplog.at_level("INFO", logger="vmtreefs.store"):
+        Store.open(new).close()
+        assert store_lines() == [f"store {new}: created store, schema v{now}"]
+        Store.open(new).close()
+        assert store_lines() == []
+        V1Store.open(old).close()
+        assert store_lines() == [f"store {old}: created store, schema v1"]
+        Store.open(old).close()
+        assert store_lines() == [
+            f"store {old}: schema migrated to version {v}" for v in range(2, now + 1)
+        ]
+
+
 def test_snapshot_aliases_default_to_empty() -> None:
     assert Snapshot([], [], [], {}).aliases == []
 
