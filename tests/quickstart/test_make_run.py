@@ -27,6 +27,7 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -194,6 +195,13 @@ def libvirt_domains(domain_prefix: str) -> list[str]:
         import libvirt
     except ImportError:
         return []
+    # libvirt prints a failed connection to stderr: ask the socket first.
+    with socket.socket(socket.AF_UNIX) as probe:
+        try:
+            probe.connect("/run/libvirt/libvirt-sock")
+        except OSError:
+            return []
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
     try:
         conn = libvirt.open("qemu:///system")
     except libvirt.libvirtError:
