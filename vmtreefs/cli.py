@@ -232,7 +232,7 @@ def _progress_bar(what: str, done: int, total: int) -> None:
 def cmd_fsck(args: argparse.Namespace) -> int:
     """Exit 0: clean; 1: problems found and all repaired; 4: problems left (as fsck(8))."""
     from vmtreefs.fsck import FsckReport, fsck
-    from vmtreefs.invariants import Finding
+    from vmtreefs.rules.invariants import Finding
     from vmtreefs.source import STORE_NAME, open_source
 
     source = Path(args.source).resolve()

@@ -14,7 +14,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vmtreefs.tree import format_bytes
+from vmtreefs.engine.select import format_size
+from vmtreefs.rules.states import RUNNING
 
 XATTR = "user.vmtree."
 
@@ -108,7 +109,7 @@ def _children(nodes: Iterable[Node]) -> tuple[list[Node], dict[str, list[Node]]]
 
 def _facts(node: Node) -> list[str]:
     """What is shown of a VM after its name and state, in both formats."""
-    facts = [] if node.own_bytes is None else [f"own {format_bytes(node.own_bytes)}"]
+    facts = [] if node.own_bytes is None else [f"own {format_size(node.own_bytes)}"]
     if node.flags:
         facts.append(" ".join(node.flags))
     if node.versions:
@@ -156,7 +157,7 @@ def dot(nodes: Iterable[Node]) -> str:
     out = ["digraph vmtree {", "  rankdir=LR;", '  node [shape=box, fontname="monospace"];']
     for node in sorted(listed, key=lambda n: n.name):
         lines = [f"{node.name} [{node.state}]", *_facts(node)]
-        style = ', style="rounded,filled", fillcolor="#d8f0d8"' if node.state == "running" else ""
+        style = ', style="rounded,filled", fillcolor="#d8f0d8"' if node.state == RUNNING else ""
         label = "\\n".join(line.replace("\\", "\\\\").replace('"', '\\"') for line in lines)
         out.append(f'  {_quoted(node.name)} [label="{label}"{style}];')
     for node in sorted(listed, key=lambda n: n.name):

@@ -20,8 +20,9 @@ from pathlib import Path
 
 from vmtreefs.engine.base import SnapshotEngine
 from vmtreefs.errors import VmtreeError
-from vmtreefs.invariants import Finding, check_namespace, compare_volumes, journalled_volumes
-from vmtreefs.model import Namespace
+from vmtreefs.rules.invariants import Finding, check_namespace, compare_volumes, journalled_volumes
+from vmtreefs.rules.namespace import Namespace
+from vmtreefs.rules.vms import needs_of
 from vmtreefs.saveimage import RESTORE_COPY_PREFIX
 from vmtreefs.store import Store
 from vmtreefs.tree import VmTree
@@ -131,7 +132,7 @@ def _check(
             report.findings.append(Finding("engine", f"{engine.name}: {e.reason}"))
     _check_images(savestate_dir, ns, repair, progress, report)
     report.pending = [
-        f"{vm.name} waits: {'; '.join(ns.needs_of(vm)) or 'nothing needs it'}"
+        f"{vm.name} waits: {'; '.join(needs_of(ns, vm)) or 'nothing needs it'}"
         for vm in ns.by_id.values()
         if vm.hidden and vm.volatile
     ]

@@ -22,6 +22,7 @@ from typing import Any
 import libvirt
 
 from vmtreefs.errors import VmtreeError
+from vmtreefs.rules.states import HALTED, PAUSED, RUNNING, SAVED, STARTING, STOPPING
 
 log = logging.getLogger("vmtreefs.hypervisor")
 
@@ -44,7 +45,7 @@ class DomainEvent:
 # virDomainEventType -> (state word, {detail: reason}); unlisted details say "event N".
 _EVENTS: dict[int, tuple[str, dict[int, str]]] = {
     libvirt.VIR_DOMAIN_EVENT_STARTED: (
-        "running",
+        RUNNING,
         {
             libvirt.VIR_DOMAIN_EVENT_STARTED_BOOTED: "booted",
             libvirt.VIR_DOMAIN_EVENT_STARTED_RESTORED: "restored",
@@ -52,44 +53,44 @@ _EVENTS: dict[int, tuple[str, dict[int, str]]] = {
         },
     ),
     libvirt.VIR_DOMAIN_EVENT_SUSPENDED: (
-        "paused",
+        PAUSED,
         {
-            libvirt.VIR_DOMAIN_EVENT_SUSPENDED_PAUSED: "paused",
+            libvirt.VIR_DOMAIN_EVENT_SUSPENDED_PAUSED: PAUSED,
             libvirt.VIR_DOMAIN_EVENT_SUSPENDED_IOERROR: "paused on an I/O error",
             libvirt.VIR_DOMAIN_EVENT_SUSPENDED_RESTORED: "restored paused",
         },
     ),
     libvirt.VIR_DOMAIN_EVENT_RESUMED: (
-        "running",
+        RUNNING,
         {libvirt.VIR_DOMAIN_EVENT_RESUMED_UNPAUSED: "resumed"},
     ),
     libvirt.VIR_DOMAIN_EVENT_SHUTDOWN: (
-        "stopping",
+        STOPPING,
         {libvirt.VIR_DOMAIN_EVENT_SHUTDOWN_FINISHED: "guest is shutting down"},
     ),
     libvirt.VIR_DOMAIN_EVENT_STOPPED: (
-        "halted",
+        HALTED,
         {
             libvirt.VIR_DOMAIN_EVENT_STOPPED_SHUTDOWN: "shut down",
             libvirt.VIR_DOMAIN_EVENT_STOPPED_DESTROYED: "killed",
             libvirt.VIR_DOMAIN_EVENT_STOPPED_CRASHED: "crashed",
-            libvirt.VIR_DOMAIN_EVENT_STOPPED_SAVED: "saved",
+            libvirt.VIR_DOMAIN_EVENT_STOPPED_SAVED: SAVED,
             libvirt.VIR_DOMAIN_EVENT_STOPPED_FAILED: "failed",
         },
     ),
-    libvirt.VIR_DOMAIN_EVENT_CRASHED: ("halted", {}),
-    libvirt.VIR_DOMAIN_EVENT_PMSUSPENDED: ("paused", {}),
+    libvirt.VIR_DOMAIN_EVENT_CRASHED: (HALTED, {}),
+    libvirt.VIR_DOMAIN_EVENT_PMSUSPENDED: (PAUSED, {}),
 }
 
 # virDomainState -> the tree's word.
 _STATES = {
-    libvirt.VIR_DOMAIN_RUNNING: "running",
-    libvirt.VIR_DOMAIN_BLOCKED: "running",
-    libvirt.VIR_DOMAIN_PAUSED: "paused",
-    libvirt.VIR_DOMAIN_PMSUSPENDED: "paused",
-    libvirt.VIR_DOMAIN_SHUTDOWN: "stopping",
-    libvirt.VIR_DOMAIN_SHUTOFF: "halted",
-    libvirt.VIR_DOMAIN_CRASHED: "halted",
+    libvirt.VIR_DOMAIN_RUNNING: RUNNING,
+    libvirt.VIR_DOMAIN_BLOCKED: RUNNING,
+    libvirt.VIR_DOMAIN_PAUSED: PAUSED,
+    libvirt.VIR_DOMAIN_PMSUSPENDED: PAUSED,
+    libvirt.VIR_DOMAIN_SHUTDOWN: STOPPING,
+    libvirt.VIR_DOMAIN_SHUTOFF: HALTED,
+    libvirt.VIR_DOMAIN_CRASHED: HALTED,
 }
 
 
@@ -99,8 +100,8 @@ def _state_of(dom: libvirt.virDomain) -> str:
     client that asked for it is gone."""
     state, reason = dom.state()
     if state == libvirt.VIR_DOMAIN_PAUSED and reason == libvirt.VIR_DOMAIN_PAUSED_STARTING_UP:
-        return "starting"
-    return _STATES.get(state, "running")
+        return STARTING
+    return _STATES.get(state, RUNNING)
 
 
 _ERRNO_OF_LIBVIRT = {
@@ -245,7 +246,7 @@ class Hypervisor:
             return _state_of(self._connection().lookupByName(name))
         except libvirt.libvirtError as e:
             if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
-                return "halted"
+                return HALTED
             raise _translate(e, f"ask the state of {name}") from None
 
     def job_running(self, name: str) -> bool:

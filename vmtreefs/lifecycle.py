@@ -28,13 +28,15 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from vmtreefs import domain, saveimage, states
+from vmtreefs import saveimage
 from vmtreefs.accel import resolve_domain_type
-from vmtreefs.commands import Command
-from vmtreefs.domain import Disk, Identity
 from vmtreefs.errors import VmtreeError
 from vmtreefs.hypervisor import DomainEvent, Hypervisor
-from vmtreefs.model import HOT_LABEL, HOT_RUNNER_PREFIX, Savestate, Vm
+from vmtreefs.rules import domain, states
+from vmtreefs.rules.commands import Command
+from vmtreefs.rules.domain import Disk, Identity
+from vmtreefs.rules.names import HOT_LABEL, HOT_RUNNER_PREFIX
+from vmtreefs.rules.objects import Savestate, Vm
 
 if TYPE_CHECKING:
     from vmtreefs.store import Intent
@@ -337,8 +339,7 @@ class Lifecycle:
                 del self._settling[vm.id]
 
     def _set_state(self, vm: Vm, state: str) -> None:
-        if vm.state != state:
-            vm.state = state
+        if self.tree.ns.set_state(vm, state):
             self._versions[vm.id] = self._versions.get(vm.id, 0) + 1
             self._changed.set()
             self._changed = trio.Event()
@@ -427,11 +428,11 @@ class Lifecycle:
         if verb == "pause":
             await trio.to_thread.run_sync(hypervisor.suspend, self.domain_name(vm))
             self._set_state(vm, states.PAUSED)
-            return self._done(vm, "paused")
+            return self._done(vm, states.PAUSED)
         if verb == "resume":
             await trio.to_thread.run_sync(hypervisor.resume, self.domain_name(vm))
             self._set_state(vm, states.RUNNING)
-            return self._done(vm, "running")
+            return self._done(vm, states.RUNNING)
         raise VmtreeError(errno.EINVAL, f"{verb!r} is not a lifecycle command")
 
     def _done(self, vm: Vm, result: str) -> str:
@@ -801,14 +802,14 @@ class Lifecycle:
         log.info("VM %s: asked to shut down, waiting up to %d s", vm.name, timeout)
         if await self.wait_for(vm, frozenset({states.HALTED}), timeout):
             await self._settle_stop(vm, COMMIT_REASON)
-            return "halted"
+            return states.HALTED
         log.warning("VM %s did not shut down within %d s: forcing it off", vm.name, timeout)
         await self._destroy(vm, hypervisor)
         return self._done(vm, f"halted: forced off after {timeout} s")
 
     async def kill(self, vm: Vm, hypervisor: Hypervisor) -> str:
         await self._destroy(vm, hypervisor)
-        return "halted"  # the stop event was announced
+        return states.HALTED  # the stop event was announced
 
     async def _destroy(self, vm: Vm, hypervisor: Hypervisor) -> None:
         try:

@@ -30,22 +30,35 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
 
-from vmtreefs import blockmap, domain, invariants, model, saveimage
-from vmtreefs.commands import Command
+from vmtreefs import saveimage
 from vmtreefs.engine.base import NewVolume, OpenVolume, SnapshotEngine
 from vmtreefs.engine.select import format_size, parse_size
 from vmtreefs.errors import VmtreeError
-from vmtreefs.model import (
-    HOT_LABEL,
-    Alias,
-    CloneVm,
-    Namespace,
-    ReplaceAlias,
-    Savestate,
-    TemplateLink,
-    Vm,
-    Volume,
-    VolumeSpec,
+from vmtreefs.rules import blockmap, domain, invariants
+from vmtreefs.rules.aliases import plan_create_alias, plan_remove_alias, plan_rename_alias
+from vmtreefs.rules.commands import Command
+from vmtreefs.rules.names import HOT_LABEL, VOLUME_SUFFIX, round_up_to_sector
+from vmtreefs.rules.namespace import Namespace
+from vmtreefs.rules.objects import Alias, Savestate, TemplateLink, Vm, Volume, VolumeSpec
+from vmtreefs.rules.plans import CloneVm, ReplaceAlias
+from vmtreefs.rules.states import HALTED, LIFECYCLE_COMMANDS
+from vmtreefs.rules.vms import (
+    collectable,
+    needs_of,
+    plan_clone,
+    plan_create_vm,
+    plan_delete_vm,
+    plan_hide,
+    plan_instance,
+    plan_rename_vm,
+    plan_set_property,
+)
+from vmtreefs.rules.volumes import (
+    check_volume_write,
+    plan_create_volume,
+    plan_delete_volume,
+    plan_rename_volume,
+    plan_resize_volume,
 )
 from vmtreefs.store import Intent, SavestateRow, Store, Txn
 from vmtreefs.versions import Versions
@@ -55,10 +68,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("vmtreefs.tree")
 
-# Commands the lifecycle carries out (lifecycle.LIFECYCLE_COMMANDS, without importing it).
-LIFECYCLE_COMMANDS = frozenset(
-    {"start", "shutdown", "kill", "pause", "resume", "save", "restore", "disposable"}
-)
 
 T = TypeVar("T")
 
@@ -73,15 +82,6 @@ async def in_thread(fn: Callable[..., T], *args: Any) -> T:
 
 def format_time(t: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t))
-
-
-def format_bytes(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
 
 
 @dataclass
@@ -476,8 +476,8 @@ class VmTree:
     # Operations on VMs
 
     async def create_vm(self, raw_name: str | bytes) -> Vm:
-        plan = self.ns.plan_create_vm(raw_name)
-        sizes = ", ".join(f"{v.name} {format_bytes(v.size)}" for v in plan.volumes)
+        plan = plan_create_vm(self.ns, raw_name)
+        sizes = ", ".join(f"{v.name} {format_size(v.size)}" for v in plan.volumes)
         return await self.make_vm(plan.name, f"mkdir {plan.name}", plan.volumes, f": {sizes}")
 
     async def make_vm(
@@ -597,11 +597,11 @@ class VmTree:
         """rmdir: a VM goes now; one that runs, or that something still needs (a running
         instance, a savestate), is hidden and goes when it is free."""
         async with self._locked(vm_id) as vm, self.alias_lock:
-            if vm.state != "halted" or self.ns.needs_of(vm):
+            if vm.state != HALTED or needs_of(self.ns, vm):
                 if not vm.hidden:
                     await self._hide(vm, verb)
                 return
-            plan = self.ns.plan_delete_vm(vm.name)
+            plan = plan_delete_vm(self.ns, vm.name)
             gone = [self.ns.aliases_by_id[a].name for a in plan.aliases]
             line = f"{verb} {plan.name}" + (f" (and its aliases {', '.join(gone)})" if gone else "")
 
@@ -639,7 +639,7 @@ class VmTree:
         tried: set[int] = set()
         try:
             while True:
-                free = [vm for vm in self.ns.collectable() if vm.id not in tried]
+                free = [vm for vm in collectable(self.ns) if vm.id not in tried]
                 if not free:
                     return
                 tried.add(free[0].id)
@@ -652,9 +652,9 @@ class VmTree:
             self._collecting = False
 
     async def _hide(self, vm: Vm, verb: str = "rmdir") -> None:
-        plan = self.ns.plan_hide(vm.name)
+        plan = plan_hide(self.ns, vm.name)
         gone = [self.ns.aliases_by_id[a].name for a in plan.aliases]
-        why = "; ".join(self.ns.needs_of(vm))
+        why = "; ".join(needs_of(self.ns, vm))
         line = f"{verb} {plan.name}: {why}, so it is hidden and goes when it is free" + (
             f" (its aliases {', '.join(gone)} go now)" if gone else ""
         )
@@ -683,7 +683,7 @@ class VmTree:
                 with self.store.transaction() as tx:
                     return tx.next_number(f"{kind}:{self.ns.instance_stem(source)[1]}")
 
-            plan = self.ns.plan_instance(source.name, kind, await in_thread(number))
+            plan = plan_instance(self.ns, source.name, kind, await in_thread(number))
             noun = {"disp": "disposable", "inst": "instance", "hot": "hot savestate runner"}[kind]
             return await self._make_clone(source, plan, f"{noun} {plan.name} of {source.name}")
 
@@ -697,7 +697,7 @@ class VmTree:
 
     async def rename_vm(self, vm_id: int, raw_new: str | bytes) -> None:
         async with self._locked(vm_id) as vm:
-            plan = self.ns.plan_rename_vm(vm.name, raw_new)
+            plan = plan_rename_vm(self.ns, vm.name, raw_new)
             if plan.new == plan.old:
                 return
 
@@ -724,7 +724,7 @@ class VmTree:
 
     async def _clone_vm(self, source_id: int, raw_new: str | bytes, replace: bool) -> Vm:
         async with self._locked(source_id) as source:
-            plan = self.ns.plan_clone(source.name, raw_new, replace)
+            plan = plan_clone(self.ns, source.name, raw_new, replace)
             verb = "clone --replace" if replace else "clone"
             linked = tuple(
                 ss for label, ss in sorted(source.savestates.items()) if label != HOT_LABEL
@@ -755,7 +755,7 @@ class VmTree:
             return await self._create_alias(raw_name, raw_target)
 
     async def _create_alias(self, raw_name: str | bytes, raw_target: str | bytes) -> Alias:
-        plan = self.ns.plan_create_alias(raw_name, raw_target)
+        plan = plan_create_alias(self.ns, raw_name, raw_target)
         target = (
             self.ns.get_by_id(plan.target_vm).name
             if plan.target_vm is not None
@@ -784,7 +784,7 @@ class VmTree:
             await self._remove_alias(name)
 
     async def _remove_alias(self, name: str) -> None:
-        plan = self.ns.plan_remove_alias(name)
+        plan = plan_remove_alias(self.ns, name)
         what = f"rm {name}"
 
         def commit() -> float:
@@ -802,7 +802,7 @@ class VmTree:
             await self._rename_alias(old, raw_new)
 
     async def _rename_alias(self, old: str, raw_new: str | bytes) -> None:
-        plan = self.ns.plan_rename_alias(old, raw_new)
+        plan = plan_rename_alias(self.ns, old, raw_new)
         if isinstance(plan, ReplaceAlias):
             target = self.ns.alias_target_name(self.ns.get_alias(old))
             what = f"mv {old} {plan.name} (now names {target})"
@@ -841,14 +841,14 @@ class VmTree:
         """Store a validated property value (None: back to its default)."""
         if name == "versioned":
             vm = self.ns.get_by_id(vm_id)
-            self.ns.plan_set_property(vm.name, name, value)
+            plan_set_property(self.ns, vm.name, name, value)
             if value == "1" and not vm.versioned:
                 await self.versions.commit_version(vm_id)
             elif value != "1" and vm.versioned:
                 await self.versions.unversion(vm_id)
             return
         async with self._locked(vm_id) as vm:
-            plan = self.ns.plan_set_property(vm.name, name, value)
+            plan = plan_set_property(self.ns, vm.name, name, value)
             if vm.props.get(name) == value:
                 return
             props = dict(vm.props)
@@ -892,7 +892,7 @@ class VmTree:
                     return self.noted(tx, what)
 
             t = await in_thread(commit)
-            vol.policy = policy
+            self.ns.set_policy(volume_id, policy)
             self.announce(what, t)
 
     async def vm_usage(self, vm_id: int) -> int:
@@ -1090,7 +1090,7 @@ class VmTree:
             self.ns.add_volume(vm.id, Volume(vol_id, spec.name, spec.size, spec.policy, created))
         self.on_volumes_written_outside([v.id for v in old])
         self.on_volumes_replaced(
-            vm.id, [v.filename for v in old] + [s.name + model.VOLUME_SUFFIX for s in specs]
+            vm.id, [v.filename for v in old] + [s.name + VOLUME_SUFFIX for s in specs]
         )
         self.announce(what, t)
         with trio.CancelScope(shield=True):
@@ -1102,7 +1102,7 @@ class VmTree:
         """A VM's description changes only while it is halted and not immutable."""
         if vm.immutable:
             raise VmtreeError(errno.EROFS, f"cannot change domain.xml of {vm.name!r}: immutable")
-        if vm.state != "halted":
+        if vm.state != HALTED:
             raise VmtreeError(
                 errno.EBUSY, f"cannot change domain.xml of {vm.name!r}: it is {vm.state}"
             )
@@ -1120,7 +1120,7 @@ class VmTree:
                     return self.noted(tx, what)
 
             t = await in_thread(commit)
-            vm.domain_xml = xml
+            self.ns.set_domain_xml(vm.id, xml)
             self.announce(what, t)
 
     # Control commands
@@ -1137,7 +1137,7 @@ class VmTree:
         if vm_id is None and command.verb == "gc":
             if command.args:
                 raise VmtreeError(errno.EINVAL, "usage: gc")
-            waiting = {vm.id: vm.name for vm in self.ns.collectable()}
+            waiting = {vm.id: vm.name for vm in collectable(self.ns)}
             await self.collect()
             gone = sorted(name for vm_id, name in waiting.items() if vm_id not in self.ns.by_id)
             result = f"destroyed {', '.join(gone)}" if gone else "nothing to collect"
@@ -1199,8 +1199,8 @@ class VmTree:
 
     async def create_volume(self, vm_id: int, raw_filename: str | bytes) -> Volume:
         async with self._locked(vm_id) as vm:
-            plan = self.ns.plan_create_volume(vm.name, raw_filename)
-            what = f"create {vm.name}/{plan.spec.name}{model.VOLUME_SUFFIX}"
+            plan = plan_create_volume(self.ns, vm.name, raw_filename)
+            what = f"create {vm.name}/{plan.spec.name}{VOLUME_SUFFIX}"
             intent, ids = await self._create_volumes(what, (plan.spec,))
 
             def commit() -> tuple[float, float]:
@@ -1222,7 +1222,7 @@ class VmTree:
         vm, vol = self.ns.volume_by_id(volume_id)
         async with self._locked(vm.id):
             vm, vol = self.ns.volume_by_id(volume_id)
-            plan = self.ns.plan_delete_volume(vm.name, vol.name)
+            plan = plan_delete_volume(self.ns, vm.name, vol.name)
             what = f"rm {vm.name}/{vol.filename}"
 
             def commit() -> tuple[int, float]:
@@ -1243,10 +1243,10 @@ class VmTree:
         vm, vol = self.ns.volume_by_id(volume_id)
         async with self._locked(vm.id):
             vm, vol = self.ns.volume_by_id(volume_id)
-            plan = self.ns.plan_rename_volume(vm.name, vol.name, raw_new_filename)
+            plan = plan_rename_volume(self.ns, vm.name, vol.name, raw_new_filename)
             if plan.new == plan.old:
                 return
-            what = f"mv {vm.name}/{plan.old}{model.VOLUME_SUFFIX} {plan.new}{model.VOLUME_SUFFIX}"
+            what = f"mv {vm.name}/{plan.old}{VOLUME_SUFFIX} {plan.new}{VOLUME_SUFFIX}"
 
             def commit() -> float:
                 with self.store.transaction() as tx:
@@ -1268,7 +1268,7 @@ class VmTree:
             vm, vol = self.ns.volume_by_id(volume_id)
             if at_least and vol.size >= new_size:
                 return
-            plan = self.ns.plan_resize_volume(vm.name, vol.name, new_size)
+            plan = plan_resize_volume(self.ns, vm.name, vol.name, new_size)
             if plan.new_size == plan.old_size:
                 return
             what = f"grow {vm.name}/{vol.filename} to {plan.new_size}"
@@ -1315,7 +1315,7 @@ class VmTree:
         vm, vol = self.ns.volume_by_id(volume_id)
         async with self._locked(vm.id):
             vm, vol = self.ns.volume_by_id(volume_id)
-            self.ns.check_volume_write(vm.name, vol.name)
+            check_volume_write(self.ns, vm.name, vol.name)
             what = f"discard {vm.name}/{vol.filename}"
             size = vol.size
 
@@ -1340,7 +1340,7 @@ class VmTree:
     async def open_volume(self, volume_id: int, writable: bool) -> OpenVolume:
         vm, vol = self.ns.volume_by_id(volume_id)
         if writable:
-            self.ns.check_volume_write(vm.name, vol.name)
+            check_volume_write(self.ns, vm.name, vol.name)
         return await in_thread(self.engine.open, volume_id, writable)
 
     async def open_saved_volume(self, volume_id: int) -> OpenVolume:
@@ -1362,7 +1362,7 @@ class VmTree:
             self._volume_label(volume_id),
             self._volume_label(other_id),
             len(ranges),
-            format_bytes(sum(length for _, length in ranges)),
+            format_size(sum(length for _, length in ranges)),
         )
         return blockmap.text(ranges).encode()
 
@@ -1375,10 +1375,10 @@ class VmTree:
     async def write_volume(self, handle: OpenVolume, offset: int, data: bytes) -> int:
         """Write, growing the volume first when the write ends past its size."""
         vm, vol = self.ns.volume_by_id(handle.vol_id)
-        self.ns.check_volume_write(vm.name, vol.name)
+        check_volume_write(self.ns, vm.name, vol.name)
         end = offset + len(data)
         if end > vol.size:
-            await self.resize_volume(vol.id, model.round_up_to_sector(end), at_least=True)
+            await self.resize_volume(vol.id, round_up_to_sector(end), at_least=True)
         return await in_thread(handle.pwrite, data, offset)
 
     # Reports

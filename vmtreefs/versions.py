@@ -20,7 +20,16 @@ from typing import TYPE_CHECKING
 import trio
 
 from vmtreefs.errors import VmtreeError
-from vmtreefs.model import HOT_LABEL, Alias, Vm
+from vmtreefs.rules.names import HOT_LABEL
+from vmtreefs.rules.objects import Alias, Vm
+from vmtreefs.rules.states import HALTED
+from vmtreefs.rules.versions import (
+    check_template_removable,
+    plan_set_template,
+    plan_unversion,
+    plan_version,
+    prunable,
+)
 from vmtreefs.store import Txn
 
 if TYPE_CHECKING:
@@ -61,7 +70,7 @@ class Versions:
                     if f"{base}-v{n}" not in taken:
                         return n
 
-        plan = self.tree.ns.plan_version(head.id, await trio.to_thread.run_sync(number))
+        plan = plan_version(self.tree.ns, head.id, await trio.to_thread.run_sync(number))
         first = not head.versioned
         made: list[Alias] = []
 
@@ -107,7 +116,7 @@ class Versions:
 
     @asynccontextmanager
     async def _held_still(self, vm: Vm) -> AsyncIterator[None]:
-        if vm.state == "halted" or self.tree.lifecycle is None:
+        if vm.state == HALTED or self.tree.lifecycle is None:
             yield
             return
         async with self.tree.lifecycle.held_still(vm):
@@ -119,7 +128,7 @@ class Versions:
         head = self.tree.ns.by_id.get(head_id)
         if head is None or not head.versioned or head.props.get("preserve_history") == "1":
             return
-        for old in self.tree.ns.prunable(head):
+        for old in prunable(self.tree.ns, head):
             try:
                 await self.tree.delete_vm(old.id, "history: drop")
             except VmtreeError as e:
@@ -147,7 +156,7 @@ class Versions:
         async with self.tree.locked(head_id) as head:
             if not head.versioned:
                 raise VmtreeError(errno.EINVAL, f"revert: VM {head.name!r} is not versioned")
-            if head.state != "halted":
+            if head.state != HALTED:
                 raise VmtreeError(
                     errno.EBUSY, f"cannot revert VM {head.name!r}: it is {head.state}, not halted"
                 )
@@ -172,7 +181,7 @@ class Versions:
         """Clearing ``versioned``: NAME-next is NAME again; its versions are kept as
         immutable VMs of their own (``preserve_history`` 1) or deleted."""
         async with self.tree.locked(head_id) as head, self.tree.alias_lock:
-            plan = self.tree.ns.plan_unversion(head_id)
+            plan = plan_unversion(self.tree.ns, head_id)
             head_name = head.name
             kept = "kept" if plan.keep_history else "deleted"
             what = f"unversioned {plan.base}: {head.name} is {plan.base} again, versions {kept}"
@@ -205,7 +214,7 @@ class Versions:
 
     async def set_template(self, vm_id: int, raw_target: str | bytes) -> None:
         async with self.tree.locked(vm_id) as vm, self.tree.alias_lock:
-            link = self.tree.ns.plan_set_template(vm_id, raw_target)
+            link = plan_set_template(self.tree.ns, vm_id, raw_target)
             what = f"ln -s ../{self.tree.ns.template_name(link)} {vm.name}/template"
 
             def commit() -> float:
@@ -214,12 +223,12 @@ class Versions:
                     return self.tree.noted(tx, what)
 
             t = await trio.to_thread.run_sync(commit)
-            vm.template, vm.template_used = link, None
+            self.tree.ns.set_template(vm.id, link)
             self.tree.announce(what, t)
 
     async def remove_template(self, vm_id: int) -> None:
         async with self.tree.locked(vm_id) as vm:
-            self.tree.ns.check_template_removable(vm_id)
+            check_template_removable(self.tree.ns, vm_id)
             what = f"rm {vm.name}/template"
 
             def commit() -> float:
@@ -228,7 +237,7 @@ class Versions:
                     return self.tree.noted(tx, what)
 
             t = await trio.to_thread.run_sync(commit)
-            vm.template, vm.template_used = None, None
+            self.tree.ns.set_template(vm.id, None)
             self.tree.announce(what, t)
         await self.tree.collect()
 
@@ -265,4 +274,4 @@ class Versions:
                 tx.set_template_used(vm.id, used)
 
         await trio.to_thread.run_sync(commit)
-        vm.template_used = used
+        self.tree.ns.set_template_used(vm.id, used)

@@ -45,8 +45,8 @@ if not __package__:
 from tests.bench.clone import Series, machine, say
 from tests.helpers.images import mounted_image
 from tests.helpers.tree import Tree
-from vmtreefs import blockmap
 from vmtreefs.fs import inodes
+from vmtreefs.rules import blockmap
 
 KiB = 1024
 MiB = 1024 * KiB

@@ -68,7 +68,8 @@ from tests.helpers.tree import Tree
 from vmtreefs.engine import fiemap, reflink
 from vmtreefs.engine.reflink import FICLONE, ReflinkEngine, mount_of
 from vmtreefs.fs import inodes
-from vmtreefs.model import DEFAULT_VOLUMES, MiB
+from vmtreefs.rules.names import MiB
+from vmtreefs.rules.objects import DEFAULT_VOLUMES
 from vmtreefs.store import Store, Txn
 from vmtreefs.tree import VmTree
 

@@ -11,9 +11,9 @@ import random
 import subprocess
 
 from tests.helpers.changes import rebuild
-from vmtreefs import blockmap
 from vmtreefs.engine.base import SnapshotEngine
 from vmtreefs.engine.dmthin import DmThinEngine
+from vmtreefs.rules import blockmap
 
 KiB = 1024
 MiB = 1024 * KiB

@@ -16,8 +16,8 @@ import pytest
 
 from tests.helpers.changes import rebuild
 from tests.helpers.tree import Tree, ctl, error_of, listing
-from vmtreefs import blockmap
 from vmtreefs.engine.select import dmthin_available
+from vmtreefs.rules import blockmap
 
 KiB = 1024
 MiB = 1024 * KiB

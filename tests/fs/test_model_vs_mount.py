@@ -1,5 +1,5 @@
 """Hypothesis drives the real mount with random mkdir, rmdir, mv, ln -s, rm and setfattr,
-and the pure model (``vmtreefs.model.Namespace``) says what each must answer.
+and the pure rules (``vmtreefs.rules``) say what each must answer.
 
 Every step compares the errno (or success) with the model's plan, then the
 whole top level: names, kinds and alias targets. Each example runs on a fresh
@@ -20,22 +20,22 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_stat
 
 from tests.fs.test_fsck import fsck
 from tests.helpers.tree import Tree
-from vmtreefs import commands, properties
-from vmtreefs.commands import VM_COMMANDS
 from vmtreefs.errors import VmtreeError
-from vmtreefs.model import (
-    DEFAULT_VOLUMES,
-    Alias,
-    CloneVm,
-    CreateAlias,
-    Namespace,
-    RenameAlias,
-    RenameVm,
-    ReplaceAlias,
-    Vm,
-    Volume,
+from vmtreefs.rules import commands, properties
+from vmtreefs.rules.aliases import plan_create_alias, plan_remove_alias, plan_rename_alias
+from vmtreefs.rules.commands import VM_COMMANDS
+from vmtreefs.rules.namespace import Namespace
+from vmtreefs.rules.objects import DEFAULT_VOLUMES, Alias, Vm, Volume
+from vmtreefs.rules.plans import CloneVm, CreateAlias, RenameAlias, RenameVm, ReplaceAlias
+from vmtreefs.rules.properties import VM_PROPERTIES
+from vmtreefs.rules.vms import (
+    plan_clone,
+    plan_create_vm,
+    plan_delete_vm,
+    plan_rename_vm,
+    plan_set_property,
 )
-from vmtreefs.properties import VM_PROPERTIES
+from vmtreefs.rules.volumes import check_volume_write
 
 GOOD = ["a", "b", "work", "Zed_9"]
 BAD = ["bad name", "1x", "x.y", "a-next", "b-v1", "c-inst2", "x" * 65, "é"]
@@ -104,7 +104,7 @@ class ModelAndMount(RuleBasedStateMachine):
         elif self.kind(name) is not None:
             expected, plan = errno.EEXIST, None
         else:
-            expected, plan = predicted(lambda: self.ns.plan_create_vm(name))
+            expected, plan = predicted(lambda: plan_create_vm(self.ns, name))
         got = outcome(lambda: os.mkdir(self.vms / name))
         assert got == expected, f"mkdir {name!r}: {got} != {expected}"
         if plan is not None:
@@ -121,7 +121,7 @@ class ModelAndMount(RuleBasedStateMachine):
         elif kind == "alias":
             expected = errno.ENOTDIR
         else:
-            expected, _ = predicted(lambda: self.ns.plan_delete_vm(name))
+            expected, _ = predicted(lambda: plan_delete_vm(self.ns, name))
         got = outcome(lambda: os.rmdir(self.vms / name))
         assert got == expected, f"rmdir {name!r}: {got} != {expected}"
         if got == 0:
@@ -134,7 +134,7 @@ class ModelAndMount(RuleBasedStateMachine):
         elif self.kind(name) is not None:
             expected, plan = errno.EEXIST, None
         else:
-            expected, plan = predicted(lambda: self.ns.plan_create_alias(name, to))
+            expected, plan = predicted(lambda: plan_create_alias(self.ns, name, to))
         got = outcome(lambda: os.symlink(to, self.vms / name))
         assert got == expected, f"ln -s {to!r} {name!r}: {got} != {expected}"
         if isinstance(plan, CreateAlias):
@@ -148,7 +148,7 @@ class ModelAndMount(RuleBasedStateMachine):
         elif kind == "vm":
             expected, plan = errno.EISDIR, None
         else:
-            expected, plan = predicted(lambda: self.ns.plan_remove_alias(name))
+            expected, plan = predicted(lambda: plan_remove_alias(self.ns, name))
         got = outcome(lambda: os.unlink(self.vms / name))
         assert got == expected, f"rm {name!r}: {got} != {expected}"
         if plan is not None:
@@ -167,9 +167,9 @@ class ModelAndMount(RuleBasedStateMachine):
         elif old_kind == "alias" and new_kind == "vm":
             expected = errno.EISDIR
         elif old_kind == "vm":
-            expected, plan = predicted(lambda: self.ns.plan_rename_vm(old, new))
+            expected, plan = predicted(lambda: plan_rename_vm(self.ns, old, new))
         else:
-            expected, plan = predicted(lambda: self.ns.plan_rename_alias(old, new))
+            expected, plan = predicted(lambda: plan_rename_alias(self.ns, old, new))
         got = outcome(lambda: os.rename(self.vms / old, self.vms / new))
         assert got == expected, f"mv {old!r} {new!r}: {got} != {expected}"
         if isinstance(plan, ReplaceAlias):
@@ -212,7 +212,9 @@ class ModelAndMount(RuleBasedStateMachine):
                 if len(command.args) != 1:
                     expected = errno.EINVAL  # usage: clone NEW
                 else:
-                    expected, plan = predicted(lambda: self.ns.plan_clone(vm.name, command.args[0]))
+                    expected, plan = predicted(
+                        lambda: plan_clone(self.ns, vm.name, command.args[0])
+                    )
         got = outcome(lambda: (self.vms / name / "ctl").write_bytes(line))
         assert got == expected, f"ctl {name!r} {line[:20]!r}: {got} != {expected}"
         if isinstance(plan, CloneVm):
@@ -228,7 +230,7 @@ class ModelAndMount(RuleBasedStateMachine):
         else:
             vm = self.ns.resolve(name)
             value = flag.decode()
-            expected, _ = predicted(lambda: self.ns.plan_set_property(vm.name, "immutable", value))
+            expected, _ = predicted(lambda: plan_set_property(self.ns, vm.name, "immutable", value))
         got = outcome(lambda: os.setxattr(self.vms / name, "user.vmtree.immutable", flag))
         assert got == expected, f"setfattr immutable={flag!r} {name!r}: {got} != {expected}"
         if got == 0:
@@ -240,7 +242,7 @@ class ModelAndMount(RuleBasedStateMachine):
             expected = errno.ENOENT
         else:
             expected, _ = predicted(
-                lambda: self.ns.check_volume_write(self.ns.resolve(name).name, "private")
+                lambda: check_volume_write(self.ns, self.ns.resolve(name).name, "private")
             )
         path = self.vms / name / "volumes" / "private.img"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from vmtreefs.blockmap import Range
+from vmtreefs.rules.blockmap import Range
 
 
 def rebuild(older: bytes, newer: bytes, ranges: Iterable[Range]) -> bytes:

@@ -257,7 +257,17 @@ def native_dmthin() -> bool:
     return done.returncode == 0
 
 
+# virtme-ng's init mounts an empty tmpfs on these: a checkout below one is not there in the guest.
+_HIDDEN_IN_GUEST = (Path("/tmp"), Path("/var/tmp"), Path("/run"))
+
+
 def vng_path() -> Path:
+    for hidden in _HIDDEN_IN_GUEST:
+        if REPO_ROOT.is_relative_to(hidden):
+            raise GuestUnavailable(
+                f"the checkout {REPO_ROOT} is under {hidden}, which the guest covers with an "
+                "empty tmpfs; clone it elsewhere (under /srv or /work) to run the guest tests"
+            )
     vng = VENV_BIN / "vng"
     if not os.access(vng, os.X_OK):
         raise GuestUnavailable(f"{vng} is missing; {_KERNEL_INSTALL_HINT}")

@@ -7,10 +7,12 @@ import random
 
 import pytest
 
-from vmtreefs import blockmap, lineage
-from vmtreefs.blockmap import Mapping
 from vmtreefs.engine.dmthin import parse_thin_delta
-from vmtreefs.model import ModelError, Namespace, Savestate, Vm, Volume
+from vmtreefs.rules import blockmap, lineage
+from vmtreefs.rules.blockmap import Mapping
+from vmtreefs.rules.names import ModelError
+from vmtreefs.rules.namespace import Namespace
+from vmtreefs.rules.objects import Savestate, Vm, Volume
 
 
 def test_merge_joins_touching_and_overlapping_ranges() -> None:

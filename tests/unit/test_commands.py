@@ -6,8 +6,8 @@ import errno
 
 import pytest
 
-from vmtreefs.commands import GLOBAL_COMMANDS, MAX_CTL_WRITE, VM_COMMANDS, parse_command
 from vmtreefs.errors import VmtreeError
+from vmtreefs.rules.commands import GLOBAL_COMMANDS, MAX_CTL_WRITE, VM_COMMANDS, parse_command
 
 
 def refusal(data: bytes, known: frozenset[str] = VM_COMMANDS) -> int:

@@ -7,9 +7,9 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from vmtreefs import domain, states
-from vmtreefs.domain import Disk, Identity
 from vmtreefs.errors import VmtreeError
+from vmtreefs.rules import domain, states
+from vmtreefs.rules.domain import Disk, Identity
 
 IDENTITY = Identity("vmtree-ab12cd34-7", domain.domain_uuid("ab12cd34", 7), "/s/run/console-7.log")
 

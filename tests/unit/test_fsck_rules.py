@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from vmtreefs.invariants import check_namespace
-from vmtreefs.model import Alias, Namespace, Vm
+from vmtreefs.rules.invariants import check_namespace
+from vmtreefs.rules.namespace import Namespace
+from vmtreefs.rules.objects import Alias, Vm
 
 
 def test_a_sound_namespace_has_no_findings() -> None:

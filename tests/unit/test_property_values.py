@@ -6,9 +6,9 @@ import errno
 
 import pytest
 
-from vmtreefs import properties
 from vmtreefs.errors import VmtreeError
-from vmtreefs.properties import VM_PROPERTIES, VOLUME_PROPERTIES, check_value
+from vmtreefs.rules import properties
+from vmtreefs.rules.properties import VM_PROPERTIES, VOLUME_PROPERTIES, check_value
 
 
 def refusal(name: str, value: bytes) -> int:

@@ -39,7 +39,6 @@ from pathlib import Path
 from typing import Any, ClassVar
 from xml.etree import ElementTree
 
-from vmtreefs import blockmap
 from vmtreefs.engine.base import (
     Attachment,
     EngineError,
@@ -51,6 +50,7 @@ from vmtreefs.engine.base import (
 )
 from vmtreefs.engine.dmioctl import DmControl
 from vmtreefs.engine.tools import run
+from vmtreefs.rules import blockmap
 
 log = logging.getLogger("vmtreefs.engine.dmthin")
 

@@ -22,7 +22,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import ClassVar
 
-from vmtreefs import blockmap
 from vmtreefs.engine import fiemap
 from vmtreefs.engine.base import (
     Attachment,
@@ -34,6 +33,7 @@ from vmtreefs.engine.base import (
 )
 from vmtreefs.engine.tools import run
 from vmtreefs.mountinfo import MountEntry, mounts
+from vmtreefs.rules import blockmap
 
 FICLONE = 0x40049409
 """``_IOW(0x94, 9, int)``: clone all of the source file's extents into the destination."""

@@ -23,8 +23,6 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 import pyfuse3
 import trio
 
-from vmtreefs import commands, lineage, properties
-from vmtreefs.domain import MAX_DOMAIN_XML
 from vmtreefs.engine.base import OpenVolume
 from vmtreefs.errors import VmtreeError
 from vmtreefs.fs import inodes
@@ -47,8 +45,10 @@ from vmtreefs.fs.inodes import (
     VmNode,
     VolumeNode,
 )
-from vmtreefs.model import DEFAULT_VOLUMES, Alias, Savestate, Vm, Volume
-from vmtreefs.properties import VM_PROPERTIES, VOLUME_PROPERTIES
+from vmtreefs.rules import commands, lineage, properties
+from vmtreefs.rules.domain import MAX_DOMAIN_XML
+from vmtreefs.rules.objects import DEFAULT_VOLUMES, Alias, Savestate, Vm, Volume
+from vmtreefs.rules.properties import VM_PROPERTIES, VOLUME_PROPERTIES
 from vmtreefs.tree import VmTree
 
 log = logging.getLogger("vmtreefs.fs")

@@ -11,10 +11,40 @@ import errno
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from vmtreefs.errors import VmtreeError
-from vmtreefs.model import MAX_ALIAS_CHAIN, Namespace, Vm
-from vmtreefs.store import Intent, Txn
+from vmtreefs.rules.names import MAX_ALIAS_CHAIN
+from vmtreefs.rules.namespace import Namespace
+from vmtreefs.rules.objects import Vm
+
+
+class RepairTxn(Protocol):
+    """What a repair needs of a store transaction (``vmtreefs.store.Txn`` has it)."""
+
+    def set_vm_origin(self, vm_id: int, origin_id: int | None) -> None: ...
+
+    def forget_version(self, vm_id: int) -> None: ...
+
+    def insert_alias(
+        self,
+        name: str,
+        target_vm: int | None,
+        target_alias: int | None,
+        created: float,
+        system: bool = False,
+    ) -> int: ...
+
+    def retarget_alias(
+        self, alias_id: int, target_vm: int | None, target_alias: int | None
+    ) -> None: ...
+
+
+class JournalEntry(Protocol):
+    """An open intent as the store keeps it (``vmtreefs.store.Intent``)."""
+
+    @property
+    def payload(self) -> dict[str, Any]: ...
 
 
 @dataclass
@@ -25,7 +55,7 @@ class Finding:
     problem: str
     repair: str | None = None
     repaired: bool = False
-    fix: Callable[[Txn], None] | None = field(default=None, repr=False)  # a store repair
+    fix: Callable[[RepairTxn], None] | None = field(default=None, repr=False)  # a store repair
 
     def line(self) -> str:
         if self.repaired:
@@ -112,16 +142,16 @@ def check_namespace(ns: Namespace) -> list[Finding]:
     return findings
 
 
-def _clear_origin(vm_id: int) -> Callable[[Txn], None]:
+def _clear_origin(vm_id: int) -> Callable[[RepairTxn], None]:
     return lambda tx: tx.set_vm_origin(vm_id, None)
 
 
-def _forget_version(vm_id: int) -> Callable[[Txn], None]:
+def _forget_version(vm_id: int) -> Callable[[RepairTxn], None]:
     return lambda tx: tx.forget_version(vm_id)
 
 
-def _point_alias(base: str, alias_id: int | None, newest: int) -> Callable[[Txn], None]:
-    def point(tx: Txn) -> None:
+def _point_alias(base: str, alias_id: int | None, newest: int) -> Callable[[RepairTxn], None]:
+    def point(tx: RepairTxn) -> None:
         if alias_id is None:
             tx.insert_alias(base, newest, None, time.time(), system=True)
         else:
@@ -163,7 +193,7 @@ def known_volumes(ns: Namespace) -> dict[int, tuple[str, int]]:
     return known
 
 
-def journalled_volumes(intents: Iterable[Intent]) -> frozenset[int]:
+def journalled_volumes(intents: Iterable[JournalEntry]) -> frozenset[int]:
     """The engine volumes open intents name: theirs to make or delete, not orphans."""
     return frozenset(
         vol_id

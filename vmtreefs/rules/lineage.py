@@ -13,7 +13,9 @@ from __future__ import annotations
 import contextlib
 import errno
 
-from vmtreefs.model import ModelError, Namespace, Savestate, Vm, Volume
+from vmtreefs.rules.names import ModelError
+from vmtreefs.rules.namespace import Namespace
+from vmtreefs.rules.objects import Savestate, Vm, Volume
 
 SAVESTATE_SEPARATOR = "@"
 """``VM@LABEL`` names a savestate of VM: ``@`` is never part of a VM name."""

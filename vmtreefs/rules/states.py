@@ -11,7 +11,7 @@ import errno
 import re
 
 from vmtreefs.errors import VmtreeError
-from vmtreefs.model import check_savestate_label
+from vmtreefs.rules.names import check_savestate_label
 
 HALTED = "halted"
 STARTING = "starting"
@@ -19,6 +19,8 @@ RUNNING = "running"
 PAUSED = "paused"
 SAVED = "saved"
 STOPPING = "stopping"
+VM_STATES = (HALTED, STARTING, RUNNING, PAUSED, SAVED, STOPPING)
+"""Every word the ``state`` file shows, and the only ones a VM's state may be."""
 
 ALLOWED: dict[str, frozenset[str]] = {
     "start": frozenset({HALTED}),
@@ -30,6 +32,9 @@ ALLOWED: dict[str, frozenset[str]] = {
     "save": frozenset({RUNNING, PAUSED}),
     "restore": frozenset({HALTED}),
 }
+
+LIFECYCLE_COMMANDS = frozenset(ALLOWED)
+"""The ctl commands that run a VM under the hypervisor (the rest change the tree)."""
 
 DEFAULT_SHUTDOWN_TIMEOUT = 60
 MAX_SHUTDOWN_TIMEOUT = 3600
