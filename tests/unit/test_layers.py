@@ -1,0 +1,109 @@
+"""The import rule of docs/architecture.md, read from the source: the bottom layers import
+nothing above them, TYPE_CHECKING and function-level imports included.
+
+A new upward import (say, a rule that reaches for the store or the tree) fails here
+with the module and the line, before it can grow into a cycle.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[2] / "vmtreefs"
+
+# What each bottom layer may import from vmtreefs (prefixes of module names).
+ALLOWED = {
+    "vmtreefs.rules": ("vmtreefs.rules", "vmtreefs.errors"),
+    "vmtreefs.store": ("vmtreefs.store", "vmtreefs.errors"),
+    # Engines use the pure change-map arithmetic of the rules, and two leaf helpers.
+    "vmtreefs.engine": (
+        "vmtreefs.engine",
+        "vmtreefs.errors",
+        "vmtreefs.rules.blockmap",
+        "vmtreefs.pagecache",
+        "vmtreefs.mountinfo",
+    ),
+}
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def vmtreefs_imports(path: Path) -> list[tuple[int, str]]:
+    """Every ``vmtreefs.*`` module a file imports, anywhere in it, with the line."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, a.name) for a in node.names if a.name.startswith("vmtreefs")]
+        elif (
+            isinstance(node, ast.ImportFrom)
+            and node.level == 0
+            and (node.module or "").split(".")[0] == "vmtreefs"
+        ):
+            # `from vmtreefs.rules import blockmap` imports the module vmtreefs.rules.blockmap
+            module = node.module or ""
+            found += [(node.lineno, imported(module, a.name)) for a in node.names]
+    return found
+
+
+def imported(module: str, name: str) -> str:
+    """The module that ``from module import name`` loads: ``module.name`` if that is one."""
+    candidate = PACKAGE.parent / f"{module}.{name}".replace(".", "/")
+    if candidate.with_suffix(".py").exists() or (candidate / "__init__.py").exists():
+        return f"{module}.{name}"
+    return module
+
+
+def layer_files(layer: str) -> list[Path]:
+    return sorted((PACKAGE.parent / layer.replace(".", "/")).rglob("*.py"))
+
+
+@pytest.mark.parametrize("layer", sorted(ALLOWED))
+def test_a_bottom_layer_imports_nothing_above_it(layer: str) -> None:
+    files = layer_files(layer)
+    assert files, f"no modules in {layer}"
+    wrong = [
+        f"{module_name(path)}:{line} imports {target}"
+        for path in files
+        for line, target in vmtreefs_imports(path)
+        if not any(target == a or target.startswith(a + ".") for a in ALLOWED[layer])
+    ]
+    assert wrong == [], f"{layer} may import only {ALLOWED[layer]}"
+
+
+def test_the_rules_do_no_io() -> None:
+    """No trio, no files, no processes, no database: the rules run anywhere, instantly."""
+    io_modules = {"trio", "os", "subprocess", "sqlite3", "socket", "pyfuse3", "libvirt", "shutil"}
+    wrong = []
+    for path in layer_files("vmtreefs.rules"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            else:
+                continue
+            wrong += [
+                f"{module_name(path)}:{node.lineno} imports {n}"
+                for n in names
+                if n.split(".")[0] in io_modules
+            ]
+    assert wrong == []
+
+
+def test_the_rule_checker_sees_an_upward_import(tmp_path: Path) -> None:
+    """The checker itself: an import of the tree from a rule is found, with its line."""
+    module = tmp_path / "bad.py"
+    module.write_text(
+        "from typing import TYPE_CHECKING\n"
+        "if TYPE_CHECKING:\n"
+        "    from vmtreefs.tree import VmTree\n"
+        "def f():\n"
+        "    from vmtreefs import daemon\n"
+    )
+    assert vmtreefs_imports(module) == [(3, "vmtreefs.tree"), (5, "vmtreefs.daemon")]
