@@ -2,6 +2,6 @@
 
 import sys
 
-from vmtreefs.cli import main
+from vmtreefs.app.cli import main
 
 sys.exit(main())

@@ -65,13 +65,13 @@ import trio
 
 from tests.helpers.images import mounted_image, run
 from tests.helpers.tree import Tree
+from vmtreefs.core.tree import VmTree
 from vmtreefs.engine import fiemap, reflink
 from vmtreefs.engine.reflink import FICLONE, ReflinkEngine, mount_of
 from vmtreefs.fs import inodes
 from vmtreefs.rules.names import MiB
 from vmtreefs.rules.objects import DEFAULT_VOLUMES
 from vmtreefs.store import Store, Txn
-from vmtreefs.tree import VmTree
 
 CHUNK = 256 * 1024
 """Random data goes in at this granularity, at random chunk-aligned offsets."""

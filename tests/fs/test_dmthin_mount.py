@@ -18,10 +18,10 @@ import pytest
 from tests.fs.test_fsck import fsck
 from tests.helpers.mounts import MountFailed
 from tests.helpers.tree import Tree, error_of, listing, read_at, write_at
+from vmtreefs.app.source import open_source
 from vmtreefs.engine.base import EngineError
 from vmtreefs.engine.dmthin import DmThinEngine
 from vmtreefs.engine.select import dmthin_available
-from vmtreefs.source import open_source
 
 MiB = 1 << 20
 

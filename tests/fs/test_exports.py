@@ -9,7 +9,7 @@ from pathlib import Path
 
 from tests.helpers.tree import Tree
 from vmtreefs import pagecache
-from vmtreefs.daemon import READAHEAD_KB
+from vmtreefs.app.daemon import READAHEAD_KB
 
 MiB = 1024 * 1024
 

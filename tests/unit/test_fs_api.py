@@ -15,11 +15,11 @@ from typing import Any
 import pyfuse3
 import pytest
 
+from vmtreefs.core.tree import VmTree
 from vmtreefs.engine.reflink import ReflinkEngine
 from vmtreefs.fs import inodes
 from vmtreefs.fs.operations import Operations
 from vmtreefs.store import Store
-from vmtreefs.tree import VmTree
 
 
 class Ctx:

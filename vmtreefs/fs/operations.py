@@ -23,6 +23,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 import pyfuse3
 import trio
 
+from vmtreefs.core.tree import VmTree
 from vmtreefs.engine.base import OpenVolume
 from vmtreefs.errors import VmtreeError
 from vmtreefs.fs import inodes
@@ -49,7 +50,7 @@ from vmtreefs.rules import commands, lineage, properties
 from vmtreefs.rules.domain import MAX_DOMAIN_XML
 from vmtreefs.rules.objects import DEFAULT_VOLUMES, Alias, Savestate, Vm, Volume
 from vmtreefs.rules.properties import VM_PROPERTIES, VOLUME_PROPERTIES
-from vmtreefs.tree import VmTree
+from vmtreefs.runtime.lifecycle import Lifecycle
 
 log = logging.getLogger("vmtreefs.fs")
 
@@ -183,9 +184,16 @@ class Operations(pyfuse3.Operations):
     supports_dot_lookup = True
     enable_writeback_cache = False
 
-    def __init__(self, tree: VmTree, uid: int | None = None, gid: int | None = None) -> None:
+    def __init__(
+        self,
+        tree: VmTree,
+        lifecycle: Lifecycle | None = None,
+        uid: int | None = None,
+        gid: int | None = None,
+    ) -> None:
         super().__init__()
         self.tree = tree
+        self.lifecycle = lifecycle
         self.uid = os.getuid() if uid is None else uid
         self.gid = os.getgid() if gid is None else gid
         self.mount_time_ns = time.time_ns()
@@ -493,7 +501,7 @@ class Operations(pyfuse3.Operations):
                 attr.st_size = len(self._domain_text_now(vm))
             elif node.entry == VmEntry.CONSOLE:
                 attr.st_mode = stat.S_IFREG | 0o400
-                lifecycle = self.tree.lifecycle
+                lifecycle = self.lifecycle
                 attr.st_size = lifecycle.console_size(vm) if lifecycle else 0
             else:
                 attr.st_mode = stat.S_IFREG | 0o444
@@ -547,11 +555,11 @@ class Operations(pyfuse3.Operations):
         """For st_size: the stored base, or the default as far as it is known yet."""
         if vm.domain_xml is not None:
             return vm.domain_xml.encode()
-        lifecycle = self.tree.lifecycle
+        lifecycle = self.lifecycle
         return lifecycle.default_domain_xml_now().encode() if lifecycle else b""
 
     async def _domain_text(self, vm: Vm) -> bytes:
-        lifecycle = self.tree.lifecycle
+        lifecycle = self.lifecycle
         if lifecycle is None:
             return (vm.domain_xml or "").encode()
         return (await lifecycle.base_domain_xml(vm)).encode()
@@ -1041,7 +1049,7 @@ class Operations(pyfuse3.Operations):
         if isinstance(handle, FileHandle):
             return await trio.to_thread.run_sync(os.pread, handle.fd, size, off)
         if isinstance(handle, ConsoleHandle):
-            lifecycle = self.tree.lifecycle
+            lifecycle = self.lifecycle
             if lifecycle is None:
                 return b""
             vm = self._vm(handle.vm_id)

@@ -33,7 +33,7 @@ from vmtreefs.rules.versions import (
 from vmtreefs.store import Txn
 
 if TYPE_CHECKING:
-    from vmtreefs.tree import VmTree
+    from vmtreefs.core.tree import VmTree
 
 log = logging.getLogger("vmtreefs.versions")
 
@@ -116,10 +116,10 @@ class Versions:
 
     @asynccontextmanager
     async def _held_still(self, vm: Vm) -> AsyncIterator[None]:
-        if vm.state == HALTED or self.tree.lifecycle is None:
+        if vm.state == HALTED or self.tree.runner is None:
             yield
             return
-        async with self.tree.lifecycle.held_still(vm):
+        async with self.tree.runner.held_still(vm):
             yield
 
     async def prune(self, head_id: int) -> None:
@@ -137,10 +137,10 @@ class Versions:
     def _after_commit(self, version: Vm) -> None:
         """Hot savestates: the new version's own (a disposable factory), and those of the
         VMs whose template now names it."""
-        if self.tree.lifecycle is None:
+        if self.tree.runner is None:
             return
         if version.props.get("hot_savestate") == "1":
-            self.tree.lifecycle.hot_savestate_changed(version)
+            self.tree.runner.hot_savestate_changed(version)
         for vm in list(self.tree.ns.by_id.values()):
             if vm.template is None or vm.props.get("hot_savestate") != "1" or vm.immutable:
                 continue
@@ -149,7 +149,7 @@ class Versions:
             except VmtreeError:
                 continue
             if template is version:
-                self.tree.lifecycle.hot_savestate_changed(vm)
+                self.tree.runner.hot_savestate_changed(vm)
 
     async def revert(self, head_id: int, raw: str) -> str:
         """``revert vN``: commit what the head holds now, then its volumes become version N's."""

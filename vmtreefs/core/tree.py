@@ -26,11 +26,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import trio
 
 from vmtreefs import saveimage
+from vmtreefs.core.runner import Runner
+from vmtreefs.core.versions import Versions
 from vmtreefs.engine.base import NewVolume, OpenVolume, SnapshotEngine
 from vmtreefs.engine.select import format_size, parse_size
 from vmtreefs.errors import VmtreeError
@@ -61,10 +63,6 @@ from vmtreefs.rules.volumes import (
     plan_resize_volume,
 )
 from vmtreefs.store import Intent, SavestateRow, Store, Txn
-from vmtreefs.versions import Versions
-
-if TYPE_CHECKING:
-    from vmtreefs.lifecycle import Lifecycle
 
 log = logging.getLogger("vmtreefs.tree")
 
@@ -159,7 +157,7 @@ class VmTree:
         # with deleting the VM it names.
         self.alias_lock = trio.Lock()
         self.changed = trio.lowlevel.ParkingLot()
-        self.lifecycle: Lifecycle | None = None
+        self.runner: Runner | None = None  # runs VMs; set by the daemon when libvirt is used
         self.versions = Versions(self)
         self._collecting = False
         # Set when a lifecycle with libvirt will settle interrupted saves and restores.
@@ -718,8 +716,8 @@ class VmTree:
         """A linked clone: a snapshot of every volume, the source's properties and
         savestates (not its hot one: the clone makes its own), origin = source."""
         clone = await self._clone_vm(source_id, raw_new, replace)
-        if clone.props.get("hot_savestate") == "1" and self.lifecycle is not None:
-            self.lifecycle.hot_savestate_changed(clone)
+        if clone.props.get("hot_savestate") == "1" and self.runner is not None:
+            self.runner.hot_savestate_changed(clone)
         return clone
 
     async def _clone_vm(self, source_id: int, raw_new: str | bytes, replace: bool) -> Vm:
@@ -866,8 +864,8 @@ class VmTree:
             t = await in_thread(commit)
             self.ns.apply_set_property(plan)
             self.announce(what, t)
-        if name == "hot_savestate" and self.lifecycle is not None:
-            self.lifecycle.hot_savestate_changed(vm)
+        if name == "hot_savestate" and self.runner is not None:
+            self.runner.hot_savestate_changed(vm)
         newest = self.ns.newest_version(vm) if vm.versioned else None
         if name == "hot_savestate" and newest is not None:
             await self.set_property(newest.id, name, value)  # the factory's current version
@@ -1178,16 +1176,16 @@ class VmTree:
                 raise VmtreeError(errno.EINVAL, "usage: revert vN")
             return await self.versions.revert(vm.id, command.args[0])
         if vm is not None and command.verb in LIFECYCLE_COMMANDS:
-            if self.lifecycle is None:
+            if self.runner is None:
                 raise VmtreeError(errno.ENOTCONN, "this mount runs no VMs")
             # Not under the VM's lock: a shutdown waits long and kill must get through
             # meanwhile; an instance locks its source while it is made, then itself.
             if command.verb in ("shutdown", "kill", "disposable") or (
                 command.verb == "start" and vm.immutable
             ):
-                return await self.lifecycle.run_command(vm, command)
+                return await self.runner.run_command(vm, command)
             async with self._locked(vm.id) as locked:
-                return await self.lifecycle.run_command(locked, command)
+                return await self.runner.run_command(locked, command)
         target = f"VM {vm.name!r}" if vm else "the tree"
         raise VmtreeError(
             errno.EINVAL,

@@ -15,10 +15,9 @@ import sys
 import time
 from pathlib import Path
 
-from vmtreefs import forest, mountinfo
-from vmtreefs.engine.select import parse_size
-from vmtreefs.errors import VmtreeError
-from vmtreefs.source import (
+from vmtreefs import mountinfo
+from vmtreefs.app import forest
+from vmtreefs.app.source import (
     LOG_NAME,
     SourceLock,
     check_empty,
@@ -28,6 +27,8 @@ from vmtreefs.source import (
     is_initialised,
     read_lock_info,
 )
+from vmtreefs.engine.select import parse_size
+from vmtreefs.errors import VmtreeError
 
 log = logging.getLogger("vmtreefs")
 
@@ -66,7 +67,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
-    from vmtreefs.daemon import parse_mount_options, serve
+    from vmtreefs.app.daemon import parse_mount_options, serve
 
     source = Path(args.source).resolve()
     mountpoint = Path(args.mountpoint).resolve()
@@ -231,9 +232,9 @@ def _progress_bar(what: str, done: int, total: int) -> None:
 
 def cmd_fsck(args: argparse.Namespace) -> int:
     """Exit 0: clean; 1: problems found and all repaired; 4: problems left (as fsck(8))."""
-    from vmtreefs.fsck import FsckReport, fsck
+    from vmtreefs.app.fsck import FsckReport, fsck
+    from vmtreefs.app.source import STORE_NAME, open_source
     from vmtreefs.rules.invariants import Finding
-    from vmtreefs.source import STORE_NAME, open_source
 
     source = Path(args.source).resolve()
     check_source(source)

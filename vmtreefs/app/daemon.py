@@ -13,20 +13,20 @@ import pyfuse3
 import trio
 
 from vmtreefs import mountinfo
-from vmtreefs.accel import ACCEL_CHOICES
-from vmtreefs.engine.select import parse_size
-from vmtreefs.errors import VmtreeError
-from vmtreefs.fs.operations import Operations
-from vmtreefs.hypervisor import DEFAULT_URI, Hypervisor
-from vmtreefs.lifecycle import Lifecycle
-from vmtreefs.source import (
+from vmtreefs.app.source import (
     SourceLock,
     check_mountpoint,
     check_source,
     is_initialised,
     open_source,
 )
-from vmtreefs.tree import VmTree
+from vmtreefs.core.tree import VmTree
+from vmtreefs.engine.select import parse_size
+from vmtreefs.errors import VmtreeError
+from vmtreefs.fs.operations import Operations
+from vmtreefs.runtime.accel import ACCEL_CHOICES
+from vmtreefs.runtime.hypervisor import DEFAULT_URI, Hypervisor
+from vmtreefs.runtime.lifecycle import Lifecycle
 
 log = logging.getLogger("vmtreefs.daemon")
 
@@ -150,18 +150,19 @@ def serve(source: Path, mountpoint: Path, options: MountOptions, ready_fd: int |
                 len(report.deferred),
             )
             hypervisor = Hypervisor(options.libvirt) if options.libvirt else None
-            tree.lifecycle = Lifecycle(
+            lifecycle = Lifecycle(
                 tree,
                 hypervisor,
                 run_dir=source / "run",
                 guest_dir=(options.guest_dir or source / "guest").resolve(),
                 accel=options.accel,
             )
-            ops = Operations(tree)
+            tree.runner = lifecycle
+            ops = Operations(tree, lifecycle)
             pyfuse3.init(ops, str(mountpoint), fuse_options(source, options))
             log.info("mounted %s at %s (%d VMs)", source, mountpoint, len(tree.ns))
             try:
-                trio.run(_run, ops, tree.lifecycle, mountpoint, ready_fd)
+                trio.run(_run, ops, lifecycle, mountpoint, ready_fd)
             finally:
                 pyfuse3.close(unmount=True)
                 ops.close_all()

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vmtreefs.core.tree import VmTree
 from vmtreefs.engine.base import SnapshotEngine
 from vmtreefs.errors import VmtreeError
 from vmtreefs.rules.invariants import Finding, check_namespace, compare_volumes, journalled_volumes
@@ -25,7 +26,6 @@ from vmtreefs.rules.namespace import Namespace
 from vmtreefs.rules.vms import needs_of
 from vmtreefs.saveimage import RESTORE_COPY_PREFIX
 from vmtreefs.store import Store
-from vmtreefs.tree import VmTree
 
 log = logging.getLogger("vmtreefs.fsck")
 

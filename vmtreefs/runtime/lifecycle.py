@@ -29,18 +29,18 @@ from typing import TYPE_CHECKING
 import trio
 
 from vmtreefs import saveimage
-from vmtreefs.accel import resolve_domain_type
 from vmtreefs.errors import VmtreeError
-from vmtreefs.hypervisor import DomainEvent, Hypervisor
 from vmtreefs.rules import domain, states
 from vmtreefs.rules.commands import Command
 from vmtreefs.rules.domain import Disk, Identity
 from vmtreefs.rules.names import HOT_LABEL, HOT_RUNNER_PREFIX
 from vmtreefs.rules.objects import Savestate, Vm
+from vmtreefs.runtime.accel import resolve_domain_type
+from vmtreefs.runtime.hypervisor import DomainEvent, Hypervisor
 
 if TYPE_CHECKING:
+    from vmtreefs.core.tree import VmTree
     from vmtreefs.store import Intent
-    from vmtreefs.tree import VmTree
 
 log = logging.getLogger("vmtreefs.lifecycle")
 
