@@ -11,6 +11,7 @@ from typing import TypeVar
 
 import pytest
 
+from tests.fakes.memory_engine import MemoryEngine
 from tests.helpers.images import mounted_image
 from vmtreefs.engine.base import SnapshotEngine
 from vmtreefs.engine.dmthin import DmThinEngine
@@ -79,7 +80,14 @@ def dmthin() -> Iterator[DmThinEngine]:
         shutil.rmtree(top, ignore_errors=True)
 
 
-@pytest.fixture(params=["reflink_inplace", "reflink_image", "dmthin"])
+@pytest.fixture
+def memory() -> Iterator[MemoryEngine]:
+    """The in-memory test engine: held to this same contract so that the fast tests of the
+    orchestrator (tests/unit/test_core.py) may stand on it."""
+    yield from _started(MemoryEngine())
+
+
+@pytest.fixture(params=["reflink_inplace", "reflink_image", "dmthin", "memory"])
 def engine(request: pytest.FixtureRequest) -> SnapshotEngine:
     """Every engine under the contract tests; add new engines' fixtures to ``params``."""
     eng: SnapshotEngine = request.getfixturevalue(request.param)

@@ -1,0 +1,1 @@
+"""Fakes held to the contracts of the parts they stand in for (see each module)."""
