@@ -143,3 +143,46 @@ def test_the_rule_checker_sees_an_upward_import(tmp_path: Path) -> None:
         "    from vmtreefs.app import daemon\n"
     )
     assert vmtreefs_imports(module) == [(3, "vmtreefs.core.tree"), (5, "vmtreefs.app.daemon")]
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the vmtreefs modules it imports (a package's __init__ counts as the package)."""
+    graph: dict[str, set[str]] = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        graph[module_name(path)] = {target for _, target in vmtreefs_imports(path)}
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str]:
+    """One import cycle, as the modules along it, or [] (depth-first, three colours)."""
+    done: set[str] = set()
+    path: list[str] = []
+
+    def visit(module: str) -> list[str]:
+        if module in path:
+            return [*path[path.index(module) :], module]
+        if module in done:
+            return []
+        path.append(module)
+        for target in sorted(graph.get(module, ())):
+            if target != module and (found := visit(target)):
+                return found
+        path.pop()
+        done.add(module)
+        return []
+
+    for module in sorted(graph):
+        if found := visit(module):
+            return found
+    return []
+
+
+def test_no_module_imports_itself_back_through_others() -> None:
+    """No import cycle anywhere in vmtreefs/, TYPE_CHECKING imports included."""
+    assert find_cycle(import_graph()) == []
+
+
+def test_the_cycle_finder_finds_one() -> None:
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert find_cycle(graph) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) == []

@@ -4,7 +4,7 @@ A version NAME-vN is an immutable replacement linked clone of the head
 NAME-next: made like any clone (one engine batch under a journalled intent),
 and recorded in one transaction with everything that moves with it (the
 system alias NAME, the head's origin, the head's clones, the version row).
-The rules are the namespace's (``model``); this carries them out.
+The rules are in ``rules.versions``; this carries them out.
 """
 
 from __future__ import annotations
@@ -13,15 +13,17 @@ import errno
 import logging
 import re
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Protocol
 
 import trio
 
+from vmtreefs.core.runner import Runner
 from vmtreefs.errors import VmtreeError
 from vmtreefs.rules.names import HOT_LABEL
-from vmtreefs.rules.objects import Alias, Vm
+from vmtreefs.rules.namespace import Namespace
+from vmtreefs.rules.objects import Alias, Savestate, TemplateLink, Vm, Volume, VolumeSpec
 from vmtreefs.rules.states import HALTED
 from vmtreefs.rules.versions import (
     check_template_removable,
@@ -30,18 +32,58 @@ from vmtreefs.rules.versions import (
     plan_version,
     prunable,
 )
-from vmtreefs.store import Txn
-
-if TYPE_CHECKING:
-    from vmtreefs.core.tree import VmTree
+from vmtreefs.store import Store, Txn
 
 log = logging.getLogger("vmtreefs.versions")
+
+
+class VersionsHost(Protocol):
+    """What carrying out versions needs of the tree (``core.tree.VmTree`` has it): named
+    here, so this module does not import the tree that builds it."""
+
+    ns: Namespace
+    store: Store
+    alias_lock: trio.Lock
+    runner: Runner | None
+    on_names_changed: Callable[[list[str]], None]
+
+    def locked(self, vm_id: int) -> AbstractAsyncContextManager[Vm]: ...
+
+    def noted(self, tx: Txn, line: str) -> float: ...
+
+    def announce(self, line: str, t: float) -> None: ...
+
+    async def make_vm(
+        self,
+        name: str,
+        what: str,
+        specs: tuple[VolumeSpec, ...],
+        detail: str = "",
+        sources: tuple[int, ...] | None = None,
+        origin_id: int | None = None,
+        props: dict[str, str] | None = None,
+        reparent: tuple[int, ...] = (),
+        domain_xml: str | None = None,
+        linked: tuple[Savestate, ...] = (),
+        template: TemplateLink | None = None,
+        also: Callable[[Txn, int], None] | None = None,
+    ) -> Vm: ...
+
+    async def swap_volumes(
+        self, vm: Vm, sources: list[Volume], old: list[Volume], what: str
+    ) -> None: ...
+
+    async def delete_vm(self, vm_id: int, verb: str = "rmdir") -> None: ...
+
+    async def delete_savestate(self, vm_id: int, raw_label: str | bytes) -> None: ...
+
+    async def collect(self) -> None: ...
 
 
 class Versions:
     """The versions and templates of one tree."""
 
-    def __init__(self, tree: VmTree) -> None:
+    def __init__(self, tree: VersionsHost) -> None:
         self.tree = tree
 
     async def commit_version(self, head_id: int) -> Vm:
