@@ -1384,10 +1384,13 @@ class VmTree:
     async def status_text(self) -> str:
         usage = await in_thread(self.engine.usage)
         open_intents = len((await in_thread(self.store.load)).open_intents)
+        # Both block (a store read; dm-thin asks device-mapper): off the trio thread.
+        tree_id = await in_thread(self.store.get_meta, "tree_id")
+        detail = await in_thread(self.engine.describe)
         lines = [
             f"engine: {self.engine.name}",
-            f"tree_id: {self.store.get_meta('tree_id')}",
-            f"engine_detail: {self.engine.describe()}",
+            f"tree_id: {tree_id}",
+            f"engine_detail: {detail}",
             f"pool_size: {usage.total_bytes}",
             f"pool_used: {usage.used_bytes}",
             f"pool_free: {usage.total_bytes - usage.used_bytes}",
