@@ -265,7 +265,9 @@ class VmTree:
                     saved["info"],
                     {v["name"]: (v["id"], v["size"]) for v in intent.payload["volumes"]},
                 )
-                self.noted(tx, f"recovered: {intent.payload['what']}: the image is whole, kept")
+                self.record_event(
+                    tx, f"recovered: {intent.payload['what']}: the image is whole, kept"
+                )
             return "recorded"
         for vol in intent.payload["volumes"]:
             self.engine.delete(vol["id"], missing_ok=True)
@@ -286,7 +288,7 @@ class VmTree:
         row = next(r for r in rows if r.image == saved["image"])
         savestate = _savestate_of(row)
         self.ns.add_savestate(owner.id, savestate)
-        self.announce(
+        self.publish(
             f"recovered: {intent.payload['what']}: libvirt finished the image", time.time()
         )
         return savestate
@@ -362,21 +364,32 @@ class VmTree:
         log.warning("refused %s: %s", operation, error.describe())
         self.events.add(f"refused {operation}: {error.reason} ({error.errname})")
 
-    def noted(self, tx: Txn, line: str) -> float:
+    def record_event(self, tx: Txn, line: str) -> float:
+        """The operation's event line, in the transaction that records the operation itself."""
         now = time.time()
         tx.add_event(now, line)
         return now
 
-    def announce(self, line: str, t: float) -> None:
+    def publish(self, line: str, t: float) -> None:
+        """After the commit: the daemon's log, ``.vmtree/events``, and who waits for a change."""
         log.info("%s", line)
         self.events.add(line, t)
         self.changed.unpark_all()
 
-    def locked(self, vm_id: int) -> contextlib.AbstractAsyncContextManager[Vm]:
-        return self._locked(vm_id)
+    async def commit(self, what: str, write: Callable[[Txn], object] | None = None) -> float:
+        """One store transaction in a worker thread: ``write``, and ``what`` as its event
+        line in the same commit; returns the event's time, for :meth:`publish`."""
+
+        def run() -> float:
+            with self.store.transaction() as tx:
+                if write is not None:
+                    write(tx)
+                return self.record_event(tx, what)
+
+        return await in_thread(run)
 
     @asynccontextmanager
-    async def _locked(self, vm_id: int) -> AsyncIterator[Vm]:
+    async def locked(self, vm_id: int) -> AsyncIterator[Vm]:
         """Hold the VM's lock; ENOENT if it went away while we waited."""
         async with self._locks[vm_id]:
             yield self.ns.get_by_id(vm_id)
@@ -444,32 +457,27 @@ class VmTree:
     async def _undo_creation(
         self, intent: int, ids: list[int], files: tuple[str, ...] = ()
     ) -> None:
-        def undo() -> None:
-            for vol_id in ids:
-                self.engine.delete(vol_id, missing_ok=True)
-            _remove_files(list(files))
-            with self.store.transaction() as tx:
-                tx.complete_intent(intent)
-
         try:
-            await in_thread(undo)
+            await in_thread(self._drop_and_complete, intent, ids, list(files))
         except Exception as e:
             log.error("could not undo intent %d (%s); the next mount rolls it back", intent, e)
 
     async def _finish_deletion(
         self, intent: int, ids: list[int], files: list[str] | None = None
     ) -> None:
-        def finish() -> None:
-            for vol_id in ids:
-                self.engine.delete(vol_id, missing_ok=True)
-            _remove_files(files or [])
-            with self.store.transaction() as tx:
-                tx.complete_intent(intent)
-
         try:
-            await in_thread(finish)
+            await in_thread(self._drop_and_complete, intent, ids, files or [])
         except Exception as e:
             log.error("deleting engine volumes %s failed (%s); the next mount finishes it", ids, e)
+
+    def _drop_and_complete(self, intent: int, ids: list[int], files: list[str]) -> None:
+        """Blocking: the engine volumes and files an intent names go, then the intent is closed
+        (an undone creation and a finished deletion end the same way)."""
+        for vol_id in ids:
+            self.engine.delete(vol_id, missing_ok=True)
+        _remove_files(files)
+        with self.store.transaction() as tx:
+            tx.complete_intent(intent)
 
     # Operations on VMs
 
@@ -491,7 +499,7 @@ class VmTree:
         domain_xml: str | None = None,
         linked: tuple[Savestate, ...] = (),
         template: TemplateLink | None = None,
-        also: Callable[[Txn, int], None] | None = None,
+        extra_writes: Callable[[Txn, int], None] | None = None,
     ) -> Vm:
         """Make the volumes (new, or snapshots of ``sources``), then record the VM.
 
@@ -500,7 +508,7 @@ class VmTree:
         made with the VM's own, all or nothing.
 
         ``name`` is reserved by the caller's plan; it is given back on failure, and
-        nothing made in the engine outlives a failure. ``also`` writes what else
+        nothing made in the engine outlives a failure. ``extra_writes`` writes what else
         the operation changes in the same transaction, given the new VM's id.
         """
         props = dict(props or {})
@@ -535,8 +543,8 @@ class VmTree:
                         tx.set_domain_xml(vm_id, domain_xml)
                     if template is not None:
                         tx.set_template(vm_id, template.target_vm, template.target_alias)
-                    if also is not None:
-                        also(tx, vm_id)
+                    if extra_writes is not None:
+                        extra_writes(tx, vm_id)
                     savestate_ids = []
                     rest = iter(all_ids[len(specs) :])
                     for ss, image, info, volumes in zip(linked, images, infos, saved, strict=True):
@@ -551,7 +559,7 @@ class VmTree:
                             )
                         )
                     tx.complete_intent(intent)
-                    return vm_id, created, self.noted(tx, what), savestate_ids
+                    return vm_id, created, self.record_event(tx, what), savestate_ids
 
             def link_and_commit() -> tuple[int, float, float, list[int]]:
                 for src, dst in links:
@@ -588,13 +596,13 @@ class VmTree:
             )
         for child in reparent:
             self.ns.set_origin(child, vm.id)
-        self.announce(what + detail, t)
+        self.publish(what + detail, t)
         return vm
 
     async def delete_vm(self, vm_id: int, verb: str = "rmdir") -> None:
         """rmdir: a VM goes now; one that runs, or that something still needs (a running
         instance, a savestate), is hidden and goes when it is free."""
-        async with self._locked(vm_id) as vm, self.alias_lock:
+        async with self.locked(vm_id) as vm, self.alias_lock:
             if vm.state != HALTED or needs_of(self.ns, vm):
                 if not vm.hidden:
                     await self._hide(vm, verb)
@@ -618,13 +626,13 @@ class VmTree:
                             "files": files,
                         },
                     )
-                    return intent, self.noted(tx, line)
+                    return intent, self.record_event(tx, line)
 
             files = [str(self.savestate_dir / image) for image in plan.images]
             intent, t = await in_thread(commit)
             self.ns.remove_vm(plan.vm_id)
             self.on_names_changed([plan.name, *gone])
-            self.announce(line, t)
+            self.publish(line, t)
             with trio.CancelScope(shield=True):
                 await self._finish_deletion(intent, list(plan.volume_ids), files)
         await self.collect()
@@ -658,24 +666,22 @@ class VmTree:
         )
         props = {**vm.props, "volatile": "1"}
 
-        def commit() -> float:
-            with self.store.transaction() as tx:
-                for alias_id in plan.aliases:
-                    tx.delete_alias(alias_id)
-                for child in plan.reparent:
-                    tx.set_vm_origin(child, plan.new_origin)
-                tx.rename_vm(plan.vm_id, plan.hidden_name)
-                tx.set_vm_props(plan.vm_id, props)
-                return self.noted(tx, line)
+        def write(tx: Txn) -> None:
+            for alias_id in plan.aliases:
+                tx.delete_alias(alias_id)
+            for child in plan.reparent:
+                tx.set_vm_origin(child, plan.new_origin)
+            tx.rename_vm(plan.vm_id, plan.hidden_name)
+            tx.set_vm_props(plan.vm_id, props)
 
-        t = await in_thread(commit)
+        t = await self.commit(line, write)
         self.ns.apply_hide(plan)
         self.on_names_changed([plan.name, *gone])
-        self.announce(line, t)
+        self.publish(line, t)
 
     async def make_instance(self, source_id: int, kind: str) -> Vm:
         """``NAME-instN`` (an instance of an immutable VM) or ``NAME-dispN`` (a disposable)."""
-        async with self._locked(source_id) as source:
+        async with self.locked(source_id) as source:
 
             def number() -> int:
                 with self.store.transaction() as tx:
@@ -694,23 +700,20 @@ class VmTree:
         )
 
     async def rename_vm(self, vm_id: int, raw_new: str | bytes) -> None:
-        async with self._locked(vm_id) as vm:
+        async with self.locked(vm_id) as vm:
             plan = plan_rename_vm(self.ns, vm.name, raw_new)
             if plan.new == plan.old:
                 return
 
-            def commit() -> float:
-                with self.store.transaction() as tx:
-                    tx.rename_vm(plan.vm_id, plan.new)
-                    return self.noted(tx, f"mv {plan.old} {plan.new}")
-
             try:
-                t = await in_thread(commit)
+                t = await self.commit(
+                    f"mv {plan.old} {plan.new}", lambda tx: tx.rename_vm(plan.vm_id, plan.new)
+                )
             except BaseException:
                 self.ns.release(plan.new)
                 raise
             self.ns.apply_rename_vm(plan)
-            self.announce(f"mv {plan.old} {plan.new}", t)
+            self.publish(f"mv {plan.old} {plan.new}", t)
 
     async def clone_vm(self, source_id: int, raw_new: str | bytes, replace: bool = False) -> Vm:
         """A linked clone: a snapshot of every volume, the source's properties and
@@ -721,7 +724,7 @@ class VmTree:
         return clone
 
     async def _clone_vm(self, source_id: int, raw_new: str | bytes, replace: bool) -> Vm:
-        async with self._locked(source_id) as source:
+        async with self.locked(source_id) as source:
             plan = plan_clone(self.ns, source.name, raw_new, replace)
             verb = "clone --replace" if replace else "clone"
             linked = tuple(
@@ -765,7 +768,7 @@ class VmTree:
             with self.store.transaction() as tx:
                 created = time.time()
                 alias_id = tx.insert_alias(plan.name, plan.target_vm, plan.target_alias, created)
-                return alias_id, created, self.noted(tx, what)
+                return alias_id, created, self.record_event(tx, what)
 
         try:
             alias_id, created, t = await in_thread(commit)
@@ -774,7 +777,7 @@ class VmTree:
             raise
         alias = Alias(alias_id, plan.name, plan.target_vm, plan.target_alias, False, created)
         self.ns.add_alias(alias)
-        self.announce(what, t)
+        self.publish(what, t)
         return alias
 
     async def remove_alias(self, name: str) -> None:
@@ -785,14 +788,9 @@ class VmTree:
         plan = plan_remove_alias(self.ns, name)
         what = f"rm {name}"
 
-        def commit() -> float:
-            with self.store.transaction() as tx:
-                tx.delete_alias(plan.alias_id)
-                return self.noted(tx, what)
-
-        t = await in_thread(commit)
+        t = await self.commit(what, lambda tx: tx.delete_alias(plan.alias_id))
         self.ns.remove_alias(plan.alias_id)
-        self.announce(what, t)
+        self.publish(what, t)
 
     async def rename_alias(self, old: str, raw_new: str | bytes) -> None:
         """Rename an alias, or move it over another (``ln -sfn``), atomically."""
@@ -811,7 +809,7 @@ class VmTree:
                         tx.retarget_alias(alias_id, None, plan.keep_id)
                     tx.delete_alias(plan.drop_id)
                     tx.rename_alias(plan.keep_id, plan.name)
-                    return self.noted(tx, what)
+                    return self.record_event(tx, what)
 
             t = await in_thread(replace)
             self.ns.apply_replace_alias(plan)
@@ -823,7 +821,7 @@ class VmTree:
             def rename() -> float:
                 with self.store.transaction() as tx:
                     tx.rename_alias(plan.alias_id, plan.new)
-                    return self.noted(tx, what)
+                    return self.record_event(tx, what)
 
             try:
                 t = await in_thread(rename)
@@ -831,7 +829,7 @@ class VmTree:
                 self.ns.release(plan.new)
                 raise
             self.ns.apply_rename_alias(plan)
-        self.announce(what, t)
+        self.publish(what, t)
 
     # Properties
 
@@ -845,7 +843,7 @@ class VmTree:
             elif value != "1" and vm.versioned:
                 await self.versions.unversion(vm_id)
             return
-        async with self._locked(vm_id) as vm:
+        async with self.locked(vm_id) as vm:
             plan = plan_set_property(self.ns, vm.name, name, value)
             if vm.props.get(name) == value:
                 return
@@ -856,14 +854,9 @@ class VmTree:
                 props[name] = value
             what = f"set {vm.name} {name}={value if value is not None else '(default)'}"
 
-            def commit() -> float:
-                with self.store.transaction() as tx:
-                    tx.set_vm_props(vm.id, props)
-                    return self.noted(tx, what)
-
-            t = await in_thread(commit)
+            t = await self.commit(what, lambda tx: tx.set_vm_props(vm.id, props))
             self.ns.apply_set_property(plan)
-            self.announce(what, t)
+            self.publish(what, t)
         if name == "hot_savestate" and self.runner is not None:
             self.runner.hot_savestate_changed(vm)
         newest = self.ns.newest_version(vm) if vm.versioned else None
@@ -874,7 +867,7 @@ class VmTree:
 
     async def set_volume_policy(self, volume_id: int, policy: str) -> None:
         vm, vol = self.ns.volume_by_id(volume_id)
-        async with self._locked(vm.id):
+        async with self.locked(vm.id):
             vm, vol = self.ns.volume_by_id(volume_id)
             if vm.immutable:
                 raise VmtreeError(
@@ -884,14 +877,9 @@ class VmTree:
                 return
             what = f"set {vm.name}/{vol.filename} policy={policy}"
 
-            def commit() -> float:
-                with self.store.transaction() as tx:
-                    tx.set_volume_policy(volume_id, policy)
-                    return self.noted(tx, what)
-
-            t = await in_thread(commit)
+            t = await self.commit(what, lambda tx: tx.set_volume_policy(volume_id, policy))
             self.ns.set_policy(volume_id, policy)
-            self.announce(what, t)
+            self.publish(what, t)
 
     async def vm_usage(self, vm_id: int) -> int:
         """Bytes held only by this VM: what deleting it would free."""
@@ -976,7 +964,7 @@ class VmTree:
                 )
                 if not keep_open:
                     tx.complete_intent(pending.intent)
-                return ss_id, created, self.noted(tx, what)
+                return ss_id, created, self.record_event(tx, what)
 
         try:
             ss_id, created, t = await in_thread(commit)
@@ -995,7 +983,7 @@ class VmTree:
             },
         )
         self.ns.add_savestate(vm.id, savestate)
-        self.announce(what, t)
+        self.publish(what, t)
         return savestate
 
     async def finish_save(self, pending: PendingSavestate) -> None:
@@ -1027,7 +1015,7 @@ class VmTree:
         return self.savestate_dir / savestate.image
 
     async def delete_savestate(self, vm_id: int, raw_label: str | bytes) -> None:
-        async with self._locked(vm_id) as vm:
+        async with self.locked(vm_id) as vm:
             label = raw_label.decode() if isinstance(raw_label, bytes) else raw_label
             savestate = self.ns.get_savestate(vm, label)
             ids = [v.id for v in savestate.volumes.values()]
@@ -1040,11 +1028,11 @@ class VmTree:
                     intent = tx.begin_intent(
                         "delete_volumes", {"what": what, "volume_ids": ids, "files": files}
                     )
-                    return intent, self.noted(tx, what)
+                    return intent, self.record_event(tx, what)
 
             intent, t = await in_thread(commit)
             self.ns.remove_savestate(vm.id, label)
-            self.announce(what, t)
+            self.publish(what, t)
             with trio.CancelScope(shield=True):
                 await self._finish_deletion(intent, ids, files)
         await self.collect()
@@ -1078,7 +1066,7 @@ class VmTree:
                     "delete_volumes", {"what": what, "volume_ids": [v.id for v in old]}
                 )
                 tx.complete_intent(intent)
-                return deletion, self.noted(tx, what)
+                return deletion, self.record_event(tx, what)
 
         created = time.time()
         deletion, t = await self._or_undo(intent, ids, commit)
@@ -1090,7 +1078,7 @@ class VmTree:
         self.on_volumes_replaced(
             vm.id, [v.filename for v in old] + [s.name + VOLUME_SUFFIX for s in specs]
         )
-        self.announce(what, t)
+        self.publish(what, t)
         with trio.CancelScope(shield=True):
             await self._finish_deletion(deletion, [v.id for v in old])
 
@@ -1107,19 +1095,14 @@ class VmTree:
 
     async def set_domain_xml(self, vm_id: int, raw: bytes) -> None:
         """Store a new base description (empty: back to the default), checked first."""
-        async with self._locked(vm_id) as vm:
+        async with self.locked(vm_id) as vm:
             self.check_domain_writable(vm)
             xml = domain.check_base(raw) if raw.strip() else None
             what = f"domain.xml of {vm.name} " + ("set" if xml else "reset to the default")
 
-            def commit() -> float:
-                with self.store.transaction() as tx:
-                    tx.set_domain_xml(vm.id, xml)
-                    return self.noted(tx, what)
-
-            t = await in_thread(commit)
+            t = await self.commit(what, lambda tx: tx.set_domain_xml(vm.id, xml))
             self.ns.set_domain_xml(vm.id, xml)
-            self.announce(what, t)
+            self.publish(what, t)
 
     # Control commands
 
@@ -1139,7 +1122,7 @@ class VmTree:
             await self.collect()
             gone = sorted(name for vm_id, name in waiting.items() if vm_id not in self.ns.by_id)
             result = f"destroyed {', '.join(gone)}" if gone else "nothing to collect"
-            self.announce(f"gc: {result}", time.time())
+            self.publish(f"gc: {result}", time.time())
             return result
         if vm_id is None and command.verb == "grow-pool":
             if len(command.args) > 1:
@@ -1148,11 +1131,7 @@ class VmTree:
             size = await in_thread(self.engine.grow_pool, wanted)
             what = f"grew the pool to {format_size(size)}"
 
-            def note() -> float:
-                with self.store.transaction() as tx:
-                    return self.noted(tx, what)
-
-            self.announce(what, await in_thread(note))
+            self.publish(what, await self.commit(what))
             return f"pool size {size}"
         vm = self.ns.get_by_id(vm_id) if vm_id is not None else None
         if vm is not None and command.verb in ("commit", "revert"):
@@ -1184,7 +1163,7 @@ class VmTree:
                 command.verb == "start" and vm.immutable
             ):
                 return await self.runner.run_command(vm, command)
-            async with self._locked(vm.id) as locked:
+            async with self.locked(vm.id) as locked:
                 return await self.runner.run_command(locked, command)
         target = f"VM {vm.name!r}" if vm else "the tree"
         raise VmtreeError(
@@ -1196,7 +1175,7 @@ class VmTree:
     # Operations on volumes
 
     async def create_volume(self, vm_id: int, raw_filename: str | bytes) -> Volume:
-        async with self._locked(vm_id) as vm:
+        async with self.locked(vm_id) as vm:
             plan = plan_create_volume(self.ns, vm.name, raw_filename)
             what = f"create {vm.name}/{plan.spec.name}{VOLUME_SUFFIX}"
             intent, ids = await self._create_volumes(what, (plan.spec,))
@@ -1208,17 +1187,17 @@ class VmTree:
                         ids[0], vm.id, plan.spec.name, plan.spec.size, plan.spec.policy, created
                     )
                     tx.complete_intent(intent)
-                    return created, self.noted(tx, what)
+                    return created, self.record_event(tx, what)
 
             created, t = await self._or_undo(intent, ids, commit)
             volume = Volume(ids[0], plan.spec.name, plan.spec.size, plan.spec.policy, created)
             self.ns.add_volume(vm.id, volume)
-            self.announce(what, t)
+            self.publish(what, t)
             return volume
 
     async def delete_volume(self, volume_id: int) -> None:
         vm, vol = self.ns.volume_by_id(volume_id)
-        async with self._locked(vm.id):
+        async with self.locked(vm.id):
             vm, vol = self.ns.volume_by_id(volume_id)
             plan = plan_delete_volume(self.ns, vm.name, vol.name)
             what = f"rm {vm.name}/{vol.filename}"
@@ -1229,31 +1208,26 @@ class VmTree:
                     intent = tx.begin_intent(
                         "delete_volumes", {"what": what, "volume_ids": [plan.volume_id]}
                     )
-                    return intent, self.noted(tx, what)
+                    return intent, self.record_event(tx, what)
 
             intent, t = await in_thread(commit)
             self.ns.remove_volume(vm.id, vol.name)
-            self.announce(what, t)
+            self.publish(what, t)
             with trio.CancelScope(shield=True):
                 await self._finish_deletion(intent, [plan.volume_id])
 
     async def rename_volume(self, volume_id: int, raw_new_filename: str | bytes) -> None:
         vm, vol = self.ns.volume_by_id(volume_id)
-        async with self._locked(vm.id):
+        async with self.locked(vm.id):
             vm, vol = self.ns.volume_by_id(volume_id)
             plan = plan_rename_volume(self.ns, vm.name, vol.name, raw_new_filename)
             if plan.new == plan.old:
                 return
             what = f"mv {vm.name}/{plan.old}{VOLUME_SUFFIX} {plan.new}{VOLUME_SUFFIX}"
 
-            def commit() -> float:
-                with self.store.transaction() as tx:
-                    tx.rename_volume(plan.volume_id, plan.new)
-                    return self.noted(tx, what)
-
-            t = await in_thread(commit)
+            t = await self.commit(what, lambda tx: tx.rename_volume(plan.volume_id, plan.new))
             self.ns.apply_rename_volume(plan)
-            self.announce(what, t)
+            self.publish(what, t)
 
     async def resize_volume(self, volume_id: int, new_size: int, at_least: bool = False) -> None:
         """Grow a volume; with ``at_least`` a volume already that big is left alone.
@@ -1262,7 +1236,7 @@ class VmTree:
         copy into a new volume would otherwise push every other line out.
         """
         vm, vol = self.ns.volume_by_id(volume_id)
-        async with self._locked(vm.id):
+        async with self.locked(vm.id):
             vm, vol = self.ns.volume_by_id(volume_id)
             if at_least and vol.size >= new_size:
                 return
@@ -1286,7 +1260,7 @@ class VmTree:
                 with self.store.transaction() as tx:
                     tx.set_volume_size(plan.volume_id, plan.new_size)
                     tx.complete_intent(intent)
-                    return self.noted(tx, what) if not at_least else time.time()
+                    return self.record_event(tx, what) if not at_least else time.time()
 
             intent = await in_thread(begin)
             try:
@@ -1306,12 +1280,12 @@ class VmTree:
             if at_least:
                 log.debug("%s", what)
             else:
-                self.announce(what, t)
+                self.publish(what, t)
 
     async def discard_volume(self, volume_id: int) -> None:
         """Make a volume read as zeros again, keeping its size (an O_TRUNC open: cp, >)."""
         vm, vol = self.ns.volume_by_id(volume_id)
-        async with self._locked(vm.id):
+        async with self.locked(vm.id):
             vm, vol = self.ns.volume_by_id(volume_id)
             check_volume_write(self.ns, vm.name, vol.name)
             what = f"discard {vm.name}/{vol.filename}"
@@ -1327,11 +1301,11 @@ class VmTree:
                 self.engine.discard(volume_id, size)
                 with self.store.transaction() as tx:
                     tx.complete_intent(intent)
-                    return self.noted(tx, what)
+                    return self.record_event(tx, what)
 
             intent = await in_thread(begin)
             t = await in_thread(carry_out, intent)
-            self.announce(what, t)
+            self.publish(what, t)
 
     # Volume data
 

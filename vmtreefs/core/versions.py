@@ -49,9 +49,11 @@ class VersionsHost(Protocol):
 
     def locked(self, vm_id: int) -> AbstractAsyncContextManager[Vm]: ...
 
-    def noted(self, tx: Txn, line: str) -> float: ...
+    def record_event(self, tx: Txn, line: str) -> float: ...
 
-    def announce(self, line: str, t: float) -> None: ...
+    def publish(self, line: str, t: float) -> None: ...
+
+    async def commit(self, what: str, write: Callable[[Txn], object] | None = None) -> float: ...
 
     async def make_vm(
         self,
@@ -66,7 +68,7 @@ class VersionsHost(Protocol):
         domain_xml: str | None = None,
         linked: tuple[Savestate, ...] = (),
         template: TemplateLink | None = None,
-        also: Callable[[Txn, int], None] | None = None,
+        extra_writes: Callable[[Txn, int], None] | None = None,
     ) -> Vm: ...
 
     async def swap_volumes(
@@ -116,7 +118,7 @@ class Versions:
         first = not head.versioned
         made: list[Alias] = []
 
-        def also(tx: Txn, vm_id: int) -> None:
+        def extra_writes(tx: Txn, vm_id: int) -> None:
             made.clear()
             if first:
                 tx.rename_vm(head.id, plan.head_name)
@@ -147,7 +149,7 @@ class Versions:
                     reparent=plan.reparent,
                     domain_xml=head.domain_xml,
                     template=head.template,
-                    also=also,
+                    extra_writes=extra_writes,
                 )
             finally:
                 self.tree.ns.release(plan.head_name)
@@ -229,22 +231,20 @@ class Versions:
             what = f"unversioned {plan.base}: {head.name} is {plan.base} again, versions {kept}"
             props = {k: v for k, v in head.props.items() if k != "versioned"}
 
-            def commit() -> float:
-                with self.tree.store.transaction() as tx:
-                    for alias_id in plan.retarget:
-                        tx.retarget_alias(alias_id, head.id, None)
-                    if plan.alias_id is not None:
-                        tx.delete_alias(plan.alias_id)
-                    tx.rename_vm(head.id, plan.base)
-                    tx.set_vm_props(head.id, props)
-                    for vm_id in plan.versions:
-                        tx.forget_version(vm_id)
-                    return self.tree.noted(tx, what)
+            def write(tx: Txn) -> None:
+                for alias_id in plan.retarget:
+                    tx.retarget_alias(alias_id, head.id, None)
+                if plan.alias_id is not None:
+                    tx.delete_alias(plan.alias_id)
+                tx.rename_vm(head.id, plan.base)
+                tx.set_vm_props(head.id, props)
+                for vm_id in plan.versions:
+                    tx.forget_version(vm_id)
 
-            t = await trio.to_thread.run_sync(commit)
+            t = await self.tree.commit(what, write)
             self.tree.ns.apply_unversion(plan)
             self.tree.on_names_changed([plan.base, head_name])
-            self.tree.announce(what, t)
+            self.tree.publish(what, t)
         if not plan.keep_history:
             for vm_id in plan.versions:
                 try:
@@ -259,28 +259,20 @@ class Versions:
             link = plan_set_template(self.tree.ns, vm_id, raw_target)
             what = f"ln -s ../{self.tree.ns.template_name(link)} {vm.name}/template"
 
-            def commit() -> float:
-                with self.tree.store.transaction() as tx:
-                    tx.set_template(vm.id, link.target_vm, link.target_alias)
-                    return self.tree.noted(tx, what)
-
-            t = await trio.to_thread.run_sync(commit)
+            t = await self.tree.commit(
+                what, lambda tx: tx.set_template(vm.id, link.target_vm, link.target_alias)
+            )
             self.tree.ns.set_template(vm.id, link)
-            self.tree.announce(what, t)
+            self.tree.publish(what, t)
 
     async def remove_template(self, vm_id: int) -> None:
         async with self.tree.locked(vm_id) as vm:
             check_template_removable(self.tree.ns, vm_id)
             what = f"rm {vm.name}/template"
 
-            def commit() -> float:
-                with self.tree.store.transaction() as tx:
-                    tx.set_template(vm.id, None, None)
-                    return self.tree.noted(tx, what)
-
-            t = await trio.to_thread.run_sync(commit)
+            t = await self.tree.commit(what, lambda tx: tx.set_template(vm.id, None, None))
             self.tree.ns.set_template(vm.id, None)
-            self.tree.announce(what, t)
+            self.tree.publish(what, t)
         await self.tree.collect()
 
     async def refresh_template_volumes(self, vm: Vm) -> None:

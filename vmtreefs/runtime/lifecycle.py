@@ -83,7 +83,7 @@ class Lifecycle:
         # so the first `state` anyone reads is libvirt's.
         self.settled = trio.Event()
         # Bumped at every state change: a reconciliation does not undo a newer event.
-        self._versions: dict[int, int] = {}
+        self._state_serial: dict[int, int] = {}
         self._hot_tasks: set[int] = set()  # VMs whose hot savestate is being made
         # Set when what a VM's stop sets off (release, commit, destruction) is done.
         self._settling: dict[int, trio.Event] = {}
@@ -172,7 +172,7 @@ class Lifecycle:
     async def _reconcile(self) -> None:
         """Take the states libvirt has now: VMs that stopped while we were away are halted."""
         assert self.hypervisor is not None
-        versions = dict(self._versions)
+        serials = dict(self._state_serial)
         prefix = domain.domain_name(self.tree_id, 0)[:-1]
         while self.tree.recovery.deferred:
             await self._settle_interrupted(self.tree.recovery.deferred[0])
@@ -185,7 +185,7 @@ class Lifecycle:
             state = running.get(name, states.HALTED)
             if state != states.HALTED and vm.id not in self._attached:
                 await self._attach(vm)
-            if vm.id in self._driving or self._versions.get(vm.id) != versions.get(vm.id):
+            if vm.id in self._driving or self._state_serial.get(vm.id) != serials.get(vm.id):
                 continue
             self._set_state(vm, state)
             if state == states.HALTED:
@@ -275,7 +275,7 @@ class Lifecycle:
                 log.error("VM %s: running on after the save failed: %s", vm.name, e.describe())
                 return
             self._set_state(vm, states.PAUSED if paused else states.RUNNING)
-            self.tree.announce(f"{vm.name}: runs on from savestate {savestate.label}", time.time())
+            self.tree.publish(f"{vm.name}: runs on from savestate {savestate.label}", time.time())
         finally:
             self._driving.discard(vm.id)
 
@@ -304,7 +304,7 @@ class Lifecycle:
             self._set_state(vm, actual)
         # What a stop sets off waits for libvirt's stop event itself, with its reason.
         if actual == event.state == states.HALTED and vm.id in self._attached:
-            self.tree.announce(f"{vm.name} stopped: {event.reason}", time.time())
+            self.tree.publish(f"{vm.name} stopped: {event.reason}", time.time())
             await self._stopped(vm, event.reason)
 
     async def _stopped(self, vm: Vm, reason: str) -> None:
@@ -324,7 +324,7 @@ class Lifecycle:
                     await self.tree.versions.commit_version(vm.id)
                 except VmtreeError as e:
                     log.error("VM %s stopped but could not commit: %s", vm.name, e.describe())
-                    self.tree.announce(f"{vm.name}: commit failed: {e.reason}", time.time())
+                    self.tree.publish(f"{vm.name}: commit failed: {e.reason}", time.time())
             if vm.props.get("hot_savestate") == "1" and not vm.immutable:
                 self._schedule_hot(vm)
             if vm.volatile and vm.state == states.HALTED and vm.id in self.tree.ns.by_id:
@@ -340,7 +340,7 @@ class Lifecycle:
 
     def _set_state(self, vm: Vm, state: str) -> None:
         if self.tree.ns.set_state(vm, state):
-            self._versions[vm.id] = self._versions.get(vm.id, 0) + 1
+            self._state_serial[vm.id] = self._state_serial.get(vm.id, 0) + 1
             self._changed.set()
             self._changed = trio.Event()
             self.tree.changed.unpark_all()
@@ -436,7 +436,7 @@ class Lifecycle:
         raise VmtreeError(errno.EINVAL, f"{verb!r} is not a lifecycle command")
 
     def _done(self, vm: Vm, result: str) -> str:
-        self.tree.announce(f"{vm.name}: {result}", time.time())
+        self.tree.publish(f"{vm.name}: {result}", time.time())
         return result
 
     async def start_instance(self, source: Vm, hypervisor: Hypervisor, kind: str) -> str:
@@ -546,7 +546,7 @@ class Lifecycle:
             log.info("VM %s: hot savestate made in %.1f s", vm.name, time.monotonic() - started)
         except VmtreeError as e:
             log.error("VM %s: no hot savestate: %s", vm.name, e.describe())
-            self.tree.announce(f"{vm.name}: hot savestate failed: {e.reason}", time.time())
+            self.tree.publish(f"{vm.name}: hot savestate failed: {e.reason}", time.time())
         finally:
             self._hot_tasks.discard(vm.id)
 
@@ -831,7 +831,7 @@ class Lifecycle:
         (unless libvirt's stop event got there first), so a read of a volume right
         after `shutdown` or `kill` sees what the guest wrote."""
         if vm.id in self._attached:
-            self.tree.announce(f"{vm.name} stopped: {reason}", time.time())
+            self.tree.publish(f"{vm.name} stopped: {reason}", time.time())
             await self._stopped(vm, reason)
         elif vm.id in self._settling:
             await self._settling[vm.id].wait()  # libvirt's stop event got there first
