@@ -59,7 +59,7 @@ async def test_mkdir_records_the_vm_and_makes_its_default_volumes(tree: VmTree) 
     assert [row.name for row in tree.store.load().vms] == ["work"]
     assert vm.state == "halted"
     assert (
-        tree.events.text()
+        tree.journal.events.text()
         .rstrip()
         .endswith("mkdir work: root 10.0 GiB, private 2.0 GiB, volatile 1.0 GiB")
     )

@@ -139,7 +139,7 @@ async def test_refusals_are_fuse_errors_with_the_model_errno(ops: Operations) ->
     with pytest.raises(pyfuse3.FUSEError) as info:
         await ops.mkdir(pyfuse3.ROOT_INODE, b"bad name", 0o755, CTX)
     assert info.value.errno == errno.EINVAL
-    assert "refused mkdir 'bad name'" in ops.tree.events.text()
+    assert "refused mkdir 'bad name'" in ops.tree.journal.events.text()
 
 
 async def test_stale_handles_and_inodes(ops: Operations) -> None:

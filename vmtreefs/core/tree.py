@@ -15,7 +15,6 @@ atomic with respect to other requests.
 from __future__ import annotations
 
 import collections
-import contextlib
 import errno
 import functools
 import logging
@@ -24,19 +23,20 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import trio
 
-from vmtreefs import saveimage
+from vmtreefs.core.journal import Journal, in_thread
+from vmtreefs.core.recovery import Recovery, RecoveryReport, load_namespace, savestate_of
 from vmtreefs.core.runner import Runner
 from vmtreefs.core.versions import Versions
-from vmtreefs.engine.base import NewVolume, OpenVolume, SnapshotEngine
+from vmtreefs.engine.base import OpenVolume, SnapshotEngine
 from vmtreefs.engine.select import format_size, parse_size
 from vmtreefs.errors import VmtreeError
-from vmtreefs.rules import blockmap, domain, invariants
+from vmtreefs.rules import blockmap, domain
 from vmtreefs.rules.aliases import plan_create_alias, plan_remove_alias, plan_rename_alias
 from vmtreefs.rules.commands import Command
 from vmtreefs.rules.names import HOT_LABEL, VOLUME_SUFFIX, round_up_to_sector
@@ -62,7 +62,7 @@ from vmtreefs.rules.volumes import (
     plan_rename_volume,
     plan_resize_volume,
 )
-from vmtreefs.store import Intent, SavestateRow, Store, Txn
+from vmtreefs.store import Intent, Store, Txn
 
 log = logging.getLogger("vmtreefs.tree")
 
@@ -72,44 +72,6 @@ T = TypeVar("T")
 EVENTS_KEPT = 1000
 VM_INTENTS = frozenset({"save", "restore"})
 """Intents whose outcome depends on libvirt: a running mount settles them with it."""
-
-
-async def in_thread(fn: Callable[..., T], *args: Any) -> T:
-    return await trio.to_thread.run_sync(functools.partial(fn, *args))
-
-
-def format_time(t: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t))
-
-
-@dataclass
-class RecoveryReport:
-    rolled_back: list[str] = field(default_factory=list)
-    rolled_forward: list[str] = field(default_factory=list)
-    left_open: list[str] = field(default_factory=list)
-    differences: list[str] = field(default_factory=list)
-    # Saves and restores a crash interrupted, for the lifecycle: what became of them
-    # depends on libvirt, which may still be carrying them out.
-    deferred: list[Intent] = field(default_factory=list)
-
-
-class EventLog:
-    """Recent operations and refusals, one line each, for ``.vmtree/events``.
-
-    Operations are also persisted by the store in the transaction that makes
-    them; refusals live only here and in the daemon log.
-    """
-
-    def __init__(self, initial: list[tuple[float, str]]) -> None:
-        self._lines: collections.deque[str] = collections.deque(maxlen=EVENTS_KEPT)
-        for t, line in initial:
-            self._lines.append(f"{format_time(t)} {line}")
-
-    def add(self, line: str, t: float | None = None) -> None:
-        self._lines.append(f"{format_time(time.time() if t is None else t)} {line}")
-
-    def text(self) -> str:
-        return "".join(line + "\n" for line in self._lines)
 
 
 @dataclass(frozen=True)
@@ -125,20 +87,6 @@ class PendingSavestate:
     info: dict[str, Any]
 
 
-def _savestate_of(row: SavestateRow) -> Savestate:
-    volumes = {
-        name: Volume(vol_id, name, size, "persistent", row.created)
-        for name, (vol_id, size) in row.volumes.items()
-    }
-    return Savestate(row.id, row.label, row.created, row.image, row.info, volumes)
-
-
-def _remove_files(paths: list[str]) -> None:
-    for path in paths:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-
-
 class VmTree:
     """The tree of VMs as the filesystem sees it."""
 
@@ -150,13 +98,12 @@ class VmTree:
         # Where savestates keep their memory images (SOURCE/savestates).
         self.savestate_dir = savestate_dir or Path("/nonexistent")
         self.ns = Namespace()
-        self.events = EventLog(store.recent_events(EVENTS_KEPT))
+        self.journal = Journal(store, engine)
         self.recovery = RecoveryReport()
         self._locks: dict[int, trio.Lock] = collections.defaultdict(trio.Lock)
         # Aliases name VMs by id: making, moving or dropping one must not interleave
         # with deleting the VM it names.
         self.alias_lock = trio.Lock()
-        self.changed = trio.lowlevel.ParkingLot()
         self.runner: Runner | None = None  # runs VMs; set by the daemon when libvirt is used
         self.versions = Versions(self)
         self._collecting = False
@@ -171,108 +118,19 @@ class VmTree:
     # Start-up (blocking, before the filesystem answers)
 
     def recover(self) -> RecoveryReport:
-        """Finish or undo what a crash interrupted, load the namespace, compare with the engine."""
-        report = RecoveryReport()
-        for intent in self.store.load().open_intents:
-            if intent.kind in VM_INTENTS and self.defer_vm_intents:
-                report.deferred.append(intent)
-            else:
-                self._recover_intent(intent, report)
-        self._remove_restore_copies()
-        self.load()
-        self._compare_inventory(report)
-        self.recovery = report
-        for line in report.rolled_back:
-            self.events.add(f"recovered: rolled back {line}")
-        for line in report.rolled_forward:
-            self.events.add(f"recovered: rolled forward {line}")
-        return report
+        """What a mount does first (``core.recovery``): the namespace it finds is the tree's."""
+        recovery = Recovery(self.store, self.engine, self.journal, self.savestate_dir)
+        self.recovery, self.ns = recovery.recover(self.defer_vm_intents)
+        return self.recovery
 
-    def _recover_intent(self, intent: Intent, report: RecoveryReport) -> None:
-        payload = intent.payload
-        what = f"intent {intent.id} ({intent.kind} {payload.get('what', '')})".replace(" )", ")")
-        try:
-            if intent.kind == "create":
-                for vol in payload["volumes"]:
-                    self.engine.delete(vol["id"], missing_ok=True)
-                _remove_files(payload.get("files", []))
-                with self.store.transaction() as tx:
-                    tx.complete_intent(intent.id)
-                report.rolled_back.append(what)
-            elif intent.kind == "delete_volumes":
-                for vol_id in payload["volume_ids"]:
-                    self.engine.delete(vol_id, missing_ok=True)
-                _remove_files(payload.get("files", []))
-                with self.store.transaction() as tx:
-                    tx.complete_intent(intent.id)
-                report.rolled_forward.append(what)
-            elif intent.kind == "discard_volume":
-                vol_id, size = payload["volume_id"], payload["size"]
-                known = {v.id for v in self.store.load().volumes}
-                if vol_id in known:
-                    self.engine.discard(vol_id, size)
-                with self.store.transaction() as tx:
-                    tx.complete_intent(intent.id)
-                report.rolled_forward.append(what)
-            elif intent.kind == "save":
-                if self.settle_save(intent) == "recorded":
-                    report.rolled_forward.append(what)
-                else:
-                    report.rolled_back.append(what)
-                self.complete_intent(intent.id)
-            elif intent.kind == "restore":
-                # Without libvirt nothing can be started: the VM stays halted, with the
-                # volumes the crash left (the restore swaps them in one transaction).
-                self.complete_intent(intent.id)
-                report.rolled_back.append(what)
-            elif intent.kind == "resize_volume":
-                vol_id, size = payload["volume_id"], payload["size"]
-                known = {v.id for v in self.store.load().volumes}
-                if vol_id in known and self.engine.size(vol_id) < size:
-                    self.engine.resize(vol_id, size)
-                with self.store.transaction() as tx:
-                    if vol_id in known:
-                        tx.set_volume_size(vol_id, size)
-                    tx.complete_intent(intent.id)
-                report.rolled_forward.append(what)
-            else:
-                log.error("%s: unknown intent kind, left open for fsck", what)
-                report.left_open.append(what)
-                return
-            log.info("recovered %s", what)
-        except VmtreeError as e:
-            log.error("could not recover %s: %s; left open", what, e.describe())
-            report.left_open.append(what)
+    def load(self) -> None:
+        """The namespace as the store has it, with no recovery (fsck reads it this way)."""
+        self.ns = load_namespace(self.store.load())
 
     def settle_save(self, intent: Intent) -> str:
-        """The store's part of a save a crash interrupted: ``recorded`` when libvirt
-        finished the memory image (the savestate is kept), else ``rolled back``.
-
-        Blocking; the intent stays open (the lifecycle may still resume the VM).
-        """
-        saved = intent.payload["savestate"]
-        snapshot = self.store.load()
-        if any(row.image == saved["image"] for row in snapshot.savestates):
-            return "recorded"
-        owner_known = any(row.id == saved["owner_id"] for row in snapshot.vms)
-        if owner_known and saveimage.is_complete(self.savestate_dir / saved["image"]):
-            with self.store.transaction() as tx:
-                tx.insert_savestate(
-                    saved["owner_id"],
-                    saved["label"],
-                    time.time(),
-                    saved["image"],
-                    saved["info"],
-                    {v["name"]: (v["id"], v["size"]) for v in intent.payload["volumes"]},
-                )
-                self.record_event(
-                    tx, f"recovered: {intent.payload['what']}: the image is whole, kept"
-                )
-            return "recorded"
-        for vol in intent.payload["volumes"]:
-            self.engine.delete(vol["id"], missing_ok=True)
-        _remove_files(intent.payload.get("files", []))
-        return "rolled back"
+        """Blocking: the store's part of a save a crash interrupted (``Recovery.settle_save``)."""
+        recovery = Recovery(self.store, self.engine, self.journal, self.savestate_dir)
+        return recovery.settle_save(intent)
 
     async def settle_interrupted_save(self, intent: Intent) -> Savestate | None:
         """:meth:`settle_save` on a live tree: the savestate kept, or None."""
@@ -286,198 +144,20 @@ class VmTree:
                 return savestate
         rows = (await in_thread(self.store.load)).savestates
         row = next(r for r in rows if r.image == saved["image"])
-        savestate = _savestate_of(row)
+        savestate = savestate_of(row)
         self.ns.add_savestate(owner.id, savestate)
-        self.publish(
+        self.journal.publish(
             f"recovered: {intent.payload['what']}: libvirt finished the image", time.time()
         )
         return savestate
 
-    def complete_intent(self, intent_id: int) -> None:
-        with self.store.transaction() as tx:
-            tx.complete_intent(intent_id)
-
-    def _remove_restore_copies(self) -> None:
-        """A restore's rewritten copy of an image outlives a crash; libvirt, if it is
-        still reading one, holds it open."""
-        with contextlib.suppress(FileNotFoundError):
-            for path in self.savestate_dir.glob(f"{saveimage.RESTORE_COPY_PREFIX}*"):
-                log.info("removing %s, left by an interrupted restore", path)
-                _remove_files([str(path)])
-
-    def load(self) -> None:
-        """The namespace as the store has it (no recovery: fsck reads it this way)."""
-        snapshot = self.store.load()
-        vms = {
-            row.id: Vm(
-                row.id,
-                row.name,
-                row.created,
-                row.origin_id,
-                dict(row.props),
-                hidden=row.name.startswith("."),
-            )
-            for row in snapshot.vms
-        }
-        for vol in snapshot.volumes:
-            vms[vol.vm_id].volumes[vol.name] = Volume(
-                vol.id, vol.name, vol.size, vol.policy, vol.created
-            )
-        for vm_id, xml in snapshot.domains.items():
-            vms[vm_id].domain_xml = xml
-        self.ns = Namespace()
-        for vm in vms.values():
-            self.ns.add_vm(vm)
-        for saved in snapshot.savestates:
-            self.ns.add_savestate(saved.vm_id, _savestate_of(saved))
-        for row in snapshot.aliases:
-            self.ns.add_alias(
-                Alias(row.id, row.name, row.target_vm, row.target_alias, row.system, row.created)
-            )
-        for version in snapshot.versions:
-            vms[version.vm_id].version_of = version.head_id
-            vms[version.vm_id].version = version.number
-        for link in snapshot.templates:
-            vms[link.vm_id].template = TemplateLink(link.target_vm, link.target_alias)
-            vms[link.vm_id].template_used = link.used
-
-    def _compare_inventory(self, report: RecoveryReport) -> None:
-        """The same checks as ``vmtreefs fsck`` (without repairs): the engine's volumes
-        against the store's, and the namespace's own rules."""
-        journalled = invariants.journalled_volumes(report.deferred)
-        differences = invariants.compare_volumes(self.ns, self.engine.inventory(), journalled)
-        report.differences += [d.line() for d in differences]
-        report.differences += [f.problem for f in invariants.check_namespace(self.ns)]
-        for line in report.differences:
-            log.warning("inventory: %s; run vmtreefs fsck", line)
-        if not report.differences:
-            log.info(
-                "inventory: engine and store agree (%d volumes of %d VMs)",
-                len(invariants.known_volumes(self.ns)),
-                len(self.ns),
-            )
-
     # Helpers
-
-    def refused(self, operation: str, error: VmtreeError) -> None:
-        """Log a refusal where an administrator looks: the daemon log and .vmtree/events."""
-        log.warning("refused %s: %s", operation, error.describe())
-        self.events.add(f"refused {operation}: {error.reason} ({error.errname})")
-
-    def record_event(self, tx: Txn, line: str) -> float:
-        """The operation's event line, in the transaction that records the operation itself."""
-        now = time.time()
-        tx.add_event(now, line)
-        return now
-
-    def publish(self, line: str, t: float) -> None:
-        """After the commit: the daemon's log, ``.vmtree/events``, and who waits for a change."""
-        log.info("%s", line)
-        self.events.add(line, t)
-        self.changed.unpark_all()
-
-    async def commit(self, what: str, write: Callable[[Txn], object] | None = None) -> float:
-        """One store transaction in a worker thread: ``write``, and ``what`` as its event
-        line in the same commit; returns the event's time, for :meth:`publish`."""
-
-        def run() -> float:
-            with self.store.transaction() as tx:
-                if write is not None:
-                    write(tx)
-                return self.record_event(tx, what)
-
-        return await in_thread(run)
 
     @asynccontextmanager
     async def locked(self, vm_id: int) -> AsyncIterator[Vm]:
         """Hold the VM's lock; ENOENT if it went away while we waited."""
         async with self._locks[vm_id]:
             yield self.ns.get_by_id(vm_id)
-
-    async def _create_volumes(
-        self,
-        what: str,
-        specs: tuple[VolumeSpec, ...],
-        sources: tuple[int, ...] | None = None,
-        files: tuple[str, ...] = (),
-        kind: str = "create",
-        extra: dict[str, Any] | None = None,
-        prepare: Callable[[], Awaitable[None]] | None = None,
-    ) -> tuple[int, list[int]]:
-        """Journal, then create (or snapshot from ``sources``) engine volumes.
-
-        ``prepare`` runs between the two, under the intent (a save pauses the VM there,
-        so that a recovery knows to resume it).
-
-        ``files`` are made by the caller under the same intent (a savestate's
-        memory image): rolling the intent back removes them too.
-
-        On failure nothing is left behind: what was made is deleted and the
-        intent completed, or, if even that fails, left open for the next mount.
-        """
-
-        def begin() -> tuple[int, list[int]]:
-            with self.store.transaction() as tx:
-                ids = tx.allocate_volume_ids(len(specs))
-                volumes = [
-                    {"id": i, "name": s.name, "size": s.size}
-                    for i, s in zip(ids, specs, strict=True)
-                ]
-                intent = tx.begin_intent(
-                    kind, {"what": what, "volumes": volumes, "files": list(files), **(extra or {})}
-                )
-            return intent, ids
-
-        intent, ids = await in_thread(begin)
-        if prepare is not None:
-            try:
-                await prepare()
-            except BaseException:
-                with trio.CancelScope(shield=True):
-                    await self._undo_creation(intent, ids, files)
-                raise
-        new = [
-            NewVolume(vol_id, spec.size, None if sources is None else sources[n])
-            for n, (vol_id, spec) in enumerate(zip(ids, specs, strict=True))
-        ]
-        await self._or_undo(intent, ids, functools.partial(self.engine.make_volumes, new))
-        return intent, ids
-
-    async def _or_undo(
-        self, intent: int, ids: list[int], step: Callable[[], T], files: tuple[str, ...] = ()
-    ) -> T:
-        """Run a blocking step of a creation; if it fails, what the creation made goes."""
-        try:
-            return await in_thread(step)
-        except BaseException:
-            with trio.CancelScope(shield=True):
-                await self._undo_creation(intent, ids, files)
-            raise
-
-    async def _undo_creation(
-        self, intent: int, ids: list[int], files: tuple[str, ...] = ()
-    ) -> None:
-        try:
-            await in_thread(self._drop_and_complete, intent, ids, list(files))
-        except Exception as e:
-            log.error("could not undo intent %d (%s); the next mount rolls it back", intent, e)
-
-    async def _finish_deletion(
-        self, intent: int, ids: list[int], files: list[str] | None = None
-    ) -> None:
-        try:
-            await in_thread(self._drop_and_complete, intent, ids, files or [])
-        except Exception as e:
-            log.error("deleting engine volumes %s failed (%s); the next mount finishes it", ids, e)
-
-    def _drop_and_complete(self, intent: int, ids: list[int], files: list[str]) -> None:
-        """Blocking: the engine volumes and files an intent names go, then the intent is closed
-        (an undone creation and a finished deletion end the same way)."""
-        for vol_id in ids:
-            self.engine.delete(vol_id, missing_ok=True)
-        _remove_files(files)
-        with self.store.transaction() as tx:
-            tx.complete_intent(intent)
 
     # Operations on VMs
 
@@ -526,7 +206,7 @@ class VmTree:
             for ss, image in zip(linked, images, strict=True)
         ]
         try:
-            intent, all_ids = await self._create_volumes(
+            intent, all_ids = await self.journal.create_volumes(
                 what, all_specs, all_sources, tuple(dst for _, dst in links)
             )
             ids = all_ids[: len(specs)]
@@ -559,14 +239,14 @@ class VmTree:
                             )
                         )
                     tx.complete_intent(intent)
-                    return vm_id, created, self.record_event(tx, what), savestate_ids
+                    return vm_id, created, self.journal.record_event(tx, what), savestate_ids
 
             def link_and_commit() -> tuple[int, float, float, list[int]]:
                 for src, dst in links:
                     os.link(src, dst)
                 return commit()
 
-            vm_id, created, t, savestate_ids = await self._or_undo(
+            vm_id, created, t, savestate_ids = await self.journal.or_undo(
                 intent, all_ids, link_and_commit, tuple(dst for _, dst in links)
             )
         except BaseException:
@@ -596,7 +276,7 @@ class VmTree:
             )
         for child in reparent:
             self.ns.set_origin(child, vm.id)
-        self.publish(what + detail, t)
+        self.journal.publish(what + detail, t)
         return vm
 
     async def delete_vm(self, vm_id: int, verb: str = "rmdir") -> None:
@@ -626,15 +306,15 @@ class VmTree:
                             "files": files,
                         },
                     )
-                    return intent, self.record_event(tx, line)
+                    return intent, self.journal.record_event(tx, line)
 
             files = [str(self.savestate_dir / image) for image in plan.images]
             intent, t = await in_thread(commit)
             self.ns.remove_vm(plan.vm_id)
             self.on_names_changed([plan.name, *gone])
-            self.publish(line, t)
+            self.journal.publish(line, t)
             with trio.CancelScope(shield=True):
-                await self._finish_deletion(intent, list(plan.volume_ids), files)
+                await self.journal.finish_deletion(intent, list(plan.volume_ids), files)
         await self.collect()
 
     async def collect(self) -> None:
@@ -674,10 +354,10 @@ class VmTree:
             tx.rename_vm(plan.vm_id, plan.hidden_name)
             tx.set_vm_props(plan.vm_id, props)
 
-        t = await self.commit(line, write)
+        t = await self.journal.commit(line, write)
         self.ns.apply_hide(plan)
         self.on_names_changed([plan.name, *gone])
-        self.publish(line, t)
+        self.journal.publish(line, t)
 
     async def make_instance(self, source_id: int, kind: str) -> Vm:
         """``NAME-instN`` (an instance of an immutable VM) or ``NAME-dispN`` (a disposable)."""
@@ -706,14 +386,14 @@ class VmTree:
                 return
 
             try:
-                t = await self.commit(
+                t = await self.journal.commit(
                     f"mv {plan.old} {plan.new}", lambda tx: tx.rename_vm(plan.vm_id, plan.new)
                 )
             except BaseException:
                 self.ns.release(plan.new)
                 raise
             self.ns.apply_rename_vm(plan)
-            self.publish(f"mv {plan.old} {plan.new}", t)
+            self.journal.publish(f"mv {plan.old} {plan.new}", t)
 
     async def clone_vm(self, source_id: int, raw_new: str | bytes, replace: bool = False) -> Vm:
         """A linked clone: a snapshot of every volume, the source's properties and
@@ -768,7 +448,7 @@ class VmTree:
             with self.store.transaction() as tx:
                 created = time.time()
                 alias_id = tx.insert_alias(plan.name, plan.target_vm, plan.target_alias, created)
-                return alias_id, created, self.record_event(tx, what)
+                return alias_id, created, self.journal.record_event(tx, what)
 
         try:
             alias_id, created, t = await in_thread(commit)
@@ -777,7 +457,7 @@ class VmTree:
             raise
         alias = Alias(alias_id, plan.name, plan.target_vm, plan.target_alias, False, created)
         self.ns.add_alias(alias)
-        self.publish(what, t)
+        self.journal.publish(what, t)
         return alias
 
     async def remove_alias(self, name: str) -> None:
@@ -788,9 +468,9 @@ class VmTree:
         plan = plan_remove_alias(self.ns, name)
         what = f"rm {name}"
 
-        t = await self.commit(what, lambda tx: tx.delete_alias(plan.alias_id))
+        t = await self.journal.commit(what, lambda tx: tx.delete_alias(plan.alias_id))
         self.ns.remove_alias(plan.alias_id)
-        self.publish(what, t)
+        self.journal.publish(what, t)
 
     async def rename_alias(self, old: str, raw_new: str | bytes) -> None:
         """Rename an alias, or move it over another (``ln -sfn``), atomically."""
@@ -809,7 +489,7 @@ class VmTree:
                         tx.retarget_alias(alias_id, None, plan.keep_id)
                     tx.delete_alias(plan.drop_id)
                     tx.rename_alias(plan.keep_id, plan.name)
-                    return self.record_event(tx, what)
+                    return self.journal.record_event(tx, what)
 
             t = await in_thread(replace)
             self.ns.apply_replace_alias(plan)
@@ -821,7 +501,7 @@ class VmTree:
             def rename() -> float:
                 with self.store.transaction() as tx:
                     tx.rename_alias(plan.alias_id, plan.new)
-                    return self.record_event(tx, what)
+                    return self.journal.record_event(tx, what)
 
             try:
                 t = await in_thread(rename)
@@ -829,7 +509,7 @@ class VmTree:
                 self.ns.release(plan.new)
                 raise
             self.ns.apply_rename_alias(plan)
-        self.publish(what, t)
+        self.journal.publish(what, t)
 
     # Properties
 
@@ -854,9 +534,9 @@ class VmTree:
                 props[name] = value
             what = f"set {vm.name} {name}={value if value is not None else '(default)'}"
 
-            t = await self.commit(what, lambda tx: tx.set_vm_props(vm.id, props))
+            t = await self.journal.commit(what, lambda tx: tx.set_vm_props(vm.id, props))
             self.ns.apply_set_property(plan)
-            self.publish(what, t)
+            self.journal.publish(what, t)
         if name == "hot_savestate" and self.runner is not None:
             self.runner.hot_savestate_changed(vm)
         newest = self.ns.newest_version(vm) if vm.versioned else None
@@ -877,9 +557,9 @@ class VmTree:
                 return
             what = f"set {vm.name}/{vol.filename} policy={policy}"
 
-            t = await self.commit(what, lambda tx: tx.set_volume_policy(volume_id, policy))
+            t = await self.journal.commit(what, lambda tx: tx.set_volume_policy(volume_id, policy))
             self.ns.set_policy(volume_id, policy)
-            self.publish(what, t)
+            self.journal.publish(what, t)
 
     async def vm_usage(self, vm_id: int) -> int:
         """Bytes held only by this VM: what deleting it would free."""
@@ -922,7 +602,7 @@ class VmTree:
             "stop": stop,
             "was_paused": was_paused,
         }
-        intent, ids = await self._create_volumes(
+        intent, ids = await self.journal.create_volumes(
             f"save {owner.name} {label}",
             specs,
             tuple(v.id for v in volumes),
@@ -935,7 +615,7 @@ class VmTree:
 
     async def abandon_savestate(self, pending: PendingSavestate) -> None:
         with trio.CancelScope(shield=True):
-            await self._undo_creation(pending.intent, pending.ids, (pending.image_path,))
+            await self.journal.undo_creation(pending.intent, pending.ids, (pending.image_path,))
 
     async def record_savestate(
         self, vm: Vm, pending: PendingSavestate, keep_open: bool = False
@@ -964,7 +644,7 @@ class VmTree:
                 )
                 if not keep_open:
                     tx.complete_intent(pending.intent)
-                return ss_id, created, self.record_event(tx, what)
+                return ss_id, created, self.journal.record_event(tx, what)
 
         try:
             ss_id, created, t = await in_thread(commit)
@@ -983,12 +663,12 @@ class VmTree:
             },
         )
         self.ns.add_savestate(vm.id, savestate)
-        self.publish(what, t)
+        self.journal.publish(what, t)
         return savestate
 
     async def finish_save(self, pending: PendingSavestate) -> None:
         with trio.CancelScope(shield=True):
-            await in_thread(self.complete_intent, pending.intent)
+            await in_thread(self.journal.complete_intent, pending.intent)
 
     async def begin_restore(self, vm: Vm, savestate: Savestate) -> int:
         """Journal a restore: a crash before the VM runs is followed by the restore at
@@ -1009,7 +689,7 @@ class VmTree:
 
     async def end_restore(self, intent: int) -> None:
         with trio.CancelScope(shield=True):
-            await in_thread(self.complete_intent, intent)
+            await in_thread(self.journal.complete_intent, intent)
 
     def image_path(self, savestate: Savestate) -> Path:
         return self.savestate_dir / savestate.image
@@ -1028,13 +708,13 @@ class VmTree:
                     intent = tx.begin_intent(
                         "delete_volumes", {"what": what, "volume_ids": ids, "files": files}
                     )
-                    return intent, self.record_event(tx, what)
+                    return intent, self.journal.record_event(tx, what)
 
             intent, t = await in_thread(commit)
             self.ns.remove_savestate(vm.id, label)
-            self.publish(what, t)
+            self.journal.publish(what, t)
             with trio.CancelScope(shield=True):
-                await self._finish_deletion(intent, ids, files)
+                await self.journal.finish_deletion(intent, ids, files)
         await self.collect()
 
     async def restore_volumes(self, vm: Vm, savestate: Savestate) -> None:
@@ -1054,7 +734,7 @@ class VmTree:
         saved = sorted(sources, key=lambda v: v.id)
         policies = {v.name: v.policy for v in vm.volumes.values()}
         specs = tuple(VolumeSpec(v.name, v.size, policies.get(v.name, v.policy)) for v in saved)
-        intent, ids = await self._create_volumes(what, specs, tuple(v.id for v in saved))
+        intent, ids = await self.journal.create_volumes(what, specs, tuple(v.id for v in saved))
 
         def commit() -> tuple[int, float]:
             with self.store.transaction() as tx:
@@ -1066,10 +746,10 @@ class VmTree:
                     "delete_volumes", {"what": what, "volume_ids": [v.id for v in old]}
                 )
                 tx.complete_intent(intent)
-                return deletion, self.record_event(tx, what)
+                return deletion, self.journal.record_event(tx, what)
 
         created = time.time()
-        deletion, t = await self._or_undo(intent, ids, commit)
+        deletion, t = await self.journal.or_undo(intent, ids, commit)
         for volume in old:
             self.ns.remove_volume(vm.id, volume.name)
         for vol_id, spec in zip(ids, specs, strict=True):
@@ -1078,9 +758,9 @@ class VmTree:
         self.on_volumes_replaced(
             vm.id, [v.filename for v in old] + [s.name + VOLUME_SUFFIX for s in specs]
         )
-        self.publish(what, t)
+        self.journal.publish(what, t)
         with trio.CancelScope(shield=True):
-            await self._finish_deletion(deletion, [v.id for v in old])
+            await self.journal.finish_deletion(deletion, [v.id for v in old])
 
     # domain.xml
 
@@ -1100,9 +780,9 @@ class VmTree:
             xml = domain.check_base(raw) if raw.strip() else None
             what = f"domain.xml of {vm.name} " + ("set" if xml else "reset to the default")
 
-            t = await self.commit(what, lambda tx: tx.set_domain_xml(vm.id, xml))
+            t = await self.journal.commit(what, lambda tx: tx.set_domain_xml(vm.id, xml))
             self.ns.set_domain_xml(vm.id, xml)
-            self.publish(what, t)
+            self.journal.publish(what, t)
 
     # Control commands
 
@@ -1122,7 +802,7 @@ class VmTree:
             await self.collect()
             gone = sorted(name for vm_id, name in waiting.items() if vm_id not in self.ns.by_id)
             result = f"destroyed {', '.join(gone)}" if gone else "nothing to collect"
-            self.publish(f"gc: {result}", time.time())
+            self.journal.publish(f"gc: {result}", time.time())
             return result
         if vm_id is None and command.verb == "grow-pool":
             if len(command.args) > 1:
@@ -1131,7 +811,7 @@ class VmTree:
             size = await in_thread(self.engine.grow_pool, wanted)
             what = f"grew the pool to {format_size(size)}"
 
-            self.publish(what, await self.commit(what))
+            self.journal.publish(what, await self.journal.commit(what))
             return f"pool size {size}"
         vm = self.ns.get_by_id(vm_id) if vm_id is not None else None
         if vm is not None and command.verb in ("commit", "revert"):
@@ -1178,7 +858,7 @@ class VmTree:
         async with self.locked(vm_id) as vm:
             plan = plan_create_volume(self.ns, vm.name, raw_filename)
             what = f"create {vm.name}/{plan.spec.name}{VOLUME_SUFFIX}"
-            intent, ids = await self._create_volumes(what, (plan.spec,))
+            intent, ids = await self.journal.create_volumes(what, (plan.spec,))
 
             def commit() -> tuple[float, float]:
                 with self.store.transaction() as tx:
@@ -1187,12 +867,12 @@ class VmTree:
                         ids[0], vm.id, plan.spec.name, plan.spec.size, plan.spec.policy, created
                     )
                     tx.complete_intent(intent)
-                    return created, self.record_event(tx, what)
+                    return created, self.journal.record_event(tx, what)
 
-            created, t = await self._or_undo(intent, ids, commit)
+            created, t = await self.journal.or_undo(intent, ids, commit)
             volume = Volume(ids[0], plan.spec.name, plan.spec.size, plan.spec.policy, created)
             self.ns.add_volume(vm.id, volume)
-            self.publish(what, t)
+            self.journal.publish(what, t)
             return volume
 
     async def delete_volume(self, volume_id: int) -> None:
@@ -1208,13 +888,13 @@ class VmTree:
                     intent = tx.begin_intent(
                         "delete_volumes", {"what": what, "volume_ids": [plan.volume_id]}
                     )
-                    return intent, self.record_event(tx, what)
+                    return intent, self.journal.record_event(tx, what)
 
             intent, t = await in_thread(commit)
             self.ns.remove_volume(vm.id, vol.name)
-            self.publish(what, t)
+            self.journal.publish(what, t)
             with trio.CancelScope(shield=True):
-                await self._finish_deletion(intent, [plan.volume_id])
+                await self.journal.finish_deletion(intent, [plan.volume_id])
 
     async def rename_volume(self, volume_id: int, raw_new_filename: str | bytes) -> None:
         vm, vol = self.ns.volume_by_id(volume_id)
@@ -1225,9 +905,11 @@ class VmTree:
                 return
             what = f"mv {vm.name}/{plan.old}{VOLUME_SUFFIX} {plan.new}{VOLUME_SUFFIX}"
 
-            t = await self.commit(what, lambda tx: tx.rename_volume(plan.volume_id, plan.new))
+            t = await self.journal.commit(
+                what, lambda tx: tx.rename_volume(plan.volume_id, plan.new)
+            )
             self.ns.apply_rename_volume(plan)
-            self.publish(what, t)
+            self.journal.publish(what, t)
 
     async def resize_volume(self, volume_id: int, new_size: int, at_least: bool = False) -> None:
         """Grow a volume; with ``at_least`` a volume already that big is left alone.
@@ -1260,7 +942,7 @@ class VmTree:
                 with self.store.transaction() as tx:
                     tx.set_volume_size(plan.volume_id, plan.new_size)
                     tx.complete_intent(intent)
-                    return self.record_event(tx, what) if not at_least else time.time()
+                    return self.journal.record_event(tx, what) if not at_least else time.time()
 
             intent = await in_thread(begin)
             try:
@@ -1280,7 +962,7 @@ class VmTree:
             if at_least:
                 log.debug("%s", what)
             else:
-                self.publish(what, t)
+                self.journal.publish(what, t)
 
     async def discard_volume(self, volume_id: int) -> None:
         """Make a volume read as zeros again, keeping its size (an O_TRUNC open: cp, >)."""
@@ -1301,11 +983,11 @@ class VmTree:
                 self.engine.discard(volume_id, size)
                 with self.store.transaction() as tx:
                     tx.complete_intent(intent)
-                    return self.record_event(tx, what)
+                    return self.journal.record_event(tx, what)
 
             intent = await in_thread(begin)
             t = await in_thread(carry_out, intent)
-            self.publish(what, t)
+            self.journal.publish(what, t)
 
     # Volume data
 

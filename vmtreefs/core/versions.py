@@ -19,6 +19,7 @@ from typing import Protocol
 
 import trio
 
+from vmtreefs.core.journal import Journal
 from vmtreefs.core.runner import Runner
 from vmtreefs.errors import VmtreeError
 from vmtreefs.rules.names import HOT_LABEL
@@ -46,14 +47,9 @@ class VersionsHost(Protocol):
     alias_lock: trio.Lock
     runner: Runner | None
     on_names_changed: Callable[[list[str]], None]
+    journal: Journal
 
     def locked(self, vm_id: int) -> AbstractAsyncContextManager[Vm]: ...
-
-    def record_event(self, tx: Txn, line: str) -> float: ...
-
-    def publish(self, line: str, t: float) -> None: ...
-
-    async def commit(self, what: str, write: Callable[[Txn], object] | None = None) -> float: ...
 
     async def make_vm(
         self,
@@ -241,10 +237,10 @@ class Versions:
                 for vm_id in plan.versions:
                     tx.forget_version(vm_id)
 
-            t = await self.tree.commit(what, write)
+            t = await self.tree.journal.commit(what, write)
             self.tree.ns.apply_unversion(plan)
             self.tree.on_names_changed([plan.base, head_name])
-            self.tree.publish(what, t)
+            self.tree.journal.publish(what, t)
         if not plan.keep_history:
             for vm_id in plan.versions:
                 try:
@@ -259,20 +255,20 @@ class Versions:
             link = plan_set_template(self.tree.ns, vm_id, raw_target)
             what = f"ln -s ../{self.tree.ns.template_name(link)} {vm.name}/template"
 
-            t = await self.tree.commit(
+            t = await self.tree.journal.commit(
                 what, lambda tx: tx.set_template(vm.id, link.target_vm, link.target_alias)
             )
             self.tree.ns.set_template(vm.id, link)
-            self.tree.publish(what, t)
+            self.tree.journal.publish(what, t)
 
     async def remove_template(self, vm_id: int) -> None:
         async with self.tree.locked(vm_id) as vm:
             check_template_removable(self.tree.ns, vm_id)
             what = f"rm {vm.name}/template"
 
-            t = await self.tree.commit(what, lambda tx: tx.set_template(vm.id, None, None))
+            t = await self.tree.journal.commit(what, lambda tx: tx.set_template(vm.id, None, None))
             self.tree.ns.set_template(vm.id, None)
-            self.tree.publish(what, t)
+            self.tree.journal.publish(what, t)
         await self.tree.collect()
 
     async def refresh_template_volumes(self, vm: Vm) -> None:

@@ -97,12 +97,12 @@ def handler(
                     # The first ``names`` byte strings are names; never log data or values.
                     shown = [a for a in args if isinstance(a, bytes)][:names]
                     what = " ".join([operation, *(_short(a) for a in shown)])
-                    self.tree.refused(what, e)
+                    self.tree.journal.refused(what, e)
                 raise pyfuse3.FUSEError(e.errno) from None
             except OSError as e:
                 code = e.errno or errno.EIO
                 log.warning("%s failed: %s", operation, e)
-                self.tree.events.add(f"failed {operation}: {e.strerror or e}")
+                self.tree.journal.events.add(f"failed {operation}: {e.strerror or e}")
                 raise pyfuse3.FUSEError(code) from None
             except Exception:
                 log.exception("%s failed with an unexpected error; answering EIO", operation)
@@ -717,7 +717,9 @@ class Operations(pyfuse3.Operations):
                 other = lineage.comparable_volume(ns, vm, volume, name)
             except VmtreeError as e:
                 # A lookup's ENOENT is not logged as a rule; this one says why.
-                self.tree.refused(f"change map of {vm.name}/{volume.filename} against {name}", e)
+                self.tree.journal.refused(
+                    f"change map of {vm.name}/{volume.filename} against {name}", e
+                )
                 raise pyfuse3.FUSEError(e.errno) from None
             return self._change_map_inode(volume.id, other.id)
         else:
@@ -1022,7 +1024,7 @@ class Operations(pyfuse3.Operations):
         if inode == CONTROL_STATUS:
             return (await self.tree.status_text()).encode()
         if inode == CONTROL_EVENTS:
-            return self.tree.events.text().encode()
+            return self.tree.journal.events.text().encode()
         if inode == CONTROL_VOLATILE:
             return self.tree.volatile_text().encode()
         if isinstance(node, VmNode) and node.entry == VmEntry.STATE:

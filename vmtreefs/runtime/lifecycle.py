@@ -254,7 +254,7 @@ class Lifecycle:
                     await self.restore(vm, hypervisor, found[0].label)
                 except VmtreeError as e:
                     log.error("%s: restoring again failed: %s", what, e.describe())
-        await trio.to_thread.run_sync(self.tree.complete_intent, intent.id)
+        await trio.to_thread.run_sync(self.tree.journal.complete_intent, intent.id)
         recovery = self.tree.recovery
         (recovery.rolled_back if undone else recovery.rolled_forward).append(what)
 
@@ -275,7 +275,9 @@ class Lifecycle:
                 log.error("VM %s: running on after the save failed: %s", vm.name, e.describe())
                 return
             self._set_state(vm, states.PAUSED if paused else states.RUNNING)
-            self.tree.publish(f"{vm.name}: runs on from savestate {savestate.label}", time.time())
+            self.tree.journal.publish(
+                f"{vm.name}: runs on from savestate {savestate.label}", time.time()
+            )
         finally:
             self._driving.discard(vm.id)
 
@@ -304,7 +306,7 @@ class Lifecycle:
             self._set_state(vm, actual)
         # What a stop sets off waits for libvirt's stop event itself, with its reason.
         if actual == event.state == states.HALTED and vm.id in self._attached:
-            self.tree.publish(f"{vm.name} stopped: {event.reason}", time.time())
+            self.tree.journal.publish(f"{vm.name} stopped: {event.reason}", time.time())
             await self._stopped(vm, event.reason)
 
     async def _stopped(self, vm: Vm, reason: str) -> None:
@@ -324,7 +326,7 @@ class Lifecycle:
                     await self.tree.versions.commit_version(vm.id)
                 except VmtreeError as e:
                     log.error("VM %s stopped but could not commit: %s", vm.name, e.describe())
-                    self.tree.publish(f"{vm.name}: commit failed: {e.reason}", time.time())
+                    self.tree.journal.publish(f"{vm.name}: commit failed: {e.reason}", time.time())
             if vm.props.get("hot_savestate") == "1" and not vm.immutable:
                 self._schedule_hot(vm)
             if vm.volatile and vm.state == states.HALTED and vm.id in self.tree.ns.by_id:
@@ -343,7 +345,7 @@ class Lifecycle:
             self._state_serial[vm.id] = self._state_serial.get(vm.id, 0) + 1
             self._changed.set()
             self._changed = trio.Event()
-            self.tree.changed.unpark_all()
+            self.tree.journal.changed.unpark_all()
 
     async def wait_for(self, vm: Vm, wanted: frozenset[str], timeout: float) -> bool:
         """Wait until the VM is in one of ``wanted``; False on timeout."""
@@ -436,7 +438,7 @@ class Lifecycle:
         raise VmtreeError(errno.EINVAL, f"{verb!r} is not a lifecycle command")
 
     def _done(self, vm: Vm, result: str) -> str:
-        self.tree.publish(f"{vm.name}: {result}", time.time())
+        self.tree.journal.publish(f"{vm.name}: {result}", time.time())
         return result
 
     async def start_instance(self, source: Vm, hypervisor: Hypervisor, kind: str) -> str:
@@ -546,7 +548,7 @@ class Lifecycle:
             log.info("VM %s: hot savestate made in %.1f s", vm.name, time.monotonic() - started)
         except VmtreeError as e:
             log.error("VM %s: no hot savestate: %s", vm.name, e.describe())
-            self.tree.publish(f"{vm.name}: hot savestate failed: {e.reason}", time.time())
+            self.tree.journal.publish(f"{vm.name}: hot savestate failed: {e.reason}", time.time())
         finally:
             self._hot_tasks.discard(vm.id)
 
@@ -831,7 +833,7 @@ class Lifecycle:
         (unless libvirt's stop event got there first), so a read of a volume right
         after `shutdown` or `kill` sees what the guest wrote."""
         if vm.id in self._attached:
-            self.tree.publish(f"{vm.name} stopped: {reason}", time.time())
+            self.tree.journal.publish(f"{vm.name} stopped: {reason}", time.time())
             await self._stopped(vm, reason)
         elif vm.id in self._settling:
             await self._settling[vm.id].wait()  # libvirt's stop event got there first
