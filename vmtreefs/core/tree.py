@@ -1,11 +1,10 @@
-"""The orchestrator: carries out the model's plans with the store and the engine.
+"""The orchestrator: carries out the rules' plans with the store and the engine.
 
-Every engine action is bracketed by the intent journal: the intent is written
-(in the same transaction as anything the action needs, such as new volume ids)
-before the engine is touched, and completed in the transaction that records the
-result. A crash at any point leaves either a completed intent, whose effects are
-all in the store, or an open one, which :meth:`VmTree.recover` rolls back
-(creations) or forward (deletions and growth) at the next mount.
+Each operation asks a rule (``rules/``) for a plan, brackets its engine work
+with an intent and records the result with its event line (``core.journal``),
+then has the namespace apply the plan. Start-up recovery is ``core.recovery``;
+versions and templates are ``core.versions``; running VMs is the runner's
+(``core.runner.Runner``, the lifecycle in ``runtime/``).
 
 Blocking calls (SQLite, the engine) run in worker threads; the namespace in
 memory is only touched on the trio thread, so a plan and its reservation are
