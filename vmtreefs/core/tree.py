@@ -15,22 +15,21 @@ from __future__ import annotations
 
 import collections
 import errno
-import functools
 import logging
 import os
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import trio
 
 from vmtreefs.core.journal import Journal, in_thread
-from vmtreefs.core.recovery import Recovery, RecoveryReport, load_namespace, savestate_of
+from vmtreefs.core.recovery import Recovery, RecoveryReport, load_namespace
 from vmtreefs.core.runner import Runner
+from vmtreefs.core.savestates import Savestates
 from vmtreefs.core.versions import Versions
 from vmtreefs.engine.base import OpenVolume, SnapshotEngine
 from vmtreefs.engine.select import format_size, parse_size
@@ -73,19 +72,6 @@ VM_INTENTS = frozenset({"save", "restore"})
 """Intents whose outcome depends on libvirt: a running mount settles them with it."""
 
 
-@dataclass(frozen=True)
-class PendingSavestate:
-    """Volume snapshots made for a savestate whose memory image is being written."""
-
-    label: str
-    image: str  # file name in the savestate directory
-    image_path: str
-    intent: int
-    specs: tuple[VolumeSpec, ...]
-    ids: list[int]
-    info: dict[str, Any]
-
-
 class VmTree:
     """The tree of VMs as the filesystem sees it."""
 
@@ -105,6 +91,7 @@ class VmTree:
         self.alias_lock = trio.Lock()
         self.runner: Runner | None = None  # runs VMs; set by the daemon when libvirt is used
         self.versions = Versions(self)
+        self.savestates = Savestates(self)
         self._collecting = False
         # Set when a lifecycle with libvirt will settle interrupted saves and restores.
         self.defer_vm_intents = False
@@ -130,25 +117,6 @@ class VmTree:
         """Blocking: the store's part of a save a crash interrupted (``Recovery.settle_save``)."""
         recovery = Recovery(self.store, self.engine, self.journal, self.savestate_dir)
         return recovery.settle_save(intent)
-
-    async def settle_interrupted_save(self, intent: Intent) -> Savestate | None:
-        """:meth:`settle_save` on a live tree: the savestate kept, or None."""
-        outcome = await in_thread(self.settle_save, intent)
-        saved = intent.payload["savestate"]
-        owner = self.ns.by_id.get(saved["owner_id"])
-        if outcome != "recorded" or owner is None:
-            return None
-        for savestate in owner.savestates.values():
-            if savestate.image == saved["image"]:
-                return savestate
-        rows = (await in_thread(self.store.load)).savestates
-        row = next(r for r in rows if r.image == saved["image"])
-        savestate = savestate_of(row)
-        self.ns.add_savestate(owner.id, savestate)
-        self.journal.publish(
-            f"recovered: {intent.payload['what']}: libvirt finished the image", time.time()
-        )
-        return savestate
 
     # Helpers
 
@@ -201,7 +169,7 @@ class VmTree:
         images = [f"ss-link-{secrets.token_hex(6)}.save" for _ in linked]
         infos = [{**ss.info, "linked_from": ss.info.get("vm", "")} for ss in linked]
         links = [
-            (str(self.image_path(ss)), str(self.savestate_dir / image))
+            (str(self.savestates.image_path(ss)), str(self.savestate_dir / image))
             for ss, image in zip(linked, images, strict=True)
         ]
         try:
@@ -567,163 +535,6 @@ class VmTree:
         for vol in list(vm.volumes.values()):
             total += await in_thread(self.engine.exclusive_bytes, vol.id)
         return total
-
-    # Savestates (the lifecycle drives the VM; these keep the store and the engine)
-
-    async def snapshot_for_savestate(
-        self,
-        vm: Vm,
-        owner: Vm,
-        label: str,
-        info: dict[str, Any],
-        stop: bool,
-        was_paused: bool,
-        pause: Callable[[], Awaitable[None]],
-    ) -> PendingSavestate:
-        """Pause the VM (``pause``) and snapshot every volume, journalled with the image
-        still to come.
-
-        The intent (kind ``save``) holds all a recovery needs to finish the save if
-        libvirt completes the image after a crash: whose savestate, and whether the
-        VM was to run on (``stop``, ``was_paused``).
-        """
-        volumes = sorted(vm.volumes.values(), key=lambda v: v.id)
-        specs = tuple(VolumeSpec(v.name, v.size, v.policy) for v in volumes)
-        image = f"ss-{vm.id}-{secrets.token_hex(6)}.save"
-        image_path = str(self.savestate_dir / image)
-        await in_thread(functools.partial(self.savestate_dir.mkdir, exist_ok=True))
-        saved = {
-            "vm_id": vm.id,
-            "owner_id": owner.id,
-            "label": label,
-            "image": image,
-            "info": info,
-            "stop": stop,
-            "was_paused": was_paused,
-        }
-        intent, ids = await self.journal.create_volumes(
-            f"save {owner.name} {label}",
-            specs,
-            tuple(v.id for v in volumes),
-            (image_path,),
-            kind="save",
-            extra={"savestate": saved},
-            prepare=pause,
-        )
-        return PendingSavestate(label, image, image_path, intent, specs, ids, info)
-
-    async def abandon_savestate(self, pending: PendingSavestate) -> None:
-        with trio.CancelScope(shield=True):
-            await self.journal.undo_creation(pending.intent, pending.ids, (pending.image_path,))
-
-    async def record_savestate(
-        self, vm: Vm, pending: PendingSavestate, keep_open: bool = False
-    ) -> Savestate:
-        """Record the savestate as ``vm``'s (for a hot savestate: the VM it was made for).
-
-        ``keep_open``: the save's intent stays open until :meth:`finish_save`, so that a
-        crash before the VM runs again is followed by a resume at the next mount.
-        """
-        what = f"save {vm.name} {pending.label}"
-        info = pending.info
-
-        def commit() -> tuple[int, float, float]:
-            with self.store.transaction() as tx:
-                created = time.time()
-                ss_id = tx.insert_savestate(
-                    vm.id,
-                    pending.label,
-                    created,
-                    pending.image,
-                    info,
-                    {
-                        spec.name: (vol_id, spec.size)
-                        for spec, vol_id in zip(pending.specs, pending.ids, strict=True)
-                    },
-                )
-                if not keep_open:
-                    tx.complete_intent(pending.intent)
-                return ss_id, created, self.journal.record_event(tx, what)
-
-        try:
-            ss_id, created, t = await in_thread(commit)
-        except BaseException:
-            await self.abandon_savestate(pending)
-            raise
-        savestate = Savestate(
-            ss_id,
-            pending.label,
-            created,
-            pending.image,
-            info,
-            {
-                spec.name: Volume(vol_id, spec.name, spec.size, "persistent", created)
-                for spec, vol_id in zip(pending.specs, pending.ids, strict=True)
-            },
-        )
-        self.ns.add_savestate(vm.id, savestate)
-        self.journal.publish(what, t)
-        return savestate
-
-    async def finish_save(self, pending: PendingSavestate) -> None:
-        with trio.CancelScope(shield=True):
-            await in_thread(self.journal.complete_intent, pending.intent)
-
-    async def begin_restore(self, vm: Vm, savestate: Savestate) -> int:
-        """Journal a restore: a crash before the VM runs is followed by the restore at
-        the next mount (its volumes may already be the savestate's)."""
-
-        def begin() -> int:
-            with self.store.transaction() as tx:
-                return tx.begin_intent(
-                    "restore",
-                    {
-                        "what": f"restore {vm.name} {savestate.label}",
-                        "vm_id": vm.id,
-                        "savestate_id": savestate.id,
-                    },
-                )
-
-        return await in_thread(begin)
-
-    async def end_restore(self, intent: int) -> None:
-        with trio.CancelScope(shield=True):
-            await in_thread(self.journal.complete_intent, intent)
-
-    def image_path(self, savestate: Savestate) -> Path:
-        return self.savestate_dir / savestate.image
-
-    async def delete_savestate(self, vm_id: int, raw_label: str | bytes) -> None:
-        async with self.locked(vm_id) as vm:
-            label = raw_label.decode() if isinstance(raw_label, bytes) else raw_label
-            savestate = self.ns.get_savestate(vm, label)
-            ids = [v.id for v in savestate.volumes.values()]
-            files = [str(self.image_path(savestate))]
-            what = f"rmdir {vm.name}/savestates/{label}"
-
-            def commit() -> tuple[int, float]:
-                with self.store.transaction() as tx:
-                    tx.delete_savestate(savestate.id)
-                    intent = tx.begin_intent(
-                        "delete_volumes", {"what": what, "volume_ids": ids, "files": files}
-                    )
-                    return intent, self.journal.record_event(tx, what)
-
-            intent, t = await in_thread(commit)
-            self.ns.remove_savestate(vm.id, label)
-            self.journal.publish(what, t)
-            with trio.CancelScope(shield=True):
-                await self.journal.finish_deletion(intent, ids, files)
-        await self.collect()
-
-    async def restore_volumes(self, vm: Vm, savestate: Savestate) -> None:
-        """The VM's volumes become fresh snapshots of the savestate's (the VM is halted)."""
-        await self.swap_volumes(
-            vm,
-            list(savestate.volumes.values()),
-            list(vm.volumes.values()),
-            f"restore {vm.name} {savestate.label}: volumes",
-        )
 
     async def swap_volumes(
         self, vm: Vm, sources: list[Volume], old: list[Volume], what: str

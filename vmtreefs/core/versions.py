@@ -21,6 +21,7 @@ import trio
 
 from vmtreefs.core.journal import Journal
 from vmtreefs.core.runner import Runner
+from vmtreefs.core.savestates import Savestates
 from vmtreefs.errors import VmtreeError
 from vmtreefs.rules.names import HOT_LABEL
 from vmtreefs.rules.namespace import Namespace
@@ -48,6 +49,7 @@ class VersionsHost(Protocol):
     runner: Runner | None
     on_names_changed: Callable[[list[str]], None]
     journal: Journal
+    savestates: Savestates
 
     def locked(self, vm_id: int) -> AbstractAsyncContextManager[Vm]: ...
 
@@ -73,8 +75,6 @@ class VersionsHost(Protocol):
 
     async def delete_vm(self, vm_id: int, verb: str = "rmdir") -> None: ...
 
-    async def delete_savestate(self, vm_id: int, raw_label: str | bytes) -> None: ...
-
     async def collect(self) -> None: ...
 
 
@@ -89,7 +89,7 @@ class Versions:
         async with self.tree.locked(head_id) as head:
             version = await self._commit(head)
         if HOT_LABEL in head.savestates:
-            await self.tree.delete_savestate(head.id, HOT_LABEL)  # its versions have their own
+            await self.tree.savestates.delete(head.id, HOT_LABEL)  # its versions have their own
         await self.prune(head_id)
         self._after_commit(version)
         return version

@@ -515,7 +515,7 @@ class Operations(pyfuse3.Operations):
             elif node.entry == SavestateEntry.MEMORY:
                 attr.st_mode = stat.S_IFREG | 0o400
                 try:
-                    attr.st_size = self.tree.image_path(savestate).stat().st_size
+                    attr.st_size = self.tree.savestates.image_path(savestate).stat().st_size
                 except OSError:
                     attr.st_size = 0
             else:
@@ -851,7 +851,7 @@ class Operations(pyfuse3.Operations):
             return
         if isinstance(node, SavestateNode) and node.entry == SavestateEntry.DIR:
             vm, savestate = self._savestate(node.savestate_id)
-            await self.tree.delete_savestate(vm.id, savestate.label)
+            await self.tree.savestates.delete(vm.id, savestate.label)
             return
         fixed = isinstance(node, ChangesDirNode) or (
             isinstance(node, VmNode) and node.entry in inodes.VM_SUBDIRS
@@ -986,7 +986,7 @@ class Operations(pyfuse3.Operations):
             if writable:
                 raise refuse(errno.EROFS, "a savestate's memory image is read-only")
             _, savestate = self._savestate(node.savestate_id)
-            path = self.tree.image_path(savestate)
+            path = self.tree.savestates.image_path(savestate)
             fd = await trio.to_thread.run_sync(os.open, path, os.O_RDONLY | os.O_CLOEXEC)
             return pyfuse3.FileInfo(fh=self._add_handle(FileHandle(fd)))
         if isinstance(node, VolumeNode):

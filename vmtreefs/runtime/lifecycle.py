@@ -236,7 +236,7 @@ class Lifecycle:
         state = await trio.to_thread.run_sync(hypervisor.state, name)
         if intent.kind == "save":
             saved = payload["savestate"]
-            savestate = await self.tree.settle_interrupted_save(intent)
+            savestate = await self.tree.savestates.settle_interrupted(intent)
             if vm is not None and savestate is not None:
                 log.info("%s: libvirt finished the image, the savestate is kept", what)
                 if not saved["stop"] and state == states.HALTED:
@@ -266,7 +266,7 @@ class Lifecycle:
         try:
             await self._attach(vm)
             try:
-                image = str(self.tree.image_path(savestate))
+                image = str(self.tree.savestates.image_path(savestate))
                 await trio.to_thread.run_sync(
                     functools.partial(hypervisor.restore, image, paused=paused)
                 )
@@ -482,7 +482,7 @@ class Lifecycle:
         origin) is restored from a reflinked copy of the image whose description
         inside is rewritten: its name, uuid, disks and console (saveimage).
         """
-        image = str(self.tree.image_path(savestate))
+        image = str(self.tree.savestates.image_path(savestate))
         saved_xml = await trio.to_thread.run_sync(hypervisor.saved_description, image)
         disks = await self._attach(vm)
         xml = domain.retarget(saved_xml, self._identity(vm), disks)
@@ -516,7 +516,7 @@ class Lifecycle:
 
     async def _drop_hot(self, vm: Vm) -> None:
         try:
-            await self.tree.delete_savestate(vm.id, HOT_LABEL)
+            await self.tree.savestates.delete(vm.id, HOT_LABEL)
         except VmtreeError as e:
             log.warning("VM %s: dropping the hot savestate: %s", vm.name, e.reason)
 
@@ -536,7 +536,7 @@ class Lifecycle:
         try:
             hypervisor = await self._require_hypervisor()
             if HOT_LABEL in vm.savestates:
-                await self.tree.delete_savestate(vm.id, HOT_LABEL)
+                await self.tree.savestates.delete(vm.id, HOT_LABEL)
             if vm.versioned:
                 return  # it became versioned meanwhile: its versions make their own
             if vm.state in (states.RUNNING, states.PAUSED) and not vm.immutable:
@@ -698,7 +698,7 @@ class Lifecycle:
         self._driving.add(vm.id)
         try:
             try:
-                pending = await self.tree.snapshot_for_savestate(
+                pending = await self.tree.savestates.snapshot(
                     vm, owner, label, info, stop, was_paused, pause
                 )
                 try:
@@ -706,7 +706,7 @@ class Lifecycle:
                     await trio.to_thread.run_sync(hypervisor.save, name, pending.image_path)
                     log.info("VM %s: memory saved in %.1f s", vm.name, time.monotonic() - started)
                 except BaseException:
-                    await self.tree.abandon_savestate(pending)
+                    await self.tree.savestates.abandon(pending)
                     raise
             except BaseException:
                 with trio.CancelScope(shield=True):
@@ -714,7 +714,7 @@ class Lifecycle:
                     if not was_paused and now == states.PAUSED:
                         await trio.to_thread.run_sync(hypervisor.resume, name)
                 raise
-            await self.tree.record_savestate(owner, pending, keep_open=not stop)
+            await self.tree.savestates.record(owner, pending, keep_open=not stop)
             if stop:
                 self._set_state(vm, states.HALTED)
                 await self._release(vm)
@@ -729,7 +729,7 @@ class Lifecycle:
                     await self._release(vm)
                 raise
             finally:
-                await self.tree.finish_save(pending)
+                await self.tree.savestates.finish_save(pending)
             self._set_state(vm, states.PAUSED if was_paused else states.RUNNING)
         finally:
             self._driving.discard(vm.id)
@@ -757,13 +757,13 @@ class Lifecycle:
             label = max(vm.savestates.values(), key=lambda ss: (ss.created, ss.id)).label
         savestate = self.tree.ns.get_savestate(vm, label)
         paused = bool(savestate.info.get("paused"))
-        intent = await self.tree.begin_restore(vm, savestate)
+        intent = await self.tree.savestates.begin_restore(vm, savestate)
         try:
             async with self._starting(vm):
-                await self.tree.restore_volumes(vm, savestate)
+                await self.tree.savestates.restore_volumes(vm, savestate)
                 await self._restore_image(vm, hypervisor, savestate, paused)
         finally:
-            await self.tree.end_restore(intent)
+            await self.tree.savestates.end_restore(intent)
         await self._runs_from(vm, savestate)
         self._set_state(vm, states.PAUSED if paused else states.RUNNING)
         self._done(vm, f"restored {label}")
