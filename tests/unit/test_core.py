@@ -68,8 +68,8 @@ async def test_mkdir_records_the_vm_and_makes_its_default_volumes(tree: VmTree) 
 async def test_a_clone_shares_every_block_until_written(tree: VmTree) -> None:
     await tree.create_vm("base")
     root = volume_ids(tree, "base")["root"]
-    handle = await tree.open_volume(root, writable=True)
-    await tree.write_volume(handle, 0, b"base data" * 1000)
+    handle = await tree.volumes.open(root, writable=True)
+    await tree.volumes.write(handle, 0, b"base data" * 1000)
     handle.close()
     clone = await tree.clone_vm(tree.ns.get("base").id, "test")
     clone_root = volume_ids(tree, "test")["root"]
@@ -111,8 +111,8 @@ async def test_a_commit_makes_the_version_the_alias_and_the_head(tree: VmTree) -
     head = tree.ns.get("work-next")
     root = volume_ids(tree, "work-next")["root"]
     v1_volumes = set(volume_ids(tree, "work-v1").values())
-    handle = await tree.open_volume(root, writable=True)
-    await tree.write_volume(handle, 4096, b"v2 data")
+    handle = await tree.volumes.open(root, writable=True)
+    await tree.volumes.write(handle, 4096, b"v2 data")
     handle.close()
     assert tree.engine.changed_ranges(root, volume_ids(tree, "work-v1")["root"]) == [(4096, 4096)]
     v2 = await tree.versions.commit_version(head.id)

@@ -21,6 +21,7 @@ import trio
 
 from vmtreefs.core.journal import Journal, in_thread
 from vmtreefs.core.recovery import savestate_of
+from vmtreefs.core.volumes import Volumes
 from vmtreefs.rules.namespace import Namespace
 from vmtreefs.rules.objects import Savestate, Vm, Volume, VolumeSpec
 from vmtreefs.store import Intent, Store
@@ -45,15 +46,12 @@ class SavestatesHost(Protocol):
     ns: Namespace
     store: Store
     journal: Journal
+    volumes: Volumes
     savestate_dir: Path
 
     def locked(self, vm_id: int) -> AbstractAsyncContextManager[Vm]: ...
 
     async def collect(self) -> None: ...
-
-    async def swap_volumes(
-        self, vm: Vm, sources: list[Volume], old: list[Volume], what: str
-    ) -> None: ...
 
     def settle_save(self, intent: Intent) -> str: ...
 
@@ -231,7 +229,7 @@ class Savestates:
 
     async def restore_volumes(self, vm: Vm, savestate: Savestate) -> None:
         """The VM's volumes become fresh snapshots of the savestate's (the VM is halted)."""
-        await self.tree.swap_volumes(
+        await self.tree.volumes.swap(
             vm,
             list(savestate.volumes.values()),
             list(vm.volumes.values()),

@@ -31,13 +31,14 @@ from vmtreefs.core.recovery import Recovery, RecoveryReport, load_namespace
 from vmtreefs.core.runner import Runner
 from vmtreefs.core.savestates import Savestates
 from vmtreefs.core.versions import Versions
-from vmtreefs.engine.base import OpenVolume, SnapshotEngine
+from vmtreefs.core.volumes import Volumes
+from vmtreefs.engine.base import SnapshotEngine
 from vmtreefs.engine.select import format_size, parse_size
 from vmtreefs.errors import VmtreeError
-from vmtreefs.rules import blockmap, domain
+from vmtreefs.rules import domain
 from vmtreefs.rules.aliases import plan_create_alias, plan_remove_alias, plan_rename_alias
 from vmtreefs.rules.commands import Command
-from vmtreefs.rules.names import HOT_LABEL, VOLUME_SUFFIX, round_up_to_sector
+from vmtreefs.rules.names import HOT_LABEL
 from vmtreefs.rules.namespace import Namespace
 from vmtreefs.rules.objects import Alias, Savestate, TemplateLink, Vm, Volume, VolumeSpec
 from vmtreefs.rules.plans import CloneVm, ReplaceAlias
@@ -52,13 +53,6 @@ from vmtreefs.rules.vms import (
     plan_instance,
     plan_rename_vm,
     plan_set_property,
-)
-from vmtreefs.rules.volumes import (
-    check_volume_write,
-    plan_create_volume,
-    plan_delete_volume,
-    plan_rename_volume,
-    plan_resize_volume,
 )
 from vmtreefs.store import Intent, Store, Txn
 
@@ -92,6 +86,7 @@ class VmTree:
         self.runner: Runner | None = None  # runs VMs; set by the daemon when libvirt is used
         self.versions = Versions(self)
         self.savestates = Savestates(self)
+        self.volumes = Volumes(self)
         self._collecting = False
         # Set when a lifecycle with libvirt will settle interrupted saves and restores.
         self.defer_vm_intents = False
@@ -536,42 +531,6 @@ class VmTree:
             total += await in_thread(self.engine.exclusive_bytes, vol.id)
         return total
 
-    async def swap_volumes(
-        self, vm: Vm, sources: list[Volume], old: list[Volume], what: str
-    ) -> None:
-        """Replace ``old`` volumes of a halted VM with fresh snapshots of ``sources``,
-        in one transaction: a crash leaves either all the old ones or all the new ones."""
-        saved = sorted(sources, key=lambda v: v.id)
-        policies = {v.name: v.policy for v in vm.volumes.values()}
-        specs = tuple(VolumeSpec(v.name, v.size, policies.get(v.name, v.policy)) for v in saved)
-        intent, ids = await self.journal.create_volumes(what, specs, tuple(v.id for v in saved))
-
-        def commit() -> tuple[int, float]:
-            with self.store.transaction() as tx:
-                for volume in old:
-                    tx.delete_volume(volume.id)
-                for vol_id, spec in zip(ids, specs, strict=True):
-                    tx.insert_volume(vol_id, vm.id, spec.name, spec.size, spec.policy, created)
-                deletion = tx.begin_intent(
-                    "delete_volumes", {"what": what, "volume_ids": [v.id for v in old]}
-                )
-                tx.complete_intent(intent)
-                return deletion, self.journal.record_event(tx, what)
-
-        created = time.time()
-        deletion, t = await self.journal.or_undo(intent, ids, commit)
-        for volume in old:
-            self.ns.remove_volume(vm.id, volume.name)
-        for vol_id, spec in zip(ids, specs, strict=True):
-            self.ns.add_volume(vm.id, Volume(vol_id, spec.name, spec.size, spec.policy, created))
-        self.on_volumes_written_outside([v.id for v in old])
-        self.on_volumes_replaced(
-            vm.id, [v.filename for v in old] + [s.name + VOLUME_SUFFIX for s in specs]
-        )
-        self.journal.publish(what, t)
-        with trio.CancelScope(shield=True):
-            await self.journal.finish_deletion(deletion, [v.id for v in old])
-
     # domain.xml
 
     def check_domain_writable(self, vm: Vm) -> None:
@@ -661,189 +620,6 @@ class VmTree:
             f"command {command.verb!r} for {target} needs running VMs, which are not "
             "available in this version of vmtreefs",
         )
-
-    # Operations on volumes
-
-    async def create_volume(self, vm_id: int, raw_filename: str | bytes) -> Volume:
-        async with self.locked(vm_id) as vm:
-            plan = plan_create_volume(self.ns, vm.name, raw_filename)
-            what = f"create {vm.name}/{plan.spec.name}{VOLUME_SUFFIX}"
-            intent, ids = await self.journal.create_volumes(what, (plan.spec,))
-
-            def commit() -> tuple[float, float]:
-                with self.store.transaction() as tx:
-                    created = time.time()
-                    tx.insert_volume(
-                        ids[0], vm.id, plan.spec.name, plan.spec.size, plan.spec.policy, created
-                    )
-                    tx.complete_intent(intent)
-                    return created, self.journal.record_event(tx, what)
-
-            created, t = await self.journal.or_undo(intent, ids, commit)
-            volume = Volume(ids[0], plan.spec.name, plan.spec.size, plan.spec.policy, created)
-            self.ns.add_volume(vm.id, volume)
-            self.journal.publish(what, t)
-            return volume
-
-    async def delete_volume(self, volume_id: int) -> None:
-        vm, vol = self.ns.volume_by_id(volume_id)
-        async with self.locked(vm.id):
-            vm, vol = self.ns.volume_by_id(volume_id)
-            plan = plan_delete_volume(self.ns, vm.name, vol.name)
-            what = f"rm {vm.name}/{vol.filename}"
-
-            def commit() -> tuple[int, float]:
-                with self.store.transaction() as tx:
-                    tx.delete_volume(plan.volume_id)
-                    intent = tx.begin_intent(
-                        "delete_volumes", {"what": what, "volume_ids": [plan.volume_id]}
-                    )
-                    return intent, self.journal.record_event(tx, what)
-
-            intent, t = await in_thread(commit)
-            self.ns.remove_volume(vm.id, vol.name)
-            self.journal.publish(what, t)
-            with trio.CancelScope(shield=True):
-                await self.journal.finish_deletion(intent, [plan.volume_id])
-
-    async def rename_volume(self, volume_id: int, raw_new_filename: str | bytes) -> None:
-        vm, vol = self.ns.volume_by_id(volume_id)
-        async with self.locked(vm.id):
-            vm, vol = self.ns.volume_by_id(volume_id)
-            plan = plan_rename_volume(self.ns, vm.name, vol.name, raw_new_filename)
-            if plan.new == plan.old:
-                return
-            what = f"mv {vm.name}/{plan.old}{VOLUME_SUFFIX} {plan.new}{VOLUME_SUFFIX}"
-
-            t = await self.journal.commit(
-                what, lambda tx: tx.rename_volume(plan.volume_id, plan.new)
-            )
-            self.ns.apply_rename_volume(plan)
-            self.journal.publish(what, t)
-
-    async def resize_volume(self, volume_id: int, new_size: int, at_least: bool = False) -> None:
-        """Grow a volume; with ``at_least`` a volume already that big is left alone.
-
-        Growth caused by a write (``at_least``) is not written to .vmtree/events: a
-        copy into a new volume would otherwise push every other line out.
-        """
-        vm, vol = self.ns.volume_by_id(volume_id)
-        async with self.locked(vm.id):
-            vm, vol = self.ns.volume_by_id(volume_id)
-            if at_least and vol.size >= new_size:
-                return
-            plan = plan_resize_volume(self.ns, vm.name, vol.name, new_size)
-            if plan.new_size == plan.old_size:
-                return
-            what = f"grow {vm.name}/{vol.filename} to {plan.new_size}"
-
-            def begin() -> int:
-                with self.store.transaction() as tx:
-                    return tx.begin_intent(
-                        "resize_volume",
-                        {"what": what, "volume_id": plan.volume_id, "size": plan.new_size},
-                    )
-
-            def abandon(intent: int) -> None:
-                with self.store.transaction() as tx:
-                    tx.complete_intent(intent)
-
-            def commit(intent: int) -> float:
-                with self.store.transaction() as tx:
-                    tx.set_volume_size(plan.volume_id, plan.new_size)
-                    tx.complete_intent(intent)
-                    return self.journal.record_event(tx, what) if not at_least else time.time()
-
-            intent = await in_thread(begin)
-            try:
-                await in_thread(self.engine.resize, plan.volume_id, plan.new_size)
-            except VmtreeError:
-                # Abandon only when the engine really did not grow (a failed fsync may
-                # come after the new size is in place).
-                grown = await in_thread(self.engine.size, plan.volume_id)
-                if grown < plan.new_size:
-                    await in_thread(abandon, intent)
-                    raise
-                log.warning("%s: the engine reported an error but grew; recording it", what)
-            # From here the engine has grown: a failed commit leaves the intent open, and
-            # the next mount rolls it forward.
-            t = await in_thread(commit, intent)
-            self.ns.apply_resize_volume(plan)
-            if at_least:
-                log.debug("%s", what)
-            else:
-                self.journal.publish(what, t)
-
-    async def discard_volume(self, volume_id: int) -> None:
-        """Make a volume read as zeros again, keeping its size (an O_TRUNC open: cp, >)."""
-        vm, vol = self.ns.volume_by_id(volume_id)
-        async with self.locked(vm.id):
-            vm, vol = self.ns.volume_by_id(volume_id)
-            check_volume_write(self.ns, vm.name, vol.name)
-            what = f"discard {vm.name}/{vol.filename}"
-            size = vol.size
-
-            def begin() -> int:
-                with self.store.transaction() as tx:
-                    return tx.begin_intent(
-                        "discard_volume", {"what": what, "volume_id": volume_id, "size": size}
-                    )
-
-            def carry_out(intent: int) -> float:
-                self.engine.discard(volume_id, size)
-                with self.store.transaction() as tx:
-                    tx.complete_intent(intent)
-                    return self.journal.record_event(tx, what)
-
-            intent = await in_thread(begin)
-            t = await in_thread(carry_out, intent)
-            self.journal.publish(what, t)
-
-    # Volume data
-
-    async def open_volume(self, volume_id: int, writable: bool) -> OpenVolume:
-        vm, vol = self.ns.volume_by_id(volume_id)
-        if writable:
-            check_volume_write(self.ns, vm.name, vol.name)
-        return await in_thread(self.engine.open, volume_id, writable)
-
-    async def open_saved_volume(self, volume_id: int) -> OpenVolume:
-        """A savestate's volume, for reading (backups read these)."""
-        self.ns.savestate_volume_by_id(volume_id)
-        return await in_thread(self.engine.open, volume_id, False)
-
-    def _volume_label(self, volume_id: int) -> str:
-        """VM/VOL.img, or VM@LABEL/VOL.img for a savestate's volume, for the log."""
-        vm, savestate, volume = self.ns.any_volume_by_id(volume_id)
-        where = vm.name if savestate is None else f"{vm.name}@{savestate.label}"
-        return f"{where}/{volume.filename}"
-
-    async def change_map(self, volume_id: int, other_id: int) -> bytes:
-        """``VOL.changes/OTHER``: where the volume may differ from the other one."""
-        ranges = await in_thread(self.engine.changed_ranges, volume_id, other_id)
-        log.info(
-            "change map of %s against %s: %d ranges, %s",
-            self._volume_label(volume_id),
-            self._volume_label(other_id),
-            len(ranges),
-            format_size(sum(length for _, length in ranges)),
-        )
-        return blockmap.text(ranges).encode()
-
-    async def read_volume(self, handle: OpenVolume, offset: int, size: int) -> bytes:
-        """Cached data is copied on the loop; only a read that may wait goes to a thread."""
-        if handle.cached(size, offset):
-            return handle.pread(size, offset)
-        return await in_thread(handle.pread, size, offset)
-
-    async def write_volume(self, handle: OpenVolume, offset: int, data: bytes) -> int:
-        """Write, growing the volume first when the write ends past its size."""
-        vm, vol = self.ns.volume_by_id(handle.vol_id)
-        check_volume_write(self.ns, vm.name, vol.name)
-        end = offset + len(data)
-        if end > vol.size:
-            await self.resize_volume(vol.id, round_up_to_sector(end), at_least=True)
-        return await in_thread(handle.pwrite, data, offset)
 
     # Reports
 

@@ -22,10 +22,11 @@ import trio
 from vmtreefs.core.journal import Journal
 from vmtreefs.core.runner import Runner
 from vmtreefs.core.savestates import Savestates
+from vmtreefs.core.volumes import Volumes
 from vmtreefs.errors import VmtreeError
 from vmtreefs.rules.names import HOT_LABEL
 from vmtreefs.rules.namespace import Namespace
-from vmtreefs.rules.objects import Alias, Savestate, TemplateLink, Vm, Volume, VolumeSpec
+from vmtreefs.rules.objects import Alias, Savestate, TemplateLink, Vm, VolumeSpec
 from vmtreefs.rules.states import HALTED
 from vmtreefs.rules.versions import (
     check_template_removable,
@@ -49,6 +50,7 @@ class VersionsHost(Protocol):
     runner: Runner | None
     on_names_changed: Callable[[list[str]], None]
     journal: Journal
+    volumes: Volumes
     savestates: Savestates
 
     def locked(self, vm_id: int) -> AbstractAsyncContextManager[Vm]: ...
@@ -68,10 +70,6 @@ class VersionsHost(Protocol):
         template: TemplateLink | None = None,
         extra_writes: Callable[[Txn, int], None] | None = None,
     ) -> Vm: ...
-
-    async def swap_volumes(
-        self, vm: Vm, sources: list[Volume], old: list[Volume], what: str
-    ) -> None: ...
 
     async def delete_vm(self, vm_id: int, verb: str = "rmdir") -> None: ...
 
@@ -207,7 +205,7 @@ class Versions:
             if target is None or target.version_of != head.id:
                 raise VmtreeError(errno.ENOENT, f"{head.name!r} has no version {raw}")
             before = await self._commit(head)
-            await self.tree.swap_volumes(
+            await self.tree.volumes.swap(
                 head,
                 list(target.volumes.values()),
                 list(head.volumes.values()),
@@ -286,7 +284,7 @@ class Versions:
             names = ", ".join(v.filename for v in sources)
             # A template that runs (a link to a plain VM or a head) is held still meanwhile.
             async with self._held_still(template):
-                await self.tree.swap_volumes(
+                await self.tree.volumes.swap(
                     vm,
                     sources,
                     [vm.volumes[v.name] for v in sources],

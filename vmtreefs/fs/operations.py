@@ -776,7 +776,7 @@ class Operations(pyfuse3.Operations):
                     # discard everything past what it wrote already reads as zeros.
                     log.debug("volume %d keeps its size over a copy's final truncate", volume.id)
                 else:
-                    await self.tree.resize_volume(node.volume_id, attr.st_size)
+                    await self.tree.volumes.resize(node.volume_id, attr.st_size)
             elif inode == CONTROL_CTL or (isinstance(node, VmNode) and node.entry == VmEntry.CTL):
                 pass  # "echo cmd > ctl" truncates first: a control file has nothing to truncate.
             elif isinstance(node, VmNode) and node.entry == VmEntry.DOMAIN:
@@ -872,7 +872,7 @@ class Operations(pyfuse3.Operations):
         ):
             raise refuse(errno.EROFS, "a savestate cannot be changed, only removed (rmdir)")
         if isinstance(node, VolumeNode):
-            await self.tree.delete_volume(node.volume_id)
+            await self.tree.volumes.delete(node.volume_id)
             return
         if isinstance(node, AliasNode):
             before = self._known_links()
@@ -920,7 +920,7 @@ class Operations(pyfuse3.Operations):
                 "a VM can only be renamed within the top level, a volume within its volumes/",
             )
         if isinstance(node, VolumeNode):
-            await self.tree.rename_volume(node.volume_id, name_new)
+            await self.tree.volumes.rename(node.volume_id, name_new)
         elif isinstance(node, AliasNode):
             before = self._known_links()
             await self.tree.rename_alias(old_text, name_new)
@@ -943,8 +943,8 @@ class Operations(pyfuse3.Operations):
                 errno.EPERM, "regular files can only be made in a VM's volumes/ (as NAME.img)"
             )
         vm_id = node.vm_id
-        volume = await self.tree.create_volume(vm_id, name)
-        opened = await self.tree.open_volume(volume.id, writable=True)
+        volume = await self.tree.volumes.create(vm_id, name)
+        opened = await self.tree.volumes.open(volume.id, writable=True)
         fh = self._add_handle(VolumeHandle(opened))
         return pyfuse3.FileInfo(fh=fh), self._entry(inodes.volume_inode(volume.id))
 
@@ -973,14 +973,14 @@ class Operations(pyfuse3.Operations):
         if isinstance(node, VolumeNode) and self._saved_volume(node.volume_id) is not None:
             if writable:
                 raise refuse(errno.EROFS, "a savestate's volumes are read-only")
-            opened = await self.tree.open_saved_volume(node.volume_id)
+            opened = await self.tree.volumes.open_saved(node.volume_id)
             # A savestate's volume never changes: what the kernel cached of it stays true.
             return pyfuse3.FileInfo(fh=self._add_handle(VolumeHandle(opened)), keep_cache=True)
         if isinstance(node, ChangeMapNode):
             if writable:
                 raise refuse(errno.EACCES, "a change map is read-only")
             volume_id, other_id = self._change_map(node.serial)
-            data = await self.tree.change_map(volume_id, other_id)
+            data = await self.tree.volumes.change_map(volume_id, other_id)
             return pyfuse3.FileInfo(fh=self._add_handle(ContentHandle(data)), direct_io=True)
         if isinstance(node, SavestateNode) and node.entry == SavestateEntry.MEMORY:
             if writable:
@@ -993,9 +993,9 @@ class Operations(pyfuse3.Operations):
             truncate = writable and bool(flags & os.O_TRUNC)
             if truncate:
                 # cp and > over a volume: its old data goes, its size stays (volumes only grow).
-                await self.tree.discard_volume(node.volume_id)
+                await self.tree.volumes.discard(node.volume_id)
                 self.invalidate_later(inode, data=True)
-            opened = await self.tree.open_volume(node.volume_id, writable)
+            opened = await self.tree.volumes.open(node.volume_id, writable)
             stable = self._volume(node.volume_id)[0].version_of is not None
             return pyfuse3.FileInfo(
                 fh=self._add_handle(VolumeHandle(opened, truncate)), keep_cache=stable
@@ -1039,7 +1039,7 @@ class Operations(pyfuse3.Operations):
     async def read(self, fh: int, off: int, size: int) -> bytes:
         handle = self._handle(fh)
         if isinstance(handle, VolumeHandle):
-            return await self.tree.read_volume(handle.volume, off, size)
+            return await self.tree.volumes.read(handle.volume, off, size)
         if isinstance(handle, CtlHandle):
             # The file offset moved past the command that was written: the result is read
             # from where the last read stopped, whatever the offset (Plan 9 clone files).
@@ -1064,7 +1064,7 @@ class Operations(pyfuse3.Operations):
         if isinstance(handle, VolumeHandle):
             _, volume = self._volume(handle.volume.vol_id)
             size_before = volume.size
-            written = await self.tree.write_volume(handle.volume, off, buf)
+            written = await self.tree.volumes.write(handle.volume, off, buf)
             handle.written_end = max(handle.written_end, off + written)
             handle.unsynced = True
             self.volume_mtimes[volume.id] = time.time_ns()
