@@ -8,7 +8,7 @@ import xml.etree.ElementTree as ET
 import pytest
 
 from vmtreefs.errors import VmtreeError
-from vmtreefs.rules import domain, states
+from vmtreefs.rules import commands, domain, states
 from vmtreefs.rules.domain import Disk, Identity
 
 IDENTITY = Identity("vmtree-ab12cd34-7", domain.domain_uuid("ab12cd34", 7), "/s/run/console-7.log")
@@ -174,9 +174,9 @@ def test_commands_in_the_wrong_state_are_ebusy(verb: str, state: str, allowed: b
 
 
 def test_shutdown_takes_an_optional_timeout() -> None:
-    assert states.parse_shutdown_args(()) == states.DEFAULT_SHUTDOWN_TIMEOUT
-    assert states.parse_shutdown_args(("--timeout", "5")) == 5
+    assert commands.parse_shutdown_args(()) == commands.DEFAULT_SHUTDOWN_TIMEOUT
+    assert commands.parse_shutdown_args(("--timeout", "5")) == 5
     for bad in (("5",), ("--timeout",), ("--timeout", "-1"), ("--timeout", "99999"), ("--t", "5")):
         with pytest.raises(VmtreeError) as info:
-            states.parse_shutdown_args(bad)
+            commands.parse_shutdown_args(bad)
         assert info.value.errno == errno.EINVAL

@@ -1,6 +1,6 @@
-"""The import rule of docs/architecture.md, read from the source: app → fs → runtime → core →
-rules/store/engine, no layer importing one above it, TYPE_CHECKING and function-level imports
-included.
+"""The import rule of docs/architecture.md, read from the source: app → fs → control →
+runtime → core → rules/store/engine, no layer importing one above it, TYPE_CHECKING and
+function-level imports included.
 
 A new upward import (say, a rule that reaches for the store or the tree) fails here
 with the module and the line, before it can grow into a cycle.
@@ -44,8 +44,18 @@ ALLOWED = {
         "vmtreefs.errors",
         "vmtreefs.saveimage",
     ),
+    # The one ctl dispatcher: parsed commands to the orchestrator or to the lifecycle.
+    "vmtreefs.control": (
+        "vmtreefs.control",
+        "vmtreefs.runtime",
+        "vmtreefs.core",
+        "vmtreefs.rules",
+        "vmtreefs.engine",
+        "vmtreefs.errors",
+    ),
     "vmtreefs.fs": (
         "vmtreefs.fs",
+        "vmtreefs.control",
         "vmtreefs.runtime",
         "vmtreefs.core",
         "vmtreefs.rules",

@@ -1,8 +1,9 @@
 """What the orchestrator needs of whoever runs VMs: a protocol, so core/ never imports runtime/.
 
 ``runtime.lifecycle.Lifecycle`` is the one implementation; a tree without one
-(``-o libvirt=none``, or fsck) runs no VMs and answers ENOTCONN to a lifecycle
-command.
+(fsck, the fast tests) makes no hot savestates and holds no VM still. The
+lifecycle commands themselves reach the lifecycle through ``control``, above
+both.
 """
 
 from __future__ import annotations
@@ -10,14 +11,11 @@ from __future__ import annotations
 from contextlib import AbstractAsyncContextManager
 from typing import Protocol
 
-from vmtreefs.rules.commands import Command
 from vmtreefs.rules.objects import Vm
 
 
 class Runner(Protocol):
-    async def run_command(self, vm: Vm, command: Command) -> str:
-        """Carry out a lifecycle command (``rules.states.LIFECYCLE_COMMANDS``); its result line."""
-        ...
+    """The lifecycle, as the orchestrator sees it (``control`` hands it the commands)."""
 
     def hot_savestate_changed(self, vm: Vm) -> None:
         """The VM's hot savestate is out of date (or wanted, or no longer wanted)."""

@@ -26,6 +26,7 @@ from typing import TypeVar
 
 import trio
 
+from vmtreefs.core.aliases import Aliases
 from vmtreefs.core.journal import Journal, in_thread
 from vmtreefs.core.recovery import Recovery, RecoveryReport, load_namespace
 from vmtreefs.core.runner import Runner
@@ -33,16 +34,14 @@ from vmtreefs.core.savestates import Savestates
 from vmtreefs.core.versions import Versions
 from vmtreefs.core.volumes import Volumes
 from vmtreefs.engine.base import SnapshotEngine
-from vmtreefs.engine.select import format_size, parse_size
+from vmtreefs.engine.select import format_size
 from vmtreefs.errors import VmtreeError
 from vmtreefs.rules import domain
-from vmtreefs.rules.aliases import plan_create_alias, plan_remove_alias, plan_rename_alias
-from vmtreefs.rules.commands import Command
 from vmtreefs.rules.names import HOT_LABEL
 from vmtreefs.rules.namespace import Namespace
-from vmtreefs.rules.objects import Alias, Savestate, TemplateLink, Vm, Volume, VolumeSpec
-from vmtreefs.rules.plans import CloneVm, ReplaceAlias
-from vmtreefs.rules.states import HALTED, LIFECYCLE_COMMANDS
+from vmtreefs.rules.objects import Savestate, TemplateLink, Vm, Volume, VolumeSpec
+from vmtreefs.rules.plans import CloneVm
+from vmtreefs.rules.states import HALTED
 from vmtreefs.rules.vms import (
     collectable,
     needs_of,
@@ -87,6 +86,7 @@ class VmTree:
         self.versions = Versions(self)
         self.savestates = Savestates(self)
         self.volumes = Volumes(self)
+        self.aliases = Aliases(self)
         self._collecting = False
         # Set when a lifecycle with libvirt will settle interrupted saves and restores.
         self.defer_vm_intents = False
@@ -391,88 +391,6 @@ class VmTree:
             template=source.template,
         )
 
-    # Aliases
-
-    async def create_alias(self, raw_name: str | bytes, raw_target: str | bytes) -> Alias:
-        async with self.alias_lock:
-            return await self._create_alias(raw_name, raw_target)
-
-    async def _create_alias(self, raw_name: str | bytes, raw_target: str | bytes) -> Alias:
-        plan = plan_create_alias(self.ns, raw_name, raw_target)
-        target = (
-            self.ns.get_by_id(plan.target_vm).name
-            if plan.target_vm is not None
-            else self.ns.aliases_by_id[plan.target_alias or 0].name
-        )
-        what = f"ln -s {target} {plan.name}"
-
-        def commit() -> tuple[int, float, float]:
-            with self.store.transaction() as tx:
-                created = time.time()
-                alias_id = tx.insert_alias(plan.name, plan.target_vm, plan.target_alias, created)
-                return alias_id, created, self.journal.record_event(tx, what)
-
-        try:
-            alias_id, created, t = await in_thread(commit)
-        except BaseException:
-            self.ns.release(plan.name)
-            raise
-        alias = Alias(alias_id, plan.name, plan.target_vm, plan.target_alias, False, created)
-        self.ns.add_alias(alias)
-        self.journal.publish(what, t)
-        return alias
-
-    async def remove_alias(self, name: str) -> None:
-        async with self.alias_lock:
-            await self._remove_alias(name)
-
-    async def _remove_alias(self, name: str) -> None:
-        plan = plan_remove_alias(self.ns, name)
-        what = f"rm {name}"
-
-        t = await self.journal.commit(what, lambda tx: tx.delete_alias(plan.alias_id))
-        self.ns.remove_alias(plan.alias_id)
-        self.journal.publish(what, t)
-
-    async def rename_alias(self, old: str, raw_new: str | bytes) -> None:
-        """Rename an alias, or move it over another (``ln -sfn``), atomically."""
-        async with self.alias_lock:
-            await self._rename_alias(old, raw_new)
-
-    async def _rename_alias(self, old: str, raw_new: str | bytes) -> None:
-        plan = plan_rename_alias(self.ns, old, raw_new)
-        if isinstance(plan, ReplaceAlias):
-            target = self.ns.alias_target_name(self.ns.get_alias(old))
-            what = f"mv {old} {plan.name} (now names {target})"
-
-            def replace() -> float:
-                with self.store.transaction() as tx:
-                    for alias_id in plan.retarget:
-                        tx.retarget_alias(alias_id, None, plan.keep_id)
-                    tx.delete_alias(plan.drop_id)
-                    tx.rename_alias(plan.keep_id, plan.name)
-                    return self.journal.record_event(tx, what)
-
-            t = await in_thread(replace)
-            self.ns.apply_replace_alias(plan)
-        else:
-            if plan.new == plan.old:
-                return
-            what = f"mv {plan.old} {plan.new}"
-
-            def rename() -> float:
-                with self.store.transaction() as tx:
-                    tx.rename_alias(plan.alias_id, plan.new)
-                    return self.journal.record_event(tx, what)
-
-            try:
-                t = await in_thread(rename)
-            except BaseException:
-                self.ns.release(plan.new)
-                raise
-            self.ns.apply_rename_alias(plan)
-        self.journal.publish(what, t)
-
     # Properties
 
     async def set_property(self, vm_id: int, name: str, value: str | None) -> None:
@@ -552,74 +470,6 @@ class VmTree:
             t = await self.journal.commit(what, lambda tx: tx.set_domain_xml(vm.id, xml))
             self.ns.set_domain_xml(vm.id, xml)
             self.journal.publish(what, t)
-
-    # Control commands
-
-    async def run_command(self, vm_id: int | None, command: Command) -> str:
-        """Carry out one ctl command; the returned line is read back from the same open file."""
-        if vm_id is not None and command.verb == "clone":
-            replace = "--replace" in command.args
-            names = [a for a in command.args if a != "--replace"]
-            unknown_flags = [a for a in names if a.startswith("-")]
-            if len(names) != 1 or unknown_flags:
-                raise VmtreeError(errno.EINVAL, "usage: clone NEW [--replace]")
-            return (await self.clone_vm(vm_id, names[0], replace)).name
-        if vm_id is None and command.verb == "gc":
-            if command.args:
-                raise VmtreeError(errno.EINVAL, "usage: gc")
-            waiting = {vm.id: vm.name for vm in collectable(self.ns)}
-            await self.collect()
-            gone = sorted(name for vm_id, name in waiting.items() if vm_id not in self.ns.by_id)
-            result = f"destroyed {', '.join(gone)}" if gone else "nothing to collect"
-            self.journal.publish(f"gc: {result}", time.time())
-            return result
-        if vm_id is None and command.verb == "grow-pool":
-            if len(command.args) > 1:
-                raise VmtreeError(errno.EINVAL, "usage: grow-pool [SIZE]")
-            wanted = parse_size(command.args[0]) if command.args else None
-            size = await in_thread(self.engine.grow_pool, wanted)
-            what = f"grew the pool to {format_size(size)}"
-
-            self.journal.publish(what, await self.journal.commit(what))
-            return f"pool size {size}"
-        vm = self.ns.get_by_id(vm_id) if vm_id is not None else None
-        if vm is not None and command.verb in ("commit", "revert"):
-            head = self.ns.head_of(vm) or vm
-            if not head.versioned:
-                raise VmtreeError(
-                    errno.EINVAL,
-                    f"{command.verb}: VM {vm.name!r} is not versioned "
-                    "(set user.vmtree.versioned to 1 first)",
-                )
-            if head is not vm:
-                raise VmtreeError(
-                    errno.EROFS,
-                    f"{command.verb}: {vm.name!r} is a version; write it to {head.name}/ctl",
-                )
-            if command.verb == "commit":
-                if command.args:
-                    raise VmtreeError(errno.EINVAL, "usage: commit")
-                return (await self.versions.commit_version(vm.id)).name
-            if len(command.args) != 1:
-                raise VmtreeError(errno.EINVAL, "usage: revert vN")
-            return await self.versions.revert(vm.id, command.args[0])
-        if vm is not None and command.verb in LIFECYCLE_COMMANDS:
-            if self.runner is None:
-                raise VmtreeError(errno.ENOTCONN, "this mount runs no VMs")
-            # Not under the VM's lock: a shutdown waits long and kill must get through
-            # meanwhile; an instance locks its source while it is made, then itself.
-            if command.verb in ("shutdown", "kill", "disposable") or (
-                command.verb == "start" and vm.immutable
-            ):
-                return await self.runner.run_command(vm, command)
-            async with self.locked(vm.id) as locked:
-                return await self.runner.run_command(locked, command)
-        target = f"VM {vm.name!r}" if vm else "the tree"
-        raise VmtreeError(
-            errno.EINVAL,
-            f"command {command.verb!r} for {target} needs running VMs, which are not "
-            "available in this version of vmtreefs",
-        )
 
     # Reports
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import re
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -24,6 +23,7 @@ from vmtreefs.core.runner import Runner
 from vmtreefs.core.savestates import Savestates
 from vmtreefs.core.volumes import Volumes
 from vmtreefs.errors import VmtreeError
+from vmtreefs.rules.commands import parse_version
 from vmtreefs.rules.names import HOT_LABEL
 from vmtreefs.rules.namespace import Namespace
 from vmtreefs.rules.objects import Alias, Savestate, TemplateLink, Vm, VolumeSpec
@@ -198,9 +198,7 @@ class Versions:
                 raise VmtreeError(
                     errno.EBUSY, f"cannot revert VM {head.name!r}: it is {head.state}, not halted"
                 )
-            match = re.fullmatch(r"v([0-9]{1,9})", raw)
-            if match is None:
-                raise VmtreeError(errno.EINVAL, f"usage: revert vN (not {raw[:20]!r})")
+            parse_version(raw)
             target = self.tree.ns.by_name.get(f"{self.tree.ns.base_name(head)}-{raw}")
             if target is None or target.version_of != head.id:
                 raise VmtreeError(errno.ENOENT, f"{head.name!r} has no version {raw}")

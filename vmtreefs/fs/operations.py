@@ -23,6 +23,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 import pyfuse3
 import trio
 
+from vmtreefs.control import CtlDispatcher
 from vmtreefs.core.tree import VmTree
 from vmtreefs.engine.base import OpenVolume
 from vmtreefs.errors import VmtreeError
@@ -194,6 +195,7 @@ class Operations(pyfuse3.Operations):
         super().__init__()
         self.tree = tree
         self.lifecycle = lifecycle
+        self.ctl = CtlDispatcher(tree, lifecycle)
         self.uid = os.getuid() if uid is None else uid
         self.gid = os.getgid() if gid is None else gid
         self.mount_time_ns = time.time_ns()
@@ -876,7 +878,7 @@ class Operations(pyfuse3.Operations):
             return
         if isinstance(node, AliasNode):
             before = self._known_links()
-            await self.tree.remove_alias(text)
+            await self.tree.aliases.remove(text)
             self._keep_departed(before)
             return
         if (isinstance(node, VmNode) and node.entry == VmEntry.DIR) or inode == CONTROL_DIR:
@@ -923,7 +925,7 @@ class Operations(pyfuse3.Operations):
             await self.tree.volumes.rename(node.volume_id, name_new)
         elif isinstance(node, AliasNode):
             before = self._known_links()
-            await self.tree.rename_alias(old_text, name_new)
+            await self.tree.aliases.rename(old_text, name_new)
             self._keep_departed(before)
         elif isinstance(node, VmNode):
             await self.tree.rename_vm(node.vm_id, name_new)
@@ -1081,7 +1083,7 @@ class Operations(pyfuse3.Operations):
                 known = commands.GLOBAL_COMMANDS if handle.vm_id is None else commands.VM_COMMANDS
                 command = commands.parse_command(buf, known)
                 try:
-                    result = await self.tree.run_command(handle.vm_id, command)
+                    result = await self.ctl.run(handle.vm_id, command)
                 finally:
                     await self.forget_stale_names()
                 handle.result = (result + "\n").encode()
@@ -1133,7 +1135,7 @@ class Operations(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:
         node = self._node(parent_inode)
         if parent_inode == ROOT:
-            alias = await self.tree.create_alias(name, target)
+            alias = await self.tree.aliases.create(name, target)
             return self._entry(inodes.alias_inode(alias.id))
         if isinstance(node, VmNode) and node.entry == VmEntry.DIR:
             if os.fsdecode(name) != "template":

@@ -2,16 +2,15 @@
 
 The table is the whole rule: a command not allowed in the VM's state is EBUSY,
 with the states it would be allowed in, so a script's author sees what to wait
-for. The words are the ones the ``state`` file shows.
+for. The words are the ones the ``state`` file shows. What a command's
+arguments may be is the grammar's (``rules.commands``).
 """
 
 from __future__ import annotations
 
 import errno
-import re
 
 from vmtreefs.errors import VmtreeError
-from vmtreefs.rules.names import check_savestate_label
 
 HALTED = "halted"
 STARTING = "starting"
@@ -36,9 +35,6 @@ ALLOWED: dict[str, frozenset[str]] = {
 LIFECYCLE_COMMANDS = frozenset(ALLOWED)
 """The ctl commands that run a VM under the hypervisor (the rest change the tree)."""
 
-DEFAULT_SHUTDOWN_TIMEOUT = 60
-MAX_SHUTDOWN_TIMEOUT = 3600
-
 
 def check_command(vm_name: str, verb: str, state: str) -> None:
     allowed = ALLOWED.get(verb)
@@ -50,37 +46,3 @@ def check_command(vm_name: str, verb: str, state: str) -> None:
             f"cannot {verb} VM {vm_name!r}: it is {state} "
             f"({verb} needs {' or '.join(sorted(allowed))})",
         )
-
-
-def parse_shutdown_args(args: tuple[str, ...]) -> int:
-    """``shutdown [--timeout SECONDS]``: how long the guest gets before it is forced off."""
-    if not args:
-        return DEFAULT_SHUTDOWN_TIMEOUT
-    if len(args) == 2 and args[0] == "--timeout" and re.fullmatch(r"[0-9]{1,5}", args[1]):
-        timeout = int(args[1])
-        if timeout <= MAX_SHUTDOWN_TIMEOUT:
-            return timeout
-    raise VmtreeError(
-        errno.EINVAL, f"usage: shutdown [--timeout SECONDS] (0 to {MAX_SHUTDOWN_TIMEOUT})"
-    )
-
-
-def check_no_args(verb: str, args: tuple[str, ...]) -> None:
-    if args:
-        raise VmtreeError(errno.EINVAL, f"usage: {verb} (it takes no arguments)")
-
-
-def parse_save_args(args: tuple[str, ...]) -> tuple[str | None, bool]:
-    """``save [LABEL] [--stop]``: the label (None: a timestamp) and whether the VM stops."""
-    stop = "--stop" in args
-    rest = [a for a in args if a != "--stop"]
-    if len(rest) > 1 or args.count("--stop") > 1 or any(a.startswith("-") for a in rest):
-        raise VmtreeError(errno.EINVAL, "usage: save [LABEL] [--stop]")
-    return (check_savestate_label(rest[0]) if rest else None), stop
-
-
-def parse_restore_args(args: tuple[str, ...]) -> str | None:
-    """``restore [LABEL]``: None means the newest savestate."""
-    if len(args) > 1:
-        raise VmtreeError(errno.EINVAL, "usage: restore [LABEL]")
-    return check_savestate_label(args[0]) if args else None

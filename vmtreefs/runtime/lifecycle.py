@@ -30,7 +30,7 @@ import trio
 
 from vmtreefs import saveimage
 from vmtreefs.errors import VmtreeError
-from vmtreefs.rules import domain, states
+from vmtreefs.rules import commands, domain, states
 from vmtreefs.rules.commands import Command
 from vmtreefs.rules.domain import Disk, Identity
 from vmtreefs.rules.names import HOT_LABEL, HOT_RUNNER_PREFIX
@@ -404,13 +404,13 @@ class Lifecycle:
     async def run_command(self, vm: Vm, command: Command) -> str:
         verb = command.verb
         if verb == "shutdown":
-            timeout = states.parse_shutdown_args(command.args)
+            timeout = commands.parse_shutdown_args(command.args)
         elif verb == "save":
-            label, stop = states.parse_save_args(command.args)
+            label, stop = commands.parse_save_args(command.args)
         elif verb == "restore":
-            label = states.parse_restore_args(command.args)
+            label = commands.parse_restore_args(command.args)
         else:
-            states.check_no_args(verb, command.args)
+            commands.check_no_args(verb, command.args)
         states.check_command(vm.name, verb, vm.state)
         hypervisor = await self._require_hypervisor()
         if (verb == "start" and vm.immutable) or verb == "disposable":
