@@ -7,7 +7,22 @@ import errno
 import pytest
 
 from vmtreefs.errors import VmtreeError
-from vmtreefs.rules.commands import GLOBAL_COMMANDS, MAX_CTL_WRITE, VM_COMMANDS, parse_command
+from vmtreefs.rules.commands import (
+    DEFAULT_SHUTDOWN_TIMEOUT,
+    GLOBAL_COMMANDS,
+    MAX_CTL_WRITE,
+    VM_COMMANDS,
+    check_no_args,
+    check_usage,
+    parse_clone_args,
+    parse_command,
+    parse_grow_pool_args,
+    parse_restore_args,
+    parse_revert_args,
+    parse_save_args,
+    parse_shutdown_args,
+    parse_version,
+)
 
 
 def refusal(data: bytes, known: frozenset[str] = VM_COMMANDS) -> int:
@@ -50,3 +65,32 @@ def test_oversized_write_is_efbig() -> None:
     assert refusal(b"a" * (MAX_CTL_WRITE + 1)) == errno.EFBIG
     exactly_the_limit = b"clone " + b"x" * (MAX_CTL_WRITE - 6)
     assert parse_command(exactly_the_limit, VM_COMMANDS).verb == "clone"
+
+
+def usage_of(fn: object, *args: object) -> str:
+    """The EINVAL reason a verb's argument parser gives."""
+    with pytest.raises(VmtreeError) as info:
+        fn(*args)  # type: ignore[operator]
+    assert info.value.errno == errno.EINVAL
+    return info.value.reason
+
+
+def test_each_verbs_arguments() -> None:
+    assert parse_clone_args(("test",)) == ("test", False)
+    assert parse_clone_args(("--replace", "test")) == ("test", True)
+    for bad in [(), ("a", "b"), ("-x",), ("a", "--force")]:
+        assert usage_of(parse_clone_args, bad) == "usage: clone NEW [--replace]"
+    check_usage("gc", ())
+    assert usage_of(check_usage, "commit", ("now",)) == "usage: commit"
+    assert parse_grow_pool_args(()) is None
+    assert parse_grow_pool_args(("30G",)) == "30G"
+    assert usage_of(parse_grow_pool_args, ("1G", "2G")) == "usage: grow-pool [SIZE]"
+    assert parse_revert_args(("v3",)) == "v3"
+    assert usage_of(parse_revert_args, ()) == "usage: revert vN"
+    assert parse_version("v12") == 12
+    for word in ["3", "v", "v-1", "vx", "v1234567890"]:
+        assert usage_of(parse_version, word) == f"usage: revert vN (not {word!r})"
+    assert parse_shutdown_args(()) == DEFAULT_SHUTDOWN_TIMEOUT
+    assert parse_save_args(("nightly", "--stop")) == ("nightly", True)
+    assert parse_restore_args(()) is None
+    assert usage_of(check_no_args, "pause", ("x",)) == "usage: pause (it takes no arguments)"
