@@ -59,8 +59,9 @@ deps-system: ## install the Debian packages (apt-get only if one is missing)
 	    echo "deps-system: missing:$$missing; run as root or install sudo" >&2; exit 1; \
 	  fi; \
 	  echo "deps-system: installing$$missing"; \
-	  $(APT_GET) update; \
-	  $(APT_GET) install -y --no-install-recommends $$missing; \
+	  $(APT_GET) update || { echo "deps-system: apt-get update failed (see above); check the network and /etc/apt/sources.list, then run make again" >&2; exit 1; }; \
+	  $(APT_GET) install -y --no-install-recommends $$missing \
+	    || { echo "deps-system: apt-get install$$missing failed (see above); fix that and run make again" >&2; exit 1; }; \
 	fi
 
 venv: $(STAMP) ## make .venv and pip install -e '.[test]'
@@ -70,10 +71,10 @@ venv: $(STAMP) ## make .venv and pip install -e '.[test]'
 $(STAMP): pyproject.toml | deps-system
 	@if [ ! -x $(BIN)/python ]; then \
 	  echo "$(PYTHON) -m venv $(VENV)"; \
-	  $(PYTHON) -m venv $(VENV); \
+	  $(PYTHON) -m venv $(VENV) || { echo "venv: $(PYTHON) -m venv failed; install python3-venv (make deps-system) or set PYTHON=" >&2; exit 1; }; \
 	fi
-	$(BIN)/python -m pip install --upgrade pip
-	$(BIN)/python -m pip install -e '.[test]'
+	@$(BIN)/python -m pip install --upgrade pip || { echo "venv: upgrading pip failed (see above); remove $(VENV) and run make again" >&2; exit 1; }
+	@$(BIN)/python -m pip install -e '.[test]' || { echo "venv: pip install -e '.[test]' failed (see above); remove $(VENV) and run make again" >&2; exit 1; }
 	@touch $@
 
 run: deps deps-guest ## mount ./state at ./vms in the foreground with a bootable demo VM (Ctrl-C or `.venv/bin/vmtreefs umount vms` stops it)
