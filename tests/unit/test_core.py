@@ -163,16 +163,22 @@ def test_recovery_rolls_back_a_creation_the_crash_cut_short(tmp_path: Path) -> N
         tree.store.close()
 
 
-def test_recovery_rolls_forward_a_grow_the_crash_cut_short(tmp_path: Path) -> None:
-    engine = MemoryEngine()
-    db = tmp_path / "vmtree.db"
+def stored_vm(db: Path, intent: tuple[str, dict[str, object]] | None = None) -> int:
+    """A store as a crash leaves it: VM ``a`` with a 1 MiB root volume, and maybe an open
+    intent (``volume_id`` in its payload filled in); the volume's id."""
     with Store.open(db) as store, store.transaction() as tx:
         vm_id = tx.insert_vm("a", 1.0)
         (vol_id,) = tx.allocate_volume_ids(1)
         tx.insert_volume(vol_id, vm_id, "root", MiB, "template", 1.0)
-        tx.begin_intent(
-            "resize_volume", {"what": "grow a/root.img", "volume_id": vol_id, "size": 4 * MiB}
-        )
+        if intent is not None:
+            tx.begin_intent(intent[0], {**intent[1], "volume_id": vol_id})
+    return vol_id
+
+
+def test_recovery_rolls_forward_a_grow_the_crash_cut_short(tmp_path: Path) -> None:
+    engine = MemoryEngine()
+    db = tmp_path / "vmtree.db"
+    vol_id = stored_vm(db, ("resize_volume", {"what": "grow a/root.img", "size": 4 * MiB}))
     engine.create(vol_id, MiB)
     tree = open_tree(db, engine)
     try:
@@ -187,10 +193,7 @@ def test_recovery_rolls_forward_a_grow_the_crash_cut_short(tmp_path: Path) -> No
 def test_recovery_reports_what_the_engine_and_the_store_disagree_on(tmp_path: Path) -> None:
     engine = MemoryEngine()
     db = tmp_path / "vmtree.db"
-    with Store.open(db) as store, store.transaction() as tx:
-        vm_id = tx.insert_vm("a", 1.0)
-        (vol_id,) = tx.allocate_volume_ids(1)
-        tx.insert_volume(vol_id, vm_id, "root", MiB, "template", 1.0)
+    vol_id = stored_vm(db)
     engine.create(77, MiB)  # an orphan; a/root.img itself is missing
     tree = open_tree(db, engine)
     try:

@@ -27,47 +27,26 @@ ALLOWED = {
         "vmtreefs.pagecache",
         "vmtreefs.mountinfo",
     ),
-    # The orchestrator: on the rules, the store and an engine; VMs run behind core.runner.Runner.
-    "vmtreefs.core": (
-        "vmtreefs.core",
-        "vmtreefs.rules",
-        "vmtreefs.store",
-        "vmtreefs.engine",
-        "vmtreefs.errors",
-        "vmtreefs.saveimage",
-    ),
-    "vmtreefs.runtime": (
-        "vmtreefs.runtime",
-        "vmtreefs.core",
-        "vmtreefs.rules",
-        "vmtreefs.store",
-        "vmtreefs.errors",
-        "vmtreefs.saveimage",
-    ),
-    # The one ctl dispatcher: parsed commands to the orchestrator or to the lifecycle.
-    "vmtreefs.control": (
-        "vmtreefs.control",
-        "vmtreefs.runtime",
-        "vmtreefs.core",
-        "vmtreefs.rules",
-        "vmtreefs.engine",
-        "vmtreefs.errors",
-    ),
-    "vmtreefs.fs": (
-        "vmtreefs.fs",
-        "vmtreefs.control",
-        "vmtreefs.runtime",
-        "vmtreefs.core",
-        "vmtreefs.rules",
-        "vmtreefs.engine",
-        "vmtreefs.errors",
-    ),
     # Leaf helpers any layer may use.
     "vmtreefs.errors": (),
     "vmtreefs.mountinfo": (),
     "vmtreefs.pagecache": (),
     "vmtreefs.saveimage": ("vmtreefs.errors",),
 }
+
+
+# The layers above the bottom three, highest first: each may import itself, the ones after
+# it and the bottom (the orchestrator holds VMs only behind core.runner.Runner).
+STACK = ["vmtreefs.fs", "vmtreefs.control", "vmtreefs.runtime", "vmtreefs.core"]
+BOTTOM = (
+    "vmtreefs.rules",
+    "vmtreefs.store",
+    "vmtreefs.engine",
+    "vmtreefs.errors",
+    "vmtreefs.saveimage",
+)
+for position, layer in enumerate(STACK):
+    ALLOWED[layer] = (*STACK[position:], *BOTTOM)
 
 
 def module_name(path: Path) -> str:
