@@ -16,9 +16,11 @@ The fresh venv shares pip's cache in the home directory with the checkout's own
 venv, which ``make test`` made first, so pyfuse3 and libvirt-python come as
 built wheels rather than being compiled again.
 
-Cost, measured on the 2-core test machine with a warm pip cache: about 70 s
-(the venv ~40 s, the demo guest ~5 s, the mount, a TCG boot to READY ~10 s,
-the shutdown and the Ctrl-C).
+Cost, measured on the 2-core test machine with a warm pip cache: 37-47 s in all
+(``vms/demo`` 21-29 s after ``make run`` starts: the venv, virtme-ng, the demo
+guest, libvirtd and the mount; ``VMTREE-READY`` 9 s after ``start`` under TCG;
+the shutdown; ``make run`` gone 3.9 s after Ctrl-C). With a cold cache pip
+compiles pyfuse3 and libvirt-python first, about a minute more.
 """
 
 from __future__ import annotations
