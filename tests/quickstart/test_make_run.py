@@ -20,7 +20,7 @@ Cost, measured on the 2-core test machine with a warm pip cache: 37-47 s in all
 (``vms/demo`` 21-29 s after ``make run`` starts: the venv, virtme-ng, the demo
 guest, libvirtd and the mount; ``VMTREE-READY`` 9 s after ``start`` under TCG;
 the shutdown; ``make run`` gone 3.9 s after Ctrl-C). With a cold cache pip
-compiles pyfuse3 and libvirt-python first, about a minute more.
+compiles pyfuse3 and libvirt-python first (the 20-minute setup timeout allows for it).
 """
 
 from __future__ import annotations
