@@ -28,13 +28,11 @@ import trio
 from vmtreefs.engine.base import NewVolume, SnapshotEngine
 from vmtreefs.errors import VmtreeError
 from vmtreefs.rules.objects import VolumeSpec
-from vmtreefs.store import Store, Txn
+from vmtreefs.store import EVENTS_KEPT, Store, Txn
 
 log = logging.getLogger("vmtreefs.tree")
 
 T = TypeVar("T")
-
-EVENTS_KEPT = 1000
 
 
 async def in_thread(fn: Callable[..., T], *args: Any) -> T:

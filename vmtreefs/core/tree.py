@@ -22,7 +22,6 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import TypeVar
 
 import trio
 
@@ -58,13 +57,6 @@ from vmtreefs.store import Intent, Store, Txn
 log = logging.getLogger("vmtreefs.tree")
 
 
-T = TypeVar("T")
-
-EVENTS_KEPT = 1000
-VM_INTENTS = frozenset({"save", "restore"})
-"""Intents whose outcome depends on libvirt: a running mount settles them with it."""
-
-
 class VmTree:
     """The tree of VMs as the filesystem sees it."""
 
@@ -77,6 +69,7 @@ class VmTree:
         self.savestate_dir = savestate_dir or Path("/nonexistent")
         self.ns = Namespace()
         self.journal = Journal(store, engine)
+        self._recovery = Recovery(store, engine, self.journal, self.savestate_dir)
         self.recovery = RecoveryReport()
         self._locks: dict[int, trio.Lock] = collections.defaultdict(trio.Lock)
         # Aliases name VMs by id: making, moving or dropping one must not interleave
@@ -100,8 +93,7 @@ class VmTree:
 
     def recover(self) -> RecoveryReport:
         """What a mount does first (``core.recovery``): the namespace it finds is the tree's."""
-        recovery = Recovery(self.store, self.engine, self.journal, self.savestate_dir)
-        self.recovery, self.ns = recovery.recover(self.defer_vm_intents)
+        self.recovery, self.ns = self._recovery.recover(self.defer_vm_intents)
         return self.recovery
 
     def load(self) -> None:
@@ -110,8 +102,7 @@ class VmTree:
 
     def settle_save(self, intent: Intent) -> str:
         """Blocking: the store's part of a save a crash interrupted (``Recovery.settle_save``)."""
-        recovery = Recovery(self.store, self.engine, self.journal, self.savestate_dir)
-        return recovery.settle_save(intent)
+        return self._recovery.settle_save(intent)
 
     # Helpers
 
