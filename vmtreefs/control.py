@@ -55,7 +55,6 @@ class CtlDispatcher:
             wanted = parse_size(size_text) if size_text is not None else None
             size = await in_thread(self.tree.engine.grow_pool, wanted)
             what = f"grew the pool to {format_size(size)}"
-
             self.tree.journal.publish(what, await self.tree.journal.commit(what))
             return f"pool size {size}"
         vm = self.tree.ns.get_by_id(vm_id) if vm_id is not None else None

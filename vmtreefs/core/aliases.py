@@ -18,7 +18,7 @@ from vmtreefs.rules.aliases import plan_create_alias, plan_remove_alias, plan_re
 from vmtreefs.rules.namespace import Namespace
 from vmtreefs.rules.objects import Alias
 from vmtreefs.rules.plans import ReplaceAlias
-from vmtreefs.store import Store
+from vmtreefs.store import Store, Txn
 
 
 class AliasesHost(Protocol):
@@ -89,28 +89,23 @@ class Aliases:
             target = self.tree.ns.alias_target_name(self.tree.ns.get_alias(old))
             what = f"mv {old} {plan.name} (now names {target})"
 
-            def replace() -> float:
-                with self.tree.store.transaction() as tx:
-                    for alias_id in plan.retarget:
-                        tx.retarget_alias(alias_id, None, plan.keep_id)
-                    tx.delete_alias(plan.drop_id)
-                    tx.rename_alias(plan.keep_id, plan.name)
-                    return self.tree.journal.record_event(tx, what)
+            def replace(tx: Txn) -> None:
+                for alias_id in plan.retarget:
+                    tx.retarget_alias(alias_id, None, plan.keep_id)
+                tx.delete_alias(plan.drop_id)
+                tx.rename_alias(plan.keep_id, plan.name)
 
-            t = await in_thread(replace)
+            t = await self.tree.journal.commit(what, replace)
             self.tree.ns.apply_replace_alias(plan)
         else:
             if plan.new == plan.old:
                 return
             what = f"mv {plan.old} {plan.new}"
 
-            def rename() -> float:
-                with self.tree.store.transaction() as tx:
-                    tx.rename_alias(plan.alias_id, plan.new)
-                    return self.tree.journal.record_event(tx, what)
-
             try:
-                t = await in_thread(rename)
+                t = await self.tree.journal.commit(
+                    what, lambda tx: tx.rename_alias(plan.alias_id, plan.new)
+                )
             except BaseException:
                 self.tree.ns.release(plan.new)
                 raise

@@ -404,7 +404,6 @@ class VmTree:
             else:
                 props[name] = value
             what = f"set {vm.name} {name}={value if value is not None else '(default)'}"
-
             t = await self.journal.commit(what, lambda tx: tx.set_vm_props(vm.id, props))
             self.ns.apply_set_property(plan)
             self.journal.publish(what, t)
@@ -427,7 +426,6 @@ class VmTree:
             if vol.policy == policy:
                 return
             what = f"set {vm.name}/{vol.filename} policy={policy}"
-
             t = await self.journal.commit(what, lambda tx: tx.set_volume_policy(volume_id, policy))
             self.ns.set_policy(volume_id, policy)
             self.journal.publish(what, t)
@@ -457,7 +455,6 @@ class VmTree:
             self.check_domain_writable(vm)
             xml = domain.check_base(raw) if raw.strip() else None
             what = f"domain.xml of {vm.name} " + ("set" if xml else "reset to the default")
-
             t = await self.journal.commit(what, lambda tx: tx.set_domain_xml(vm.id, xml))
             self.ns.set_domain_xml(vm.id, xml)
             self.journal.publish(what, t)

@@ -250,7 +250,6 @@ class Versions:
         async with self.tree.locked(vm_id) as vm, self.tree.alias_lock:
             link = plan_set_template(self.tree.ns, vm_id, raw_target)
             what = f"ln -s ../{self.tree.ns.template_name(link)} {vm.name}/template"
-
             t = await self.tree.journal.commit(
                 what, lambda tx: tx.set_template(vm.id, link.target_vm, link.target_alias)
             )
@@ -261,7 +260,6 @@ class Versions:
         async with self.tree.locked(vm_id) as vm:
             check_template_removable(self.tree.ns, vm_id)
             what = f"rm {vm.name}/template"
-
             t = await self.tree.journal.commit(what, lambda tx: tx.set_template(vm.id, None, None))
             self.tree.ns.set_template(vm.id, None)
             self.tree.journal.publish(what, t)

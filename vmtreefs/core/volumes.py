@@ -105,7 +105,6 @@ class Volumes:
             if plan.new == plan.old:
                 return
             what = f"mv {vm.name}/{plan.old}{VOLUME_SUFFIX} {plan.new}{VOLUME_SUFFIX}"
-
             t = await self.tree.journal.commit(
                 what, lambda tx: tx.rename_volume(plan.volume_id, plan.new)
             )
