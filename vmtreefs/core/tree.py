@@ -14,7 +14,6 @@ atomic with respect to other requests.
 from __future__ import annotations
 
 import collections
-import errno
 import logging
 import os
 import secrets
@@ -32,7 +31,7 @@ from vmtreefs.core.runner import Runner
 from vmtreefs.core.savestates import Savestates
 from vmtreefs.core.versions import Versions
 from vmtreefs.core.volumes import Volumes
-from vmtreefs.engine.base import SnapshotEngine
+from vmtreefs.engine.base import PoolUsage, SnapshotEngine
 from vmtreefs.engine.select import format_size
 from vmtreefs.errors import VmtreeError
 from vmtreefs.rules import domain
@@ -42,6 +41,7 @@ from vmtreefs.rules.objects import Savestate, TemplateLink, Vm, Volume, VolumeSp
 from vmtreefs.rules.plans import CloneVm
 from vmtreefs.rules.states import HALTED
 from vmtreefs.rules.vms import (
+    check_domain_writable,
     collectable,
     needs_of,
     plan_clone,
@@ -52,6 +52,7 @@ from vmtreefs.rules.vms import (
     plan_rename_vm,
     plan_set_property,
 )
+from vmtreefs.rules.volumes import check_policy_settable
 from vmtreefs.store import Intent, Store, Txn
 
 log = logging.getLogger("vmtreefs.tree")
@@ -419,10 +420,7 @@ class VmTree:
         vm, vol = self.ns.volume_by_id(volume_id)
         async with self.locked(vm.id):
             vm, vol = self.ns.volume_by_id(volume_id)
-            if vm.immutable:
-                raise VmtreeError(
-                    errno.EROFS, f"cannot change {vm.name}/{vol.filename}: VM is immutable"
-                )
+            check_policy_settable(vm, vol)
             if vol.policy == policy:
                 return
             what = f"set {vm.name}/{vol.filename} policy={policy}"
@@ -440,19 +438,10 @@ class VmTree:
 
     # domain.xml
 
-    def check_domain_writable(self, vm: Vm) -> None:
-        """A VM's description changes only while it is halted and not immutable."""
-        if vm.immutable:
-            raise VmtreeError(errno.EROFS, f"cannot change domain.xml of {vm.name!r}: immutable")
-        if vm.state != HALTED:
-            raise VmtreeError(
-                errno.EBUSY, f"cannot change domain.xml of {vm.name!r}: it is {vm.state}"
-            )
-
     async def set_domain_xml(self, vm_id: int, raw: bytes) -> None:
         """Store a new base description (empty: back to the default), checked first."""
         async with self.locked(vm_id) as vm:
-            self.check_domain_writable(vm)
+            check_domain_writable(vm)
             xml = domain.check_base(raw) if raw.strip() else None
             what = f"domain.xml of {vm.name} " + ("set" if xml else "reset to the default")
             t = await self.journal.commit(what, lambda tx: tx.set_domain_xml(vm.id, xml))
@@ -461,8 +450,11 @@ class VmTree:
 
     # Reports
 
+    async def pool_usage(self) -> PoolUsage:
+        return await in_thread(self.engine.usage)
+
     async def status_text(self) -> str:
-        usage = await in_thread(self.engine.usage)
+        usage = await self.pool_usage()
         open_intents = len((await in_thread(self.store.load)).open_intents)
         # Both block (a store read; dm-thin asks device-mapper): off the trio thread.
         tree_id = await in_thread(self.store.get_meta, "tree_id")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import errno
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from vmtreefs.errors import VmtreeError
@@ -129,7 +129,7 @@ VOLUME_PROPERTIES: dict[str, Property] = {
 }
 
 
-def lookup(table: dict[str, Property], raw_name: bytes) -> Property | None:
+def lookup(table: Mapping[str, Property], raw_name: bytes) -> Property | None:
     """The property an xattr name refers to, or None when it is not one of ours."""
     name = raw_name.decode("utf-8", "replace")
     if not name.startswith(PREFIX):

@@ -27,6 +27,15 @@ def check_writable(vm: Vm, action: str) -> None:
         raise ModelError(errno.EBUSY, f"cannot {action}: VM {vm.name!r} is {vm.state}")
 
 
+def check_domain_writable(vm: Vm) -> None:
+    """A VM's description changes only while it is halted and not immutable (the same
+    rule as :func:`check_writable`, in the words domain.xml's users have always seen)."""
+    if vm.immutable:
+        raise ModelError(errno.EROFS, f"cannot change domain.xml of {vm.name!r}: immutable")
+    if vm.state != HALTED:
+        raise ModelError(errno.EBUSY, f"cannot change domain.xml of {vm.name!r}: it is {vm.state}")
+
+
 def plan_create_vm(ns: Namespace, raw_name: str | bytes) -> CreateVm:
     """Check the name and reserve it until :meth:`add_vm` or :meth:`release`."""
     name = check_vm_name(raw_name)

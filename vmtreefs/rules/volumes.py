@@ -6,8 +6,9 @@ import errno
 
 from vmtreefs.rules.names import ModelError, check_volume_filename, check_volume_size
 from vmtreefs.rules.namespace import Namespace
-from vmtreefs.rules.objects import Volume, VolumeSpec
+from vmtreefs.rules.objects import DEFAULT_VOLUMES, Vm, Volume, VolumeSpec
 from vmtreefs.rules.plans import CreateVolume, DeleteVolume, RenameVolume, ResizeVolume
+from vmtreefs.rules.properties import POLICY, VOLUME_PROPERTIES
 from vmtreefs.rules.vms import check_writable
 
 
@@ -59,3 +60,17 @@ def check_volume_write(ns: Namespace, vm_name: str, vol_name: str) -> Volume:
     vol = ns.volume(vm, vol_name)
     check_writable(vm, f"write to volume {vol_name!r}")
     return vol
+
+
+def check_policy_settable(vm: Vm, vol: Volume) -> None:
+    """A volume's policy is how its VM is made: fixed once the VM is immutable."""
+    if vm.immutable:
+        raise ModelError(errno.EROFS, f"cannot change {vm.name}/{vol.filename}: VM is immutable")
+
+
+def default_policy(volume_name: str) -> str:
+    """The policy a volume of this name starts with (root: template, volatile: volatile)."""
+    for spec in DEFAULT_VOLUMES:
+        if spec.name == volume_name:
+            return spec.policy
+    return VOLUME_PROPERTIES[POLICY].default
