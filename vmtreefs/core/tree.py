@@ -16,7 +16,6 @@ from __future__ import annotations
 import collections
 import logging
 import os
-import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -26,6 +25,7 @@ import trio
 
 from vmtreefs.core.aliases import Aliases
 from vmtreefs.core.journal import Journal, in_thread
+from vmtreefs.core.making import Making, NewVm
 from vmtreefs.core.recovery import Recovery, RecoveryReport, load_namespace
 from vmtreefs.core.runner import Runner
 from vmtreefs.core.savestates import Savestates
@@ -37,7 +37,7 @@ from vmtreefs.errors import VmtreeError
 from vmtreefs.rules import domain
 from vmtreefs.rules.names import HOT_LABEL
 from vmtreefs.rules.namespace import Namespace
-from vmtreefs.rules.objects import Savestate, TemplateLink, Vm, Volume, VolumeSpec
+from vmtreefs.rules.objects import Savestate, Vm
 from vmtreefs.rules.plans import CloneVm
 from vmtreefs.rules.states import HALTED
 from vmtreefs.rules.vms import (
@@ -118,119 +118,47 @@ class VmTree:
     async def create_vm(self, raw_name: str | bytes) -> Vm:
         plan = plan_create_vm(self.ns, raw_name)
         sizes = ", ".join(f"{v.name} {format_size(v.size)}" for v in plan.volumes)
-        return await self.make_vm(plan.name, f"mkdir {plan.name}", plan.volumes, f": {sizes}")
+        return await self.make_vm(
+            NewVm(plan.name, f"mkdir {plan.name}", plan.volumes, f": {sizes}")
+        )
 
-    async def make_vm(
-        self,
-        name: str,
-        what: str,
-        specs: tuple[VolumeSpec, ...],
-        detail: str = "",
-        sources: tuple[int, ...] | None = None,
-        origin_id: int | None = None,
-        props: dict[str, str] | None = None,
-        reparent: tuple[int, ...] = (),
-        domain_xml: str | None = None,
-        linked: tuple[Savestate, ...] = (),
-        template: TemplateLink | None = None,
-        extra_writes: Callable[[Txn, int], None] | None = None,
-    ) -> Vm:
-        """Make the volumes (new, or snapshots of ``sources``), then record the VM.
+    async def make_vm(self, new: NewVm) -> Vm:
+        """Make the volumes (new, or snapshots of ``new.sources``), then record the VM.
 
-        ``linked`` are savestates of the source that the new VM gets too: a hard
-        link of each memory image (never a copy) and snapshots of its volumes,
-        made with the VM's own, all or nothing.
-
-        ``name`` is reserved by the caller's plan; it is given back on failure, and
-        nothing made in the engine outlives a failure. ``extra_writes`` writes what else
-        the operation changes in the same transaction, given the new VM's id.
+        The name is given back on failure, and nothing made in the engine outlives a
+        failure: the linked savestates' images and volumes come all or nothing with
+        the VM's own.
         """
-        props = dict(props or {})
-        saved = [sorted(ss.volumes.values(), key=lambda v: v.name) for ss in linked]
-        all_specs = specs + tuple(
-            VolumeSpec(v.name, v.size, "persistent") for volumes in saved for v in volumes
-        )
-        all_sources = (
-            None if sources is None else sources + tuple(v.id for volumes in saved for v in volumes)
-        )
-        images = [f"ss-link-{secrets.token_hex(6)}.save" for _ in linked]
-        infos = [{**ss.info, "linked_from": ss.info.get("vm", "")} for ss in linked]
-        links = [
-            (str(self.savestates.image_path(ss)), str(self.savestate_dir / image))
-            for ss, image in zip(linked, images, strict=True)
-        ]
+        making = Making.of(new)
+        links = making.image_links(self.savestates.image_path, self.savestate_dir)
+        made = tuple(dst for _, dst in links)
         try:
             intent, all_ids = await self.journal.create_volumes(
-                what, all_specs, all_sources, tuple(dst for _, dst in links)
+                new.what, making.all_specs, making.all_sources, made
             )
-            ids = all_ids[: len(specs)]
-
-            def commit() -> tuple[int, float, float, list[int]]:
-                with self.store.transaction() as tx:
-                    created = time.time()
-                    vm_id = tx.insert_vm(name, created, origin_id, props)
-                    for vol_id, spec in zip(ids, specs, strict=True):
-                        tx.insert_volume(vol_id, vm_id, spec.name, spec.size, spec.policy, created)
-                    for child in reparent:
-                        tx.set_vm_origin(child, vm_id)
-                    if domain_xml is not None:
-                        tx.set_domain_xml(vm_id, domain_xml)
-                    if template is not None:
-                        tx.set_template(vm_id, template.target_vm, template.target_alias)
-                    if extra_writes is not None:
-                        extra_writes(tx, vm_id)
-                    savestate_ids = []
-                    rest = iter(all_ids[len(specs) :])
-                    for ss, image, info, volumes in zip(linked, images, infos, saved, strict=True):
-                        savestate_ids.append(
-                            tx.insert_savestate(
-                                vm_id,
-                                ss.label,
-                                ss.created,
-                                image,
-                                info,
-                                {v.name: (next(rest), v.size) for v in volumes},
-                            )
-                        )
-                    tx.complete_intent(intent)
-                    return vm_id, created, self.journal.record_event(tx, what), savestate_ids
 
             def link_and_commit() -> tuple[int, float, float, list[int]]:
                 for src, dst in links:
                     os.link(src, dst)
-                return commit()
+                with self.store.transaction() as tx:
+                    created = time.time()
+                    vm_id, savestate_ids = making.write_rows(tx, all_ids, created)
+                    tx.complete_intent(intent)
+                    return vm_id, created, self.journal.record_event(tx, new.what), savestate_ids
 
             vm_id, created, t, savestate_ids = await self.journal.or_undo(
-                intent, all_ids, link_and_commit, tuple(dst for _, dst in links)
+                intent, all_ids, link_and_commit, made
             )
         except BaseException:
-            self.ns.release(name)
+            self.ns.release(new.name)
             raise
-        vm = Vm(vm_id, name, created, origin_id, props, domain_xml=domain_xml, template=template)
-        for vol_id, spec in zip(ids, specs, strict=True):
-            vm.volumes[spec.name] = Volume(vol_id, spec.name, spec.size, spec.policy, created)
+        vm = making.vm(vm_id, created, all_ids)
         self.ns.add_vm(vm)
-        rest = iter(all_ids[len(specs) :])
-        for ss, ss_id, image, info, volumes in zip(
-            linked, savestate_ids, images, infos, saved, strict=True
-        ):
-            self.ns.add_savestate(
-                vm.id,
-                Savestate(
-                    ss_id,
-                    ss.label,
-                    ss.created,
-                    image,
-                    info,
-                    {
-                        v.name: Volume(next(rest), v.name, v.size, "persistent", ss.created)
-                        for v in volumes
-                    },
-                ),
-            )
-        for child in reparent:
+        for savestate in making.savestates(savestate_ids, all_ids):
+            self.ns.add_savestate(vm.id, savestate)
+        for child in new.reparent:
             self.ns.set_origin(child, vm.id)
-        self.journal.publish(what + detail, t)
+        self.journal.publish(new.what + new.detail, t)
         return vm
 
     async def delete_vm(self, vm_id: int, verb: str = "rmdir") -> None:
@@ -323,7 +251,9 @@ class VmTree:
 
             plan = plan_instance(self.ns, source.name, kind, await in_thread(number))
             noun = {"disp": "disposable", "inst": "instance", "hot": "hot savestate runner"}[kind]
-            return await self._make_clone(source, plan, f"{noun} {plan.name} of {source.name}")
+            return await self._make_from_snapshots(
+                source, plan, f"{noun} {plan.name} of {source.name}"
+            )
 
     def volatile_text(self) -> str:
         """.vmtree/volatile: the VMs that go as soon as they stop."""
@@ -352,35 +282,37 @@ class VmTree:
     async def clone_vm(self, source_id: int, raw_new: str | bytes, replace: bool = False) -> Vm:
         """A linked clone: a snapshot of every volume, the source's properties and
         savestates (not its hot one: the clone makes its own), origin = source."""
-        clone = await self._clone_vm(source_id, raw_new, replace)
+        clone = await self._clone_under_lock(source_id, raw_new, replace)
         if clone.props.get("hot_savestate") == "1" and self.runner is not None:
             self.runner.hot_savestate_changed(clone)
         return clone
 
-    async def _clone_vm(self, source_id: int, raw_new: str | bytes, replace: bool) -> Vm:
+    async def _clone_under_lock(self, source_id: int, raw_new: str | bytes, replace: bool) -> Vm:
         async with self.locked(source_id) as source:
             plan = plan_clone(self.ns, source.name, raw_new, replace)
             verb = "clone --replace" if replace else "clone"
             linked = tuple(
                 ss for label, ss in sorted(source.savestates.items()) if label != HOT_LABEL
             )
-            return await self._make_clone(source, plan, f"{verb} {source.name} {plan.name}", linked)
+            return await self._make_from_snapshots(
+                source, plan, f"{verb} {source.name} {plan.name}", linked
+            )
 
-    async def _make_clone(
+    async def _make_from_snapshots(
         self, source: Vm, plan: CloneVm, what: str, linked: tuple[Savestate, ...] = ()
     ) -> Vm:
         """A VM whose volumes are snapshots of the plan's (the source's, or its hot savestate's)."""
         return await self.make_vm(
-            plan.name,
-            what,
-            tuple(spec for _, spec in plan.volumes),
-            sources=tuple(src for src, _ in plan.volumes),
-            origin_id=plan.source_id,
-            props=plan.props,
-            reparent=plan.reparent,
-            domain_xml=source.domain_xml,
-            linked=linked,
-            template=source.template,
+            NewVm.of_snapshots(
+                plan.name,
+                what,
+                plan.volumes,
+                plan.source_id,
+                plan.props,
+                plan.reparent,
+                source,
+                linked,
+            )
         )
 
     # Properties

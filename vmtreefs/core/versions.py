@@ -19,6 +19,7 @@ from typing import Protocol
 import trio
 
 from vmtreefs.core.journal import Journal
+from vmtreefs.core.making import NewVm
 from vmtreefs.core.runner import Runner
 from vmtreefs.core.savestates import Savestates
 from vmtreefs.core.volumes import Volumes
@@ -26,7 +27,7 @@ from vmtreefs.errors import VmtreeError
 from vmtreefs.rules.commands import parse_version
 from vmtreefs.rules.names import HOT_LABEL
 from vmtreefs.rules.namespace import Namespace
-from vmtreefs.rules.objects import Alias, Savestate, TemplateLink, Vm, VolumeSpec
+from vmtreefs.rules.objects import Alias, Vm
 from vmtreefs.rules.states import HALTED
 from vmtreefs.rules.versions import (
     check_template_removable,
@@ -55,21 +56,7 @@ class VersionsHost(Protocol):
 
     def locked(self, vm_id: int) -> AbstractAsyncContextManager[Vm]: ...
 
-    async def make_vm(
-        self,
-        name: str,
-        what: str,
-        specs: tuple[VolumeSpec, ...],
-        detail: str = "",
-        sources: tuple[int, ...] | None = None,
-        origin_id: int | None = None,
-        props: dict[str, str] | None = None,
-        reparent: tuple[int, ...] = (),
-        domain_xml: str | None = None,
-        linked: tuple[Savestate, ...] = (),
-        template: TemplateLink | None = None,
-        extra_writes: Callable[[Txn, int], None] | None = None,
-    ) -> Vm: ...
+    async def make_vm(self, new: NewVm) -> Vm: ...
 
     async def delete_vm(self, vm_id: int, verb: str = "rmdir") -> None: ...
 
@@ -133,18 +120,17 @@ class Versions:
         )
         async with self.tree.alias_lock, self._held_still(head):
             try:
-                version = await self.tree.make_vm(
+                new = NewVm.of_snapshots(
                     plan.name,
                     what,
-                    tuple(spec for _, spec in plan.volumes),
-                    sources=tuple(src for src, _ in plan.volumes),
-                    origin_id=plan.origin,
-                    props=plan.props,
-                    reparent=plan.reparent,
-                    domain_xml=head.domain_xml,
-                    template=head.template,
+                    plan.volumes,
+                    plan.origin,
+                    plan.props,
+                    plan.reparent,
+                    head,
                     extra_writes=extra_writes,
                 )
+                version = await self.tree.make_vm(new)
             finally:
                 self.tree.ns.release(plan.head_name)
             self.tree.ns.apply_version(plan, version, made[0] if made else None)

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import errno
 import json
-import sqlite3
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from vmtreefs.errors import VmtreeError
-from vmtreefs.store.failures import store_error
+from vmtreefs.store.alias_writes import AliasWrites
 from vmtreefs.store.schema import (
     EVENTS_KEPT,
     INTENTS_KEPT,
 )
+from vmtreefs.store.statements import one_target
 
 
 def _props_json(props: dict[str, str]) -> str:
@@ -26,71 +26,8 @@ def _props_json(props: dict[str, str]) -> str:
     return json.dumps(props, sort_keys=True)
 
 
-def _one_target(target_vm: int | None, target_alias: int | None, what: str) -> None:
-    if (target_vm is None) == (target_alias is None):
-        raise VmtreeError(
-            errno.EINVAL,
-            f"{what}: an alias names exactly one VM or alias "
-            f"(got VM {target_vm}, alias {target_alias})",
-        )
-
-
-class Txn:
+class Txn(AliasWrites):
     """The writes of one transaction; valid only inside ``with store.transaction()``."""
-
-    def __init__(self, conn: sqlite3.Connection) -> None:
-        self._conn = conn
-        self._active = True
-
-    def _run(
-        self,
-        sql: str,
-        params: tuple[Any, ...],
-        what: str,
-        *,
-        exists: str | None = None,
-        missing: str | None = None,
-        in_use: Callable[[], str] | None = None,
-    ) -> sqlite3.Cursor:
-        """Execute one statement, translating constraint failures into the user's errno.
-
-        ``exists`` replaces the reason of a UNIQUE conflict (a clash with the
-        other half of the top-level namespace keeps SQLite's own words),
-        ``missing`` that of a reference to a missing row, and ``in_use`` turns
-        the failure of a delete that would leave a reference dangling into
-        EBUSY; it is called after the failure, so it may query the store.
-        """
-        if not self._active:
-            raise RuntimeError("store transaction used after its block ended")
-        try:
-            return self._conn.execute(sql, params)
-        except sqlite3.Error as e:
-            err = store_error(e, what)
-            trigger = getattr(e, "sqlite_errorname", None) == "SQLITE_CONSTRAINT_TRIGGER"
-            if err.errno == errno.EEXIST and exists is not None and not trigger:
-                raise VmtreeError(errno.EEXIST, exists) from e
-            if err.errno == errno.ENOENT and in_use is not None:
-                raise VmtreeError(errno.EBUSY, in_use()) from e
-            if err.errno == errno.ENOENT and missing is not None:
-                raise VmtreeError(errno.ENOENT, missing) from e
-            raise err from e
-
-    def _exists(self, table: str, row_id: int) -> bool:
-        # ``table`` is one of ours, never user input.
-        cur = self._run(f"SELECT 1 FROM {table} WHERE id = ?", (row_id,), f"look up {table}")
-        return cur.fetchone() is not None
-
-    def _alias_names(self, column: str, row_id: int) -> str:
-        rows = self._run(
-            f"SELECT name FROM aliases WHERE {column} = ? ORDER BY id",
-            (row_id,),
-            "look up aliases",
-        ).fetchall()
-        return ", ".join(repr(name) for (name,) in rows)
-
-    def _one_row(self, cur: sqlite3.Cursor, reason: str) -> None:
-        if cur.rowcount == 0:
-            raise VmtreeError(errno.ENOENT, reason)
 
     # VMs
 
@@ -245,7 +182,7 @@ class Txn:
             self._run("DELETE FROM templates WHERE vm_id = ?", (vm_id,), "clear a template")
             return
         what = f"set the template of VM {vm_id}"
-        _one_target(target_vm, target_alias, what)
+        one_target(target_vm, target_alias, what)
         self._require_target(target_vm, target_alias, f"the template of VM {vm_id}")
         self._run(
             "INSERT INTO templates (vm_id, target_vm, target_alias, used) VALUES (?, ?, ?, ?) "
@@ -262,91 +199,6 @@ class Txn:
             (used, vm_id),
             f"record the template version VM {vm_id} started from",
         )
-
-    # Aliases
-
-    def insert_alias(
-        self,
-        name: str,
-        target_vm: int | None,
-        target_alias: int | None,
-        created: float,
-        system: bool = False,
-    ) -> int:
-        """Add an alias naming exactly one existing VM or alias; returns its new id."""
-        what = f"insert alias {name!r}"
-        _one_target(target_vm, target_alias, what)
-        self._require_target(target_vm, target_alias, f"alias {name!r}")
-        cur = self._run(
-            "INSERT INTO aliases (name, target_vm, target_alias, system, created) "
-            "VALUES (?, ?, ?, ?, ?)",
-            (name, target_vm, target_alias, int(bool(system)), created),
-            what,
-            exists=f"an alias named {name!r} already exists",
-        )
-        assert cur.lastrowid is not None
-        return cur.lastrowid
-
-    def rename_alias(self, alias_id: int, new_name: str) -> None:
-        cur = self._run(
-            "UPDATE aliases SET name = ? WHERE id = ?",
-            (new_name, alias_id),
-            f"rename alias {alias_id} to {new_name!r}",
-            exists=f"an alias named {new_name!r} already exists",
-        )
-        self._one_row(cur, f"no alias with id {alias_id} to rename")
-
-    def retarget_alias(
-        self, alias_id: int, target_vm: int | None, target_alias: int | None
-    ) -> None:
-        """Point an alias at another VM or alias; a loop of aliases is refused (ELOOP)."""
-        what = f"re-target alias {alias_id}"
-        _one_target(target_vm, target_alias, what)
-        if not self._exists("aliases", alias_id):
-            raise VmtreeError(errno.ENOENT, f"no alias with id {alias_id} to re-target")
-        self._require_target(target_vm, target_alias, f"alias {alias_id}")
-        if target_alias is not None:
-            loop = self._run(
-                "WITH RECURSIVE chain(id) AS (SELECT ? "
-                "UNION SELECT aliases.target_alias FROM aliases JOIN chain "
-                "ON aliases.id = chain.id WHERE aliases.target_alias IS NOT NULL) "
-                "SELECT 1 FROM chain WHERE id = ?",
-                (target_alias, alias_id),
-                f"follow alias {target_alias}",
-            ).fetchone()
-            if loop is not None:
-                raise VmtreeError(
-                    errno.ELOOP,
-                    f"alias {alias_id} cannot name alias {target_alias}: "
-                    f"that alias is or leads back to alias {alias_id}",
-                )
-        self._run(
-            "UPDATE aliases SET target_vm = ?, target_alias = ? WHERE id = ?",
-            (target_vm, target_alias, alias_id),
-            what,
-        )
-
-    def delete_alias(self, alias_id: int) -> None:
-        """Delete an alias; EBUSY, and nothing deleted, while another alias names it."""
-        cur = self._run(
-            "DELETE FROM aliases WHERE id = ?",
-            (alias_id,),
-            f"delete alias {alias_id}",
-            in_use=lambda: (
-                f"alias {alias_id} is still named by alias "
-                f"{self._alias_names('target_alias', alias_id)} or a template link; "
-                "delete or re-target them first"
-            ),
-        )
-        self._one_row(cur, f"no alias with id {alias_id} to delete")
-
-    def _require_target(self, target_vm: int | None, target_alias: int | None, of: str) -> None:
-        # Checked explicitly, not left to the foreign key, so the reason names
-        # the missing row and an alias cannot name itself by guessing its new id.
-        if target_vm is not None and not self._exists("vms", target_vm):
-            raise VmtreeError(errno.ENOENT, f"target VM {target_vm} of {of} does not exist")
-        if target_alias is not None and not self._exists("aliases", target_alias):
-            raise VmtreeError(errno.ENOENT, f"target alias {target_alias} of {of} does not exist")
 
     # Volumes
 
