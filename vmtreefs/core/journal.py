@@ -172,6 +172,31 @@ class Journal:
         except Exception as e:
             log.error("could not undo intent %d (%s); the next mount rolls it back", intent, e)
 
+    async def begin_deletion(
+        self,
+        line: str,
+        write: Callable[[Txn], object],
+        ids: list[int],
+        files: list[str] | None = None,
+        what: str | None = None,
+    ) -> tuple[int, float]:
+        """One commit that removes the rows (``write``), opens the ``delete_volumes``
+        intent for the engine volumes and files they held, and records ``line``: a crash
+        after it rolls the deletion forward. Returns the intent, for
+        :meth:`finish_deletion`, and the event's time, for :meth:`publish`. ``what`` is
+        the intent's own description when it differs from the event line."""
+        payload: dict[str, Any] = {"what": what or line, "volume_ids": ids}
+        if files is not None:
+            payload["files"] = files
+
+        def run() -> tuple[int, float]:
+            with self.store.transaction() as tx:
+                write(tx)
+                intent = tx.begin_intent("delete_volumes", payload)
+                return intent, self.record_event(tx, line)
+
+        return await in_thread(run)
+
     async def finish_deletion(
         self, intent: int, ids: list[int], files: list[str] | None = None
     ) -> None:

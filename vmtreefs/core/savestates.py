@@ -212,15 +212,9 @@ class Savestates:
             files = [str(self.image_path(savestate))]
             what = f"rmdir {vm.name}/savestates/{label}"
 
-            def commit() -> tuple[int, float]:
-                with self.tree.store.transaction() as tx:
-                    tx.delete_savestate(savestate.id)
-                    intent = tx.begin_intent(
-                        "delete_volumes", {"what": what, "volume_ids": ids, "files": files}
-                    )
-                    return intent, self.tree.journal.record_event(tx, what)
-
-            intent, t = await in_thread(commit)
+            intent, t = await self.tree.journal.begin_deletion(
+                what, lambda tx: tx.delete_savestate(savestate.id), ids, files
+            )
             self.tree.ns.remove_savestate(vm.id, label)
             self.tree.journal.publish(what, t)
             with trio.CancelScope(shield=True):

@@ -173,25 +173,17 @@ class VmTree:
             gone = [self.ns.aliases_by_id[a].name for a in plan.aliases]
             line = f"{verb} {plan.name}" + (f" (and its aliases {', '.join(gone)})" if gone else "")
 
-            def commit() -> tuple[int, float]:
-                with self.store.transaction() as tx:
-                    for alias_id in plan.aliases:
-                        tx.delete_alias(alias_id)
-                    for child in plan.reparent:
-                        tx.set_vm_origin(child, plan.new_origin)
-                    tx.delete_vm(plan.vm_id)
-                    intent = tx.begin_intent(
-                        "delete_volumes",
-                        {
-                            "what": f"rmdir {plan.name}",
-                            "volume_ids": list(plan.volume_ids),
-                            "files": files,
-                        },
-                    )
-                    return intent, self.journal.record_event(tx, line)
+            def remove_rows(tx: Txn) -> None:
+                for alias_id in plan.aliases:
+                    tx.delete_alias(alias_id)
+                for child in plan.reparent:
+                    tx.set_vm_origin(child, plan.new_origin)
+                tx.delete_vm(plan.vm_id)
 
             files = [str(self.savestate_dir / image) for image in plan.images]
-            intent, t = await in_thread(commit)
+            intent, t = await self.journal.begin_deletion(
+                line, remove_rows, list(plan.volume_ids), files, what=f"rmdir {plan.name}"
+            )
             self.ns.remove_vm(plan.vm_id)
             self.on_names_changed([plan.name, *gone])
             self.journal.publish(line, t)

@@ -83,15 +83,9 @@ class Volumes:
             plan = plan_delete_volume(self.tree.ns, vm.name, vol.name)
             what = f"rm {vm.name}/{vol.filename}"
 
-            def commit() -> tuple[int, float]:
-                with self.tree.store.transaction() as tx:
-                    tx.delete_volume(plan.volume_id)
-                    intent = tx.begin_intent(
-                        "delete_volumes", {"what": what, "volume_ids": [plan.volume_id]}
-                    )
-                    return intent, self.tree.journal.record_event(tx, what)
-
-            intent, t = await in_thread(commit)
+            intent, t = await self.tree.journal.begin_deletion(
+                what, lambda tx: tx.delete_volume(plan.volume_id), [plan.volume_id]
+            )
             self.tree.ns.remove_volume(vm.id, vol.name)
             self.tree.journal.publish(what, t)
             with trio.CancelScope(shield=True):
