@@ -18,6 +18,7 @@ import os
 import re
 import secrets
 import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import ClassVar
@@ -42,6 +43,7 @@ LAYOUTS = ("inplace", "xfs-image")
 IMAGE_NAME = "reflink.xfs"
 POOL_NAME = "pool"
 XFS_MIN_IMAGE_SIZE = 300 * 1024 * 1024
+LOOP_DETACH_WAIT = 5.0  # seconds a detached loop device may take to go
 """mkfs.xfs refuses smaller filesystems."""
 
 _VOL_RE = re.compile(r"vol-(0|[1-9][0-9]*)\.img")
@@ -209,7 +211,11 @@ class ReflinkEngine(SnapshotEngine):
             return
         for dev in loop_devices_of(self.image):
             run_command(["losetup", "--detach", dev])
-        left = loop_devices_of(self.image)
+        # A device someone still has open (udev's blkid probe after the umount) is only
+        # marked to go when they close it: give them a moment before calling it stuck.
+        deadline = time.monotonic() + LOOP_DETACH_WAIT
+        while (left := loop_devices_of(self.image)) and time.monotonic() < deadline:
+            time.sleep(0.05)
         if left:
             raise EngineError(
                 errno.EIO, f"loop devices {', '.join(left)} still hold {self.image} after stop"
