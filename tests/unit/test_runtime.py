@@ -34,7 +34,7 @@ from vmtreefs.errors import VmtreeError
 from vmtreefs.rules import commands, domain
 from vmtreefs.rules.domain import Identity
 from vmtreefs.rules.objects import Vm
-from vmtreefs.runtime import lifecycle as lifecycle_module
+from vmtreefs.runtime import connection
 from vmtreefs.runtime.lifecycle import Lifecycle
 from vmtreefs.store import Store
 
@@ -108,8 +108,8 @@ def world(tmp_path: Path) -> Iterator[World]:
 @pytest.fixture
 def quick_reconnect(monkeypatch: pytest.MonkeyPatch) -> None:
     """Seconds, not minutes, for a libvirt that is away: the same logic on a shorter clock."""
-    monkeypatch.setattr(lifecycle_module, "RECONNECT_SECONDS", 0.05)
-    monkeypatch.setattr(lifecycle_module, "CONNECT_WAIT_SECONDS", 0.3)
+    monkeypatch.setattr(connection, "RECONNECT_SECONDS", 0.05)
+    monkeypatch.setattr(connection, "CONNECT_WAIT_SECONDS", 0.3)
 
 
 @asynccontextmanager
@@ -134,6 +134,14 @@ async def mounted(world: World) -> AsyncIterator[Mount]:
     finally:
         hypervisor.close()
         store.close()
+
+
+async def left_running(world: World, vm_name: str) -> str:
+    """A new VM started by a daemon that has gone since (it runs on); its domain's name."""
+    async with mounted(world) as mount:
+        await mount.tree.create_vm(vm_name)
+        await mount.ctl(vm_name, "start")
+        return mount.domain(vm_name)
 
 
 async def save_cut_short(world: World, vm_name: str, stop: bool) -> PendingSavestate:
@@ -459,7 +467,7 @@ async def test_a_hot_savestate_runner_a_crash_left_running_is_stopped(world: Wor
         base = await mount.tree.create_vm("base")
         runner = await mount.tree.make_instance(base.id, "hot")
         run_behind_the_trees_back(world, mount, runner)
-        runner_domain = mount.lifecycle.domain_name(runner)
+        runner_domain = domain.domain_name(mount.lifecycle.tree_id, runner.id)
     async with mounted(world) as mount:
         await until(lambda: runner.id not in mount.tree.ns.by_id)
         assert runner_domain not in mount.libvirt_runs()
@@ -469,10 +477,7 @@ async def test_a_hot_savestate_runner_a_crash_left_running_is_stopped(world: Wor
 async def test_a_save_libvirt_finished_after_the_crash_is_kept_and_the_vm_runs_on(
     world: World, caplog: pytest.LogCaptureFixture
 ) -> None:
-    async with mounted(world) as mount:
-        await mount.tree.create_vm("w")
-        await mount.ctl("w", "start")
-        name = mount.domain("w")
+    name = await left_running(world, "w")
     pending = await save_cut_short(world, "w", stop=False)
     # The daemon died there; libvirt goes on writing the image for a while.
     world.libvirt.save_in_background(name, pending.image_path, 0.3)
@@ -491,11 +496,8 @@ async def test_a_save_libvirt_finished_after_the_crash_is_kept_and_the_vm_runs_o
 async def test_a_save_cut_before_the_image_was_whole_is_undone_and_the_vm_resumed(
     world: World, caplog: pytest.LogCaptureFixture
 ) -> None:
-    async with mounted(world) as mount:
-        await mount.tree.create_vm("w")
-        await mount.ctl("w", "start")
-        name = mount.domain("w")
-        own = set(world.engine.inventory())
+    name = await left_running(world, "w")
+    own = set(world.engine.inventory())
     pending = await save_cut_short(world, "w", stop=False)
     # libvirt had begun the image when the daemon died, and gave up with it.
     Path(pending.image_path).write_bytes(saveimage.PARTIAL_MAGIC + bytes(100))
@@ -516,10 +518,7 @@ async def test_a_save_cut_before_the_image_was_whole_is_undone_and_the_vm_resume
 async def test_an_interrupted_save_and_stop_keeps_the_savestate_and_the_vm_halted(
     world: World,
 ) -> None:
-    async with mounted(world) as mount:
-        await mount.tree.create_vm("w")
-        await mount.ctl("w", "start")
-        name = mount.domain("w")
+    name = await left_running(world, "w")
     pending = await save_cut_short(world, "w", stop=True)
     world.libvirt.save_in_background(name, pending.image_path, 0.0)
     async with mounted(world) as mount:
