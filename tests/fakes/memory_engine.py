@@ -22,6 +22,7 @@ from __future__ import annotations
 import errno
 import itertools
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -77,6 +78,9 @@ class MemoryEngine(SnapshotEngine):
         for vol_id in list(self._attached):
             self._sync_back(vol_id)
         self._attached.clear()
+        if self._scratch is not None:  # the attachment files, all read back
+            shutil.rmtree(self._scratch, ignore_errors=True)
+            self._scratch = None
 
     def _used(self) -> int:
         return len(self._data) * BLOCK + sum(v.metadata for v in self._volumes.values())

@@ -25,7 +25,7 @@ from vmtreefs.engine.select import parse_size
 from vmtreefs.errors import VmtreeError
 from vmtreefs.fs.operations import Operations
 from vmtreefs.runtime.accel import ACCEL_CHOICES
-from vmtreefs.runtime.hypervisor import DEFAULT_URI, Hypervisor
+from vmtreefs.runtime.hypervisor import DEFAULT_URI, LibvirtHypervisor
 from vmtreefs.runtime.lifecycle import Lifecycle
 
 log = logging.getLogger("vmtreefs.daemon")
@@ -149,7 +149,7 @@ def serve(source: Path, mountpoint: Path, options: MountOptions, ready_fd: int |
                 len(report.differences),
                 len(report.deferred),
             )
-            hypervisor = Hypervisor(options.libvirt) if options.libvirt else None
+            hypervisor = LibvirtHypervisor(options.libvirt) if options.libvirt else None
             lifecycle = Lifecycle(
                 tree,
                 hypervisor,

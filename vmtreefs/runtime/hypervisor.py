@@ -6,6 +6,12 @@ to the ``deliver`` callback given at :meth:`Hypervisor.connect` as
 :class:`DomainEvent`, which the tree forwards into trio, so a VM's ``state``
 follows what libvirt says without polling.
 
+:class:`Hypervisor` is what the lifecycle needs, as a protocol, so that the
+fast tests can run it on an in-memory libvirt (``tests/fakes/hypervisor.py``);
+:class:`LibvirtHypervisor` is the real one. One contract suite holds both
+(``tests/vm/test_hypervisor_contract.py``): the same calls, errnos and events,
+in the same order, from another thread.
+
 Domains are transient: libvirt forgets one when it stops, so there is nothing
 to undefine and no stale definition after a crash of vmtreefs.
 """
@@ -17,7 +23,7 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import libvirt
 
@@ -40,6 +46,52 @@ class DomainEvent:
     name: str
     state: str
     reason: str
+
+
+class Hypervisor(Protocol):
+    """What the lifecycle asks of a hypervisor; every call blocks."""
+
+    uri: str
+
+    def connect(self, deliver: Callable[[DomainEvent], None]) -> None:
+        """Open the connection; from then on ``deliver`` hears every domain's events, on
+        another thread, and ``DomainEvent("", "disconnected", …)`` when the connection drops
+        (the next call connects again). ENOTCONN when the hypervisor is away."""
+        ...
+
+    def close(self) -> None: ...
+
+    def domains(self, prefix: str) -> dict[str, str]:
+        """The running domains whose names start with ``prefix``: name -> state."""
+        ...
+
+    def state(self, name: str) -> str:
+        """The domain's state; ``halted`` for one the hypervisor does not know."""
+        ...
+
+    def job_running(self, name: str) -> bool:
+        """Is a save or restore of the domain going on (also for a client that is gone)?"""
+        ...
+
+    def saved_description(self, image: str) -> str: ...
+
+    def create(self, xml: str) -> None: ...
+
+    def shutdown(self, name: str) -> None:
+        """Press the guest's power button; it may ignore it."""
+        ...
+
+    def destroy(self, name: str) -> None: ...
+
+    def suspend(self, name: str) -> None: ...
+
+    def resume(self, name: str) -> None: ...
+
+    def save(self, name: str, image: str) -> None:
+        """The guest's memory into ``image``; the domain stops."""
+        ...
+
+    def restore(self, image: str, xml: str | None = None, paused: bool = False) -> None: ...
 
 
 # virDomainEventType -> (state word, {detail: reason}); unlisted details say "event N".
@@ -152,7 +204,7 @@ def _quiet(_ctx: Any, _err: Any) -> None:
     return None
 
 
-class Hypervisor:
+class LibvirtHypervisor:
     """One connection to libvirt, reopened when it drops."""
 
     def __init__(self, uri: str = DEFAULT_URI) -> None:

@@ -1,0 +1,216 @@
+"""The hypervisor contract: what the lifecycle relies on, checked on libvirt and on the fake.
+
+The ``hypervisor`` fixture (tests/vm/conftest.py) is parametrised: ``libvirt`` is
+``LibvirtHypervisor`` on ``qemu:///system`` with the demo guest under TCG,
+``fake`` the in-memory libvirt of tests/fakes/hypervisor.py. Each test drives a
+domain through the calls the lifecycle makes and checks the states, the errnos
+and the events: the same ones, in the same order, delivered on another thread
+than the caller's. The lifecycle's fast tests (tests/unit/test_runtime.py) stand
+on the fake because it passes this suite.
+"""
+
+from __future__ import annotations
+
+import errno
+import shutil
+import threading
+import uuid
+
+import pytest
+
+from tests.fakes.hypervisor import (
+    BOOTED,
+    KILLED,
+    RESTORED,
+    RESTORED_PAUSED,
+    RESUMED,
+    SAVED,
+    SHUT_DOWN,
+    SUSPENDED,
+)
+from tests.vm.conftest import Domains
+from vmtreefs import saveimage
+from vmtreefs.rules import domain
+from vmtreefs.rules.domain import Disk, Identity
+from vmtreefs.runtime.hypervisor import HypervisorError
+
+
+def heard(hv: Domains, name: str, expected: tuple[tuple[str, str], ...]) -> None:
+    """The domain's next events are ``expected``, each delivered on another thread."""
+    events = hv.heard.of(name, len(expected))
+    assert [(e.state, e.reason) for _, e in events] == list(expected)
+    assert threading.current_thread().name not in {thread for thread, _ in events}
+
+
+def refused(call: object, *args: object) -> HypervisorError:
+    assert callable(call)
+    with pytest.raises(HypervisorError) as caught:
+        call(*args)
+    return caught.value
+
+
+def booted(hv: Domains, name: str) -> str:
+    xml = hv.xml(name)
+    hv.hypervisor.create(xml)
+    heard(hv, name, BOOTED)
+    return xml
+
+
+def test_a_boot_is_heard_as_resumed_then_booted_from_another_thread(hypervisor: Domains) -> None:
+    hv, name = hypervisor, hypervisor.prefix + "boot"
+    booted(hv, name)
+    assert hv.hypervisor.state(name) == "running"
+    assert hv.hypervisor.domains(hv.prefix) == {name: "running"}
+    assert not hv.hypervisor.job_running(name)
+
+
+def test_pause_and_resume_and_what_they_refuse(hypervisor: Domains) -> None:
+    hv, name = hypervisor, hypervisor.prefix + "pause"
+    booted(hv, name)
+    hv.hypervisor.suspend(name)
+    heard(hv, name, SUSPENDED)
+    assert hv.hypervisor.state(name) == "paused"
+    assert hv.hypervisor.domains(hv.prefix) == {name: "paused"}
+    hv.hypervisor.suspend(name)  # already paused: no error, and no event
+    hv.hypervisor.resume(name)
+    heard(hv, name, RESUMED)
+    assert hv.hypervisor.state(name) == "running"
+    again = refused(hv.hypervisor.resume, name)
+    assert again.errno == errno.EBUSY and "already running" in again.reason
+    heard(hv, name, ())
+
+
+def test_a_kill_stops_the_domain_and_it_is_forgotten(hypervisor: Domains) -> None:
+    hv, name = hypervisor, hypervisor.prefix + "kill"
+    booted(hv, name)
+    hv.hypervisor.destroy(name)
+    heard(hv, name, KILLED)
+    assert hv.hypervisor.state(name) == "halted"
+    assert hv.hypervisor.domains(hv.prefix) == {}
+    assert not hv.hypervisor.job_running(name)
+    image = str(hv.workdir / "never.save")
+    for call, args in (
+        (hv.hypervisor.destroy, (name,)),
+        (hv.hypervisor.shutdown, (name,)),
+        (hv.hypervisor.suspend, (name,)),
+        (hv.hypervisor.resume, (name,)),
+        (hv.hypervisor.save, (name, image)),
+    ):
+        gone = refused(call, *args)
+        assert gone.errno == errno.ENOENT
+        assert gone.reason == (
+            f"find domain {name}: Domain not found: no domain with matching name '{name}'"
+        )
+
+
+def test_the_power_button_shuts_the_guest_down(hypervisor: Domains) -> None:
+    hv, name = hypervisor, hypervisor.prefix + "button"
+    booted(hv, name)
+    hv.wait_console(name, "VMTREE-READY")
+    hv.hypervisor.shutdown(name)
+    heard(hv, name, SHUT_DOWN)
+    assert hv.hypervisor.state(name) == "halted"
+    assert "VMTREE-SHUTDOWN" in hv.console(name)
+
+
+def test_a_save_stops_the_domain_and_a_restore_runs_it_on_without_a_boot(
+    hypervisor: Domains,
+) -> None:
+    hv, name = hypervisor, hypervisor.prefix + "save"
+    booted(hv, name)
+    hv.wait_console(name, "VMTREE-READY")
+    running, paused = str(hv.workdir / "running.save"), str(hv.workdir / "paused.save")
+    hv.hypervisor.save(name, running)  # a running domain is paused first
+    heard(hv, name, SUSPENDED + SAVED)
+    assert hv.hypervisor.state(name) == "halted"
+    assert saveimage.is_complete(running)
+    assert domain.saved_name(hv.hypervisor.saved_description(running)) == name
+    hv.hypervisor.restore(running)
+    heard(hv, name, RESTORED)
+    assert hv.hypervisor.state(name) == "running"
+    hv.hypervisor.suspend(name)
+    heard(hv, name, SUSPENDED)
+    hv.hypervisor.save(name, paused)
+    heard(hv, name, SAVED)
+    hv.hypervisor.restore(paused, paused=True)
+    heard(hv, name, RESTORED_PAUSED)
+    assert hv.hypervisor.state(name) == "paused"
+    hv.hypervisor.resume(name)
+    heard(hv, name, RESUMED)
+    assert hv.console(name).count("VMTREE-BOOT") == 1
+
+
+def test_what_a_restore_refuses(hypervisor: Domains) -> None:
+    hv, name = hypervisor, hypervisor.prefix + "refuse"
+    xml = booted(hv, name)
+    image = str(hv.workdir / "image.save")
+    hv.hypervisor.save(name, image)
+    heard(hv, name, SUSPENDED + SAVED)
+    renamed = refused(hv.hypervisor.restore, image, xml.replace(name, name + "x"))
+    assert renamed.errno == errno.EINVAL
+    assert f"Target domain name '{name}x' does not match source '{name}'" in renamed.reason
+    missing = str(hv.workdir / "missing.save")
+    for call in (hv.hypervisor.restore, hv.hypervisor.saved_description):
+        absent = refused(call, missing)
+        assert absent.errno == errno.EIO
+        assert f"Failed to open file '{missing}': No such file or directory" in absent.reason
+    partial = hv.workdir / "partial.save"
+    shutil.copyfile(image, partial)
+    with open(partial, "r+b") as f:
+        f.write(saveimage.PARTIAL_MAGIC)
+    cut = refused(hv.hypervisor.restore, str(partial))
+    assert cut.errno == errno.EIO and "save image is incomplete" in cut.reason
+    hv.hypervisor.restore(image)
+    heard(hv, name, RESTORED)
+    twice = refused(hv.hypervisor.restore, image)
+    assert twice.errno == errno.EBUSY and f"domain '{name}' is already active" in twice.reason
+    heard(hv, name, ())
+
+
+def test_a_save_image_rewritten_for_another_identity_restores_as_that_domain(
+    hypervisor: Domains,
+) -> None:
+    """What a disposable from a hot savestate is: a copy of the image, under its own name."""
+    hv, name, other = hypervisor, hypervisor.prefix + "source", hypervisor.prefix + "copy"
+    booted(hv, name)
+    image, copy = str(hv.workdir / "source.save"), hv.workdir / "copy.save"
+    hv.hypervisor.save(name, image)
+    heard(hv, name, SUSPENDED + SAVED)
+    disks = [
+        Disk(volume, str(hv.workdir / f"{name}-{volume}.img"), block=False)
+        for volume in ("root", "private")
+    ]
+    identity = Identity(other, str(uuid.uuid4()), str(hv.log(other)))
+    saved = hv.hypervisor.saved_description(image)
+    saveimage.rewrite_xml(image, copy, domain.retarget(saved, identity, disks))
+    hv.hypervisor.restore(str(copy))
+    heard(hv, other, RESTORED)
+    assert hv.hypervisor.domains(hv.prefix) == {other: "running"}
+
+
+def test_create_refuses_a_bad_description_and_a_name_or_uuid_in_use(hypervisor: Domains) -> None:
+    hv, name = hypervisor, hypervisor.prefix + "create"
+    bad = refused(hv.hypervisor.create, "<domain>")
+    assert bad.errno == errno.EINVAL and bad.reason.startswith("start the domain: ")
+    xml = booted(hv, name)
+    again = refused(hv.hypervisor.create, xml)
+    assert again.errno == errno.EBUSY and f"domain '{name}' is already active" in again.reason
+    twin = refused(hv.hypervisor.create, hv.xml(name + "-twin", hv.uuids[name]))
+    assert twin.errno == errno.EIO
+    assert f"domain '{name}' is already defined with uuid {hv.uuids[name]}" in twin.reason
+    disk = str(hv.workdir / f"{name}-lost-root.img")
+    no_disk = hv.xml(name + "-lost").replace(disk, "/nonexistent/root.img")
+    lost = refused(hv.hypervisor.create, no_disk)
+    assert lost.errno == errno.EIO
+    assert "Cannot access storage file '/nonexistent/root.img'" in lost.reason
+    assert hv.hypervisor.domains(hv.prefix) == {name: "running"}
+
+
+def test_an_absent_hypervisor_is_ENOTCONN(hypervisor: Domains) -> None:
+    away = refused(hypervisor.unreachable().connect, hypervisor.heard)
+    assert away.errno == errno.ENOTCONN
+    assert away.reason.endswith("; is libvirtd running?")
+    fresh = hypervisor.connection()
+    never = refused(fresh.domains, hypervisor.prefix)
+    assert never.errno == errno.ENOTCONN
+    assert never.reason == f"not connected to libvirt at {fresh.uri}"
