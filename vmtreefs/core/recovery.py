@@ -40,6 +40,13 @@ class RecoveryReport:
     # depends on libvirt, which may still be carrying them out.
     deferred: list[Intent] = field(default_factory=list)
 
+    def next_deferred(self) -> Intent | None:
+        """The oldest save or restore still to settle; it stays until :meth:`settled`."""
+        return self.deferred[0] if self.deferred else None
+
+    def settled(self, intent: Intent) -> None:
+        self.deferred.remove(intent)
+
 
 def savestate_of(row: SavestateRow) -> Savestate:
     volumes = {

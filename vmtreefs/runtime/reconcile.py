@@ -59,9 +59,9 @@ class Reconciler:
         """Take the states libvirt has now: VMs that stopped while we were away are halted."""
         serials = self.vm_states.serials()
         prefix = domain.domain_name(self.devices.tree_id, 0)[:-1]
-        while self.tree.recovery.deferred:
-            await self._settle_interrupted(self.tree.recovery.deferred[0])
-            self.tree.recovery.deferred.pop(0)
+        while (intent := self.tree.recovery.next_deferred()) is not None:
+            await self._settle_interrupted(intent)
+            self.tree.recovery.settled(intent)
         running = await trio.to_thread.run_sync(self.hypervisor.domains, prefix)
         known: set[str] = set()
         driving = self.vm_states.driving
