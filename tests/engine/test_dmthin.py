@@ -54,8 +54,8 @@ class Rig:
 
     def restart(self) -> DmThinEngine:
         """A new engine on the same pool (left assembled, as kill -9 leaves it)."""
-        if self.engine._watcher is not None:  # a dead daemon's children die with it
-            self.engine._watcher.stop()
+        if self.engine.watcher is not None:  # a dead daemon's children die with it
+            self.engine.watcher.stop()
         self.engine = self.fresh_engine()
         self.engine.start()
         return self.engine
@@ -63,10 +63,11 @@ class Rig:
     def pool_devices(self) -> set[int]:
         """Thin device ids the kernel's pool holds: thin_ls on a metadata snapshot, by hand
         (the engine may have refused to start)."""
+        meta_dev = self.engine.pool.meta_dev
         self.message("reserve_metadata_snap")
         try:
             out = subprocess.run(
-                ["thin_ls", "--metadata-snap", "--no-headers", "-o", "DEV", self.engine._meta_dev],
+                ["thin_ls", "--metadata-snap", "--no-headers", "-o", "DEV", meta_dev],
                 check=True,
                 capture_output=True,
                 text=True,
@@ -123,14 +124,14 @@ def crash_on_message(
     monkeypatch: pytest.MonkeyPatch, engine: DmThinEngine, when: Callable[[str], bool]
 ) -> None:
     """Die when the engine is about to send a pool message ``when`` picks."""
-    real = engine._dm.message
+    real = engine.pool.dm.message
 
     def message(name: str, text: str, what: str) -> None:
         if when(text):
             raise Crash(text)
         real(name, text, what)
 
-    monkeypatch.setattr(engine._dm, "message", message)
+    monkeypatch.setattr(engine.pool.dm, "message", message)
 
 
 def crash_on_record(monkeypatch: pytest.MonkeyPatch, store: Store) -> None:
@@ -306,14 +307,14 @@ def test_loop_files_deleted_while_mounted_keep_the_pool_up(
 ) -> None:
     rig.engine.create(1, MiB)
     write(rig.engine, 1, b"precious")
-    loops = {loop_file(dev): dev for dev in rig.engine._loops}
+    loops = {loop_file(dev): dev for dev in rig.engine.pool.loops}
     files = sorted(rig.top.glob("thin/*.img"))
     for path in files:
         path.unlink()
     with caplog.at_level(logging.ERROR, logger="vmtreefs.engine.dmthin"):
         rig.engine.stop()
     assert "were deleted while mounted" in caplog.text
-    assert rig.engine._pool_active()  # the data is still reachable through the loops
+    assert rig.engine.pool.active()  # the data is still reachable through the loops
     # What the log tells the administrator to do: take the pool down, copy the loops back.
     subprocess.run(["dmsetup", "remove", rig.engine.pool_name], check=True)
     for path in files:

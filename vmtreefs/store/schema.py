@@ -105,7 +105,7 @@ END;
 
 # What an engine keeps beside its storage, in the same file as the intent journal:
 # for dm-thin the pool's transaction id, the change under way and the volume sizes
-# (a thin device has no size of its own). See engine/dmthin.py.
+# (a thin device has no size of its own). See engine/dmthin/ledger.py.
 _SCHEMA_V3 = """
 CREATE TABLE engine_meta (
     key TEXT PRIMARY KEY,
