@@ -32,7 +32,7 @@ APT_GET ?= $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export PIP_NO_INPUT := 1
 
-.PHONY: help deps deps-system deps-guest venv run test test-guest crash-test lint bench bench-backup bench-dmthin bench-lifecycle demo-guest install-mount-helper \
+.PHONY: help deps deps-system deps-guest venv run test test-guest crash-test lint bench bench-backup bench-dmthin bench-lifecycle demo-guest debian-guest install-mount-helper \
         uninstall-mount-helper clean
 
 help: ## list the targets
@@ -80,7 +80,7 @@ $(STAMP): pyproject.toml | deps-system
 run: deps deps-guest ## mount ./state at ./vms in the foreground with a bootable demo VM (Ctrl-C or `.venv/bin/vmtreefs umount vms` stops it)
 	bash scripts/run.sh $(BIN)/vmtreefs $(STATE) $(MNT) $(BUILD)/demo
 
-test: deps deps-guest lint ## lint, then every test: dm-thin in a guest (alongside), VMs under libvirt, make run from a fresh clone (~27 min under TCG)
+test: deps deps-guest lint ## lint, then every test: dm-thin in a guest (alongside), VMs under libvirt, make run from a fresh clone (~31 min under TCG)
 	$(BIN)/python -m pytest -q
 
 deps-guest: venv ## kernel, QEMU, dm/thin tools and virtme-ng for the dm-thin guest tests
@@ -97,6 +97,9 @@ lint: deps ## ruff check, ruff format --check, mypy
 	$(BIN)/ruff check vmtreefs tests
 	$(BIN)/ruff format --check vmtreefs tests
 	$(BIN)/mypy
+
+debian-guest: ## build a real Debian guest from Debian's packages into build/debian (root.img, domain.xml; cached; as root)
+	bash scripts/build-debian-guest.sh $(BUILD)/debian
 
 demo-guest: deps-guest ## build the demo guest (kernel + busybox initramfs) into build/demo
 	bash scripts/build-demo-guest.sh $(BUILD)/demo
