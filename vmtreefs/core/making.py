@@ -14,10 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vmtreefs.rules.objects import Savestate, TemplateLink, Vm, Volume, VolumeSpec
+from vmtreefs.rules.objects import SAVED_POLICY, Savestate, TemplateLink, Vm, Volume, VolumeSpec
 from vmtreefs.store import Txn
-
-SAVED_POLICY = "persistent"  # a savestate's volume is kept as it is, whatever its VM's was
 
 
 @dataclass(frozen=True)

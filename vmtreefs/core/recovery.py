@@ -21,7 +21,7 @@ from vmtreefs.engine.base import SnapshotEngine
 from vmtreefs.errors import VmtreeError
 from vmtreefs.rules import invariants
 from vmtreefs.rules.namespace import Namespace
-from vmtreefs.rules.objects import Alias, Savestate, TemplateLink, Vm, Volume
+from vmtreefs.rules.objects import SAVED_POLICY, Alias, Savestate, TemplateLink, Vm, Volume
 from vmtreefs.store import Intent, SavestateRow, Snapshot, Store
 
 log = logging.getLogger("vmtreefs.tree")
@@ -50,7 +50,7 @@ class RecoveryReport:
 
 def savestate_of(row: SavestateRow) -> Savestate:
     volumes = {
-        name: Volume(vol_id, name, size, "persistent", row.created)
+        name: Volume(vol_id, name, size, SAVED_POLICY, row.created)
         for name, (vol_id, size) in row.volumes.items()
     }
     return Savestate(row.id, row.label, row.created, row.image, row.info, volumes)

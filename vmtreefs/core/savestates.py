@@ -23,7 +23,7 @@ from vmtreefs.core.journal import Journal, in_thread
 from vmtreefs.core.recovery import savestate_of
 from vmtreefs.core.volumes import Volumes
 from vmtreefs.rules.namespace import Namespace
-from vmtreefs.rules.objects import Savestate, Vm, Volume, VolumeSpec
+from vmtreefs.rules.objects import SAVED_POLICY, Savestate, Vm, Volume, VolumeSpec
 from vmtreefs.store import Intent, Store
 
 
@@ -168,7 +168,7 @@ class Savestates:
             pending.image,
             info,
             {
-                spec.name: Volume(vol_id, spec.name, spec.size, "persistent", created)
+                spec.name: Volume(vol_id, spec.name, spec.size, SAVED_POLICY, created)
                 for spec, vol_id in zip(pending.specs, pending.ids, strict=True)
             },
         )

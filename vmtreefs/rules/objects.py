@@ -39,6 +39,10 @@ class Volume:
         return self.name + VOLUME_SUFFIX
 
 
+SAVED_POLICY = "persistent"
+"""A savestate's volumes keep their data as it was saved, whatever their VM's policy."""
+
+
 @dataclass
 class Savestate:
     """A VM's memory image and the snapshots of its volumes taken with it."""
