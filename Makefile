@@ -32,7 +32,7 @@ APT_GET ?= $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export PIP_NO_INPUT := 1
 
-.PHONY: help deps deps-system deps-guest venv run test test-guest crash-test lint bench bench-backup bench-dmthin bench-lifecycle demo-guest debian-guest install-mount-helper \
+.PHONY: help deps deps-system deps-guest venv run test test-guest test-debian crash-test lint bench bench-backup bench-dmthin bench-lifecycle demo-guest debian-guest install-mount-helper \
         uninstall-mount-helper clean
 
 help: ## list the targets
@@ -88,6 +88,10 @@ deps-guest: venv ## kernel, QEMU, dm/thin tools and virtme-ng for the dm-thin gu
 
 test-guest: deps deps-guest ## the dm-thin tests, in a virtme-ng guest with a real dm-thin (~15 min under TCG)
 	$(BIN)/python -m pytest -q -m guest tests/dmthin
+
+test-debian: deps deps-guest ## the real Debian guest under libvirt, through the mount: boot, template layout, savestates, disposables, borg backup (~15 min under TCG; as root)
+	@command -v borg >/dev/null 2>&1 || $(APT_GET) install -y -q borgbackup
+	$(BIN)/python -m pytest -q tests/debian
 
 crash-test: deps deps-guest ## the kill -9 loops, long: KILLS=500 (file operations) VM_KILLS=100 (VM commands, libvirt) SEED=N (a short run is in make test)
 	VMTREE_CRASH_KILLS=$(or $(KILLS),500) VMTREE_CRASH_VM_KILLS=$(or $(VM_KILLS),100) \
