@@ -18,10 +18,16 @@ at a boot it counts the boot in the first 32 bytes of its private disk (the one
 Save images have libvirt's header (``vmtreefs.saveimage``), so ``is_complete``
 and ``rewrite_xml`` work on them.
 
+The demo guest runs no guest agent: ``agent_ping`` on a domain with the agent's
+channel is False, as libvirt's "QEMU guest agent is not connected", and EINVAL
+without the channel. :attr:`FakeLibvirt.agent_delay` makes guests run one that
+answers that many seconds after each boot or restore, and
+:meth:`FakeLibvirt.start_agent` starts one in a running guest.
+
 The world outside has knobs on :class:`FakeLibvirt`: a guest that powers off or
-dies by itself, one that ignores the power button, libvirt going away and
-coming back, a save that libvirt goes on with after its client died, and a raw
-event.
+dies by itself, one that ignores the power button, guests that run a guest agent,
+libvirt going away and coming back, a save that libvirt goes on with after its
+client died, and a raw event.
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ from pathlib import Path
 
 from vmtreefs import saveimage
 from vmtreefs.rules.states import HALTED, PAUSED, RUNNING, STOPPING
-from vmtreefs.runtime.hypervisor import DomainEvent, HypervisorError
+from vmtreefs.runtime.hypervisor import AGENT_CHANNEL, DomainEvent, HypervisorError
 
 FAKE_URI = "fake:///system"
 POWER_OFF_SECONDS = 0.02  # from the power button to the guest's power-off
@@ -66,6 +72,8 @@ class _Domain:
     state: str
     console: Path | None
     private: Path | None
+    agent_channel: bool = False  # the description has the guest agent's virtio port
+    agent_from: float | None = None  # time.monotonic() its agent answers from; None: none runs
     job: bool = False
     button_pressed: bool = False  # while paused: the guest hears it when it runs again
 
@@ -76,6 +84,9 @@ class FakeLibvirt:
     def __init__(self) -> None:
         self.available = True
         self.deaf: set[str] = set()  # guests that ignore the power button
+        # Seconds from a boot or restore until a guest's agent answers (on a domain
+        # with the agent's channel); None: guests run no agent, as the demo guest.
+        self.agent_delay: float | None = None
         self._domains: dict[str, _Domain] = {}
         self._connections: list[FakeHypervisor] = []
         self._lock = threading.RLock()
@@ -185,6 +196,7 @@ class FakeLibvirt:
         with self._lock:
             domain = self._define(xml, "start the domain")
             _boot(domain)
+            self._start_agent(domain)
             self._add(domain, BOOTED)
 
     def shutdown(self, name: str) -> None:
@@ -240,9 +252,32 @@ class FakeLibvirt:
         with self._lock:
             domain = self._define(xml or saved, what)
             domain.state = PAUSED if paused else RUNNING
+            self._start_agent(domain)
             self._add(domain, RESTORED_PAUSED if paused else RESTORED)
 
     # The domains
+
+    def agent_ping(self, name: str, timeout: int) -> bool:
+        with self._lock:
+            domain = self._find(name)
+            if domain.state != RUNNING:
+                return False  # libvirt: "domain is not running"
+            if not domain.agent_channel:
+                raise HypervisorError(
+                    errno.EINVAL,
+                    f"ping the guest agent of {name}: argument unsupported: "
+                    "QEMU guest agent is not configured",
+                )
+            return domain.agent_from is not None and time.monotonic() >= domain.agent_from
+
+    def start_agent(self, name: str) -> None:
+        """The guest's agent starts now: it answers from then on (until a stop)."""
+        with self._lock:
+            self._find(name).agent_from = time.monotonic()
+
+    def _start_agent(self, domain: _Domain) -> None:
+        if self.agent_delay is not None:
+            domain.agent_from = time.monotonic() + self.agent_delay
 
     def _find(self, name: str) -> _Domain:
         """libvirt looks the domain up first: its refusal names the look-up."""
@@ -293,6 +328,7 @@ class FakeLibvirt:
         found = re.search(r"vmtree\.private=(\w+)", root.findtext("os/cmdline") or "")
         console = root.find("devices/serial/source")
         log = console.get("path") if console is not None else None
+        channels = root.findall("devices/channel/target[@type='virtio']")
         return _Domain(
             name,
             uid,
@@ -300,6 +336,7 @@ class FakeLibvirt:
             RUNNING,
             Path(log) if log else None,
             disks.get(found.group(1) if found else "vdb"),
+            agent_channel=any(c.get("name") == AGENT_CHANNEL for c in channels),
         )
 
     def _press_button(self, domain: _Domain) -> None:
@@ -411,6 +448,9 @@ class FakeHypervisor:
 
     def restore(self, image: str, xml: str | None = None, paused: bool = False) -> None:
         self._connection().restore(image, xml, paused)
+
+    def agent_ping(self, name: str, timeout: int) -> bool:
+        return self._connection().agent_ping(name, timeout)
 
 
 # The guest and its files

@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import shutil
 import threading
+import time
 import uuid
 
 import pytest
@@ -186,6 +187,39 @@ def test_a_save_image_rewritten_for_another_identity_restores_as_that_domain(
     hv.hypervisor.restore(str(copy))
     heard(hv, other, RESTORED)
     assert hv.hypervisor.domains(hv.prefix) == {other: "running"}
+
+
+AGENT_CHANNEL = (
+    "<channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>"
+)
+
+
+def test_the_guest_agent_is_einval_without_its_channel_and_silent_with_no_agent(
+    hypervisor: Domains,
+) -> None:
+    """What ready=agent stands on. The demo guest runs no agent: with the channel in its
+    description libvirt says "not connected" at once (False), and the same while it is
+    paused (libvirt: "domain is not running"); without it no agent could ever answer."""
+    hv, plain, channel = hypervisor, hypervisor.prefix + "plain", hypervisor.prefix + "agent"
+    booted(hv, plain)
+    hv.hypervisor.create(hv.xml(channel, devices=AGENT_CHANNEL))
+    heard(hv, channel, BOOTED)
+    absent = refused(hv.hypervisor.agent_ping, plain, 2)
+    assert absent.errno == errno.EINVAL
+    assert absent.reason == (
+        f"ping the guest agent of {plain}: argument unsupported: QEMU guest agent is not configured"
+    )
+    hv.wait_console(channel, "VMTREE-READY")
+    asked = time.monotonic()
+    assert hv.hypervisor.agent_ping(channel, 2) is False
+    assert time.monotonic() - asked < 2, "no agent connected: libvirt does not wait"
+    hv.hypervisor.suspend(channel)
+    heard(hv, channel, SUSPENDED)
+    assert hv.hypervisor.agent_ping(channel, 2) is False
+    hv.hypervisor.destroy(channel)
+    heard(hv, channel, KILLED)
+    gone = refused(hv.hypervisor.agent_ping, channel, 2)
+    assert gone.errno == errno.ENOENT and gone.reason.startswith(f"find domain {channel}: ")
 
 
 def test_create_refuses_a_bad_description_and_a_name_or_uuid_in_use(hypervisor: Domains) -> None:
