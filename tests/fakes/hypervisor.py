@@ -16,7 +16,9 @@ at a boot it counts the boot in the first 32 bytes of its private disk (the one
 ``VMTREE-READY`` to its serial log; at the power button it writes
 ``VMTREE-SHUTDOWN`` and powers off. A restored guest goes on without a boot.
 Save images have libvirt's header (``vmtreefs.saveimage``), so ``is_complete``
-and ``rewrite_xml`` work on them.
+and ``rewrite_xml`` work on them. A domain described with ``<genid/>`` gets a
+generation ID at its start and a fresh one at every restore, as libvirt gives
+it; a restore with a description whose genid is not the saved one is refused.
 
 The demo guest runs no guest agent: ``agent_ping`` on a domain with the agent's
 channel is False, as libvirt's "QEMU guest agent is not connected", and EINVAL
@@ -39,6 +41,7 @@ import re
 import struct
 import threading
 import time
+import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -240,17 +243,10 @@ class FakeLibvirt:
         what = f"restore from {image}"
         saved = _read_image(image, what).xml
         if xml is not None:
-            for tag in ("name", "uuid"):
-                source, target = _text(saved, tag), _text(xml, tag)
-                if source != target:
-                    raise HypervisorError(
-                        errno.EINVAL,
-                        f"{what}: unsupported configuration: Target domain {tag} "
-                        f"{target if tag == 'uuid' else repr(target)} does not match source "
-                        f"{source if tag == 'uuid' else repr(source)}",
-                    )
+            _check_abi(saved, xml, what)
         with self._lock:
-            domain = self._define(xml or saved, what)
+            # libvirt restores with VIR_QEMU_PROCESS_START_GEN_VMID: a new generation ID.
+            domain = self._define(_with_genid(xml or saved, fresh=True), what)
             domain.state = PAUSED if paused else RUNNING
             self._start_agent(domain)
             self._add(domain, RESTORED_PAUSED if paused else RESTORED)
@@ -308,6 +304,8 @@ class FakeLibvirt:
                     f"{what}: operation failed: domain '{other.name}' is already defined "
                     f"with uuid {uid}",
                 )
+        if root.find("genid") is not None:
+            xml = _with_genid(xml, fresh=False)
         kernel = root.findtext("os/kernel")
         if kernel and not os.path.exists(kernel):
             raise HypervisorError(
@@ -474,8 +472,43 @@ def _append(log: Path | None, text: str) -> None:
             f.write(text)
 
 
-def _text(xml: str, tag: str) -> str:
-    return ET.fromstring(xml).findtext(tag) or ""
+def _with_genid(xml: str, fresh: bool) -> str:
+    """The description with its ``<genid>`` filled in: libvirt generates one for an empty
+    element, and a new one for every restore (``fresh``). One without a genid stays so."""
+    root = ET.fromstring(xml)
+    genid = root.find("genid")
+    if genid is None or (genid.text and not fresh):
+        return xml
+    genid.text = str(uuid.uuid4())
+    return ET.tostring(root, encoding="unicode")
+
+
+def _check_abi(saved: str, xml: str, what: str) -> None:
+    """libvirt's check of a description given to a restore, in its order: the uuid,
+    the generation ID (an empty ``<genid/>`` is a generated value, never the saved
+    one), then the name."""
+    source, target = ET.fromstring(saved), ET.fromstring(xml)
+
+    def refuse(detail: str) -> HypervisorError:
+        return HypervisorError(errno.EINVAL, f"{what}: unsupported configuration: {detail}")
+
+    if source.findtext("uuid") != target.findtext("uuid"):
+        raise refuse(
+            f"Target domain uuid {target.findtext('uuid')} does not match source "
+            f"{source.findtext('uuid')}"
+        )
+    saved_genid, genid = source.find("genid"), target.find("genid")
+    if (saved_genid is None) != (genid is None):
+        raise refuse("Target domain requested genid does not match source")
+    if saved_genid is not None and genid is not None:
+        wanted = genid.text or str(uuid.uuid4())
+        if wanted != saved_genid.text:
+            raise refuse(f"Target domain genid {wanted} does not match source {saved_genid.text}")
+    if source.findtext("name") != target.findtext("name"):
+        raise refuse(
+            f"Target domain name {target.findtext('name')!r} does not match source "
+            f"{source.findtext('name')!r}"
+        )
 
 
 def _write_image(image: str, xml: str, was_running: bool) -> None:
