@@ -16,12 +16,20 @@ at a boot it counts the boot in the first 32 bytes of its private disk (the one
 ``VMTREE-READY`` to its serial log; at the power button it writes
 ``VMTREE-SHUTDOWN`` and powers off. A restored guest goes on without a boot.
 Save images have libvirt's header (``vmtreefs.saveimage``), so ``is_complete``
-and ``rewrite_xml`` work on them.
+and ``rewrite_xml`` work on them. A domain described with ``<genid/>`` gets a
+generation ID at its start and a fresh one at every restore, as libvirt gives
+it; a restore with a description whose genid is not the saved one is refused.
+
+The demo guest runs no guest agent: ``agent_ping`` on a domain with the agent's
+channel is False, as libvirt's "QEMU guest agent is not connected", and EINVAL
+without the channel. :attr:`FakeLibvirt.agent_delay` makes guests run one that
+answers that many seconds after each boot or restore, and
+:meth:`FakeLibvirt.start_agent` starts one in a running guest.
 
 The world outside has knobs on :class:`FakeLibvirt`: a guest that powers off or
-dies by itself, one that ignores the power button, libvirt going away and
-coming back, a save that libvirt goes on with after its client died, and a raw
-event.
+dies by itself, one that ignores the power button, guests that run a guest agent,
+libvirt going away and coming back, a save that libvirt goes on with after its
+client died, and a raw event.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ import re
 import struct
 import threading
 import time
+import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,7 +49,7 @@ from pathlib import Path
 
 from vmtreefs import saveimage
 from vmtreefs.rules.states import HALTED, PAUSED, RUNNING, STOPPING
-from vmtreefs.runtime.hypervisor import DomainEvent, HypervisorError
+from vmtreefs.runtime.hypervisor import AGENT_CHANNEL, DomainEvent, HypervisorError
 
 FAKE_URI = "fake:///system"
 POWER_OFF_SECONDS = 0.02  # from the power button to the guest's power-off
@@ -66,6 +75,8 @@ class _Domain:
     state: str
     console: Path | None
     private: Path | None
+    agent_channel: bool = False  # the description has the guest agent's virtio port
+    agent_from: float | None = None  # time.monotonic() its agent answers from; None: none runs
     job: bool = False
     button_pressed: bool = False  # while paused: the guest hears it when it runs again
 
@@ -76,6 +87,9 @@ class FakeLibvirt:
     def __init__(self) -> None:
         self.available = True
         self.deaf: set[str] = set()  # guests that ignore the power button
+        # Seconds from a boot or restore until a guest's agent answers (on a domain
+        # with the agent's channel); None: guests run no agent, as the demo guest.
+        self.agent_delay: float | None = None
         self._domains: dict[str, _Domain] = {}
         self._connections: list[FakeHypervisor] = []
         self._lock = threading.RLock()
@@ -185,6 +199,7 @@ class FakeLibvirt:
         with self._lock:
             domain = self._define(xml, "start the domain")
             _boot(domain)
+            self._start_agent(domain)
             self._add(domain, BOOTED)
 
     def shutdown(self, name: str) -> None:
@@ -228,21 +243,37 @@ class FakeLibvirt:
         what = f"restore from {image}"
         saved = _read_image(image, what).xml
         if xml is not None:
-            for tag in ("name", "uuid"):
-                source, target = _text(saved, tag), _text(xml, tag)
-                if source != target:
-                    raise HypervisorError(
-                        errno.EINVAL,
-                        f"{what}: unsupported configuration: Target domain {tag} "
-                        f"{target if tag == 'uuid' else repr(target)} does not match source "
-                        f"{source if tag == 'uuid' else repr(source)}",
-                    )
+            _check_abi(saved, xml, what)
         with self._lock:
-            domain = self._define(xml or saved, what)
+            # libvirt restores with VIR_QEMU_PROCESS_START_GEN_VMID: a new generation ID.
+            domain = self._define(_with_genid(xml or saved, fresh=True), what)
             domain.state = PAUSED if paused else RUNNING
+            self._start_agent(domain)
             self._add(domain, RESTORED_PAUSED if paused else RESTORED)
 
     # The domains
+
+    def agent_ping(self, name: str, timeout: int) -> bool:
+        with self._lock:
+            domain = self._find(name)
+            if domain.state != RUNNING:
+                return False  # libvirt: "domain is not running"
+            if not domain.agent_channel:
+                raise HypervisorError(
+                    errno.EINVAL,
+                    f"ping the guest agent of {name}: argument unsupported: "
+                    "QEMU guest agent is not configured",
+                )
+            return domain.agent_from is not None and time.monotonic() >= domain.agent_from
+
+    def start_agent(self, name: str) -> None:
+        """The guest's agent starts now: it answers from then on (until a stop)."""
+        with self._lock:
+            self._find(name).agent_from = time.monotonic()
+
+    def _start_agent(self, domain: _Domain) -> None:
+        if self.agent_delay is not None:
+            domain.agent_from = time.monotonic() + self.agent_delay
 
     def _find(self, name: str) -> _Domain:
         """libvirt looks the domain up first: its refusal names the look-up."""
@@ -273,6 +304,8 @@ class FakeLibvirt:
                     f"{what}: operation failed: domain '{other.name}' is already defined "
                     f"with uuid {uid}",
                 )
+        if root.find("genid") is not None:
+            xml = _with_genid(xml, fresh=False)
         kernel = root.findtext("os/kernel")
         if kernel and not os.path.exists(kernel):
             raise HypervisorError(
@@ -293,6 +326,7 @@ class FakeLibvirt:
         found = re.search(r"vmtree\.private=(\w+)", root.findtext("os/cmdline") or "")
         console = root.find("devices/serial/source")
         log = console.get("path") if console is not None else None
+        channels = root.findall("devices/channel/target[@type='virtio']")
         return _Domain(
             name,
             uid,
@@ -300,6 +334,7 @@ class FakeLibvirt:
             RUNNING,
             Path(log) if log else None,
             disks.get(found.group(1) if found else "vdb"),
+            agent_channel=any(c.get("name") == AGENT_CHANNEL for c in channels),
         )
 
     def _press_button(self, domain: _Domain) -> None:
@@ -412,6 +447,9 @@ class FakeHypervisor:
     def restore(self, image: str, xml: str | None = None, paused: bool = False) -> None:
         self._connection().restore(image, xml, paused)
 
+    def agent_ping(self, name: str, timeout: int) -> bool:
+        return self._connection().agent_ping(name, timeout)
+
 
 # The guest and its files
 
@@ -434,8 +472,43 @@ def _append(log: Path | None, text: str) -> None:
             f.write(text)
 
 
-def _text(xml: str, tag: str) -> str:
-    return ET.fromstring(xml).findtext(tag) or ""
+def _with_genid(xml: str, fresh: bool) -> str:
+    """The description with its ``<genid>`` filled in: libvirt generates one for an empty
+    element, and a new one for every restore (``fresh``). One without a genid stays so."""
+    root = ET.fromstring(xml)
+    genid = root.find("genid")
+    if genid is None or (genid.text and not fresh):
+        return xml
+    genid.text = str(uuid.uuid4())
+    return ET.tostring(root, encoding="unicode")
+
+
+def _check_abi(saved: str, xml: str, what: str) -> None:
+    """libvirt's check of a description given to a restore, in its order: the uuid,
+    the generation ID (an empty ``<genid/>`` is a generated value, never the saved
+    one), then the name."""
+    source, target = ET.fromstring(saved), ET.fromstring(xml)
+
+    def refuse(detail: str) -> HypervisorError:
+        return HypervisorError(errno.EINVAL, f"{what}: unsupported configuration: {detail}")
+
+    if source.findtext("uuid") != target.findtext("uuid"):
+        raise refuse(
+            f"Target domain uuid {target.findtext('uuid')} does not match source "
+            f"{source.findtext('uuid')}"
+        )
+    saved_genid, genid = source.find("genid"), target.find("genid")
+    if (saved_genid is None) != (genid is None):
+        raise refuse("Target domain requested genid does not match source")
+    if saved_genid is not None and genid is not None:
+        wanted = genid.text or str(uuid.uuid4())
+        if wanted != saved_genid.text:
+            raise refuse(f"Target domain genid {wanted} does not match source {saved_genid.text}")
+    if source.findtext("name") != target.findtext("name"):
+        raise refuse(
+            f"Target domain name {target.findtext('name')!r} does not match source "
+            f"{source.findtext('name')!r}"
+        )
 
 
 def _write_image(image: str, xml: str, was_running: bool) -> None:

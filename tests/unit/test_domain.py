@@ -129,6 +129,32 @@ def test_retarget_moves_a_saved_description_to_another_vm() -> None:
     assert info.value.errno == errno.EINVAL
 
 
+def test_a_guest_with_acpi_gets_an_empty_genid_that_libvirt_fills_in() -> None:
+    """Every start asks for a vmgenid device, so savestates carry it and restores renew it."""
+    demo = ET.fromstring(domain.render(domain.demo_domain("/g", "qemu"), IDENTITY, 64, 1, []))
+    assert [(g.text, g.attrib) for g in demo.findall("genid")] == [(None, {})]
+    own = "<genid>11111111-2222-3333-4444-555555555555</genid>"
+    kvm = domain.demo_domain("/g", "kvm").replace("<os>", own + "<os>")
+    given = ET.fromstring(domain.render(kvm, IDENTITY, 64, 1, []))
+    assert [g.text for g in given.findall("genid")] == [None]  # clones must not share a value
+    no_acpi = domain.demo_domain("/g", "qemu").replace("<acpi/>", "")
+    assert ET.fromstring(domain.render(no_acpi, IDENTITY, 64, 1, [])).find("genid") is None
+    xen = domain.demo_domain("/g", "xen")
+    assert ET.fromstring(domain.render(xen, IDENTITY, 64, 1, [])).find("genid") is None
+
+
+def test_retarget_keeps_the_saved_genid() -> None:
+    """libvirt refuses a restore whose description changed the genid, and renews it itself."""
+    genid = "0fe68009-6b73-49ee-bb4f-c2537ee3d8f0"
+    saved = domain.render(
+        domain.demo_domain("/g", "qemu"), IDENTITY, 64, 1, [Disk("root", "/p/1", False)]
+    ).replace("<genid />", f"<genid>{genid}</genid>")
+    assert f"<genid>{genid}</genid>" in saved
+    other = Identity("vmtree-ab12cd34-9", domain.domain_uuid("ab12cd34", 9), "/s/run/console-9.log")
+    moved = ET.fromstring(domain.retarget(saved, other, [Disk("root", "/p/5", False)]))
+    assert [g.text for g in moved.findall("genid")] == [genid]
+
+
 def test_domain_names_are_internal_and_parse_back() -> None:
     name = domain.domain_name("ab12cd34", 42)
     assert domain.parse_domain_name("ab12cd34", name) == 42

@@ -413,6 +413,90 @@ async def test_a_running_vm_gets_its_hot_savestate_in_place_and_again_after_it_s
         await until(lambda: mount.libvirt_runs() == {})
 
 
+# ready=agent: the guest agent answers
+
+
+AGENT_CHANNEL_XML = (
+    "<channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>"
+)
+
+
+async def with_agent_channel(mount: Mount, name: str) -> Vm:
+    """A new VM whose domain.xml has the guest agent's channel, and ready=agent."""
+    vm = await mount.tree.create_vm(name)
+    base = domain.demo_domain(str(mount.world.guest), "qemu")
+    xml = base.replace("<devices>", "<devices>" + AGENT_CHANNEL_XML)
+    await mount.tree.set_domain_xml(vm.id, xml.encode())
+    await mount.tree.set_property(vm.id, "ready", "agent")
+    return vm
+
+
+async def test_ready_agent_saves_the_hot_savestate_only_once_the_agent_answers(
+    world: World,
+) -> None:
+    async with mounted(world) as mount:
+        base = await with_agent_channel(mount, "base")
+        await mount.tree.set_property(base.id, "hot_savestate", "1")
+        await until(lambda: len(mount.libvirt_runs()) == 1)  # the runner booted
+        [runner] = mount.libvirt_runs()
+        await trio.sleep(1.0)  # its console said VMTREE-READY long ago: not enough
+        assert "hot" not in base.savestates
+        world.libvirt.start_agent(runner)
+        await until(lambda: "hot" in base.savestates)
+        await until(lambda: mount.libvirt_runs() == {})
+        assert await mount.ctl("base", "disposable") == "base-disp1"
+        assert "base-disp1: restored from hot savestate" in mount.events()
+
+
+async def test_ready_agent_without_the_agent_channel_fails_at_once(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with mounted(world) as mount:
+        plain = await mount.tree.create_vm("plain")  # the demo guest's description
+        await mount.tree.set_property(plain.id, "ready", "agent")
+        with caplog.at_level(logging.INFO, logger=LOGGER):
+            await mount.tree.set_property(plain.id, "hot_savestate", "1")
+            await until(lambda: "hot savestate failed" in mount.events(), timeout=3)
+        assert (
+            "plain: hot savestate failed: VM .hot-" in mount.events()
+            and "ready is agent but its domain has no guest-agent channel" in mount.events()
+        )
+        assert "hot" not in plain.savestates
+        await until(lambda: mount.libvirt_runs() == {})  # the runner was stopped
+
+
+async def test_ready_agent_times_out_and_fails_when_the_vm_halts(world: World) -> None:
+    world.libvirt.agent_delay = None  # the channel is there, no agent runs (the demo guest)
+    async with mounted(world) as mount:
+        vm = await with_agent_channel(mount, "work")
+        await mount.ctl("work", "start")
+        with pytest.raises(VmtreeError) as late:
+            await mount.lifecycle.hot.wait_ready(vm, timeout=1.0)
+        assert late.value.errno == errno.ETIMEDOUT
+        assert late.value.reason == "VM work was not ready after 1 s"
+
+        caught: list[VmtreeError] = []
+
+        async def wait() -> None:
+            try:
+                await mount.lifecycle.hot.wait_ready(vm, timeout=30)
+            except VmtreeError as e:
+                caught.append(e)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(wait)
+            await trio.sleep(0.3)
+            await mount.ctl("work", "kill")
+        assert [(e.errno, e.reason) for e in caught] == [
+            (errno.EIO, "VM work stopped before it was ready")
+        ]
+
+        world.libvirt.agent_delay = 0.2  # guests run an agent that answers after a moment
+        await mount.ctl("work", "start")
+        with trio.fail_after(5):
+            await mount.lifecycle.hot.wait_ready(vm)
+
+
 # Start-up: what libvirt did while no daemon listened
 
 

@@ -177,8 +177,9 @@ class Domains:
     boot_timeout: float = BOOT_TIMEOUT
     uuids: dict[str, str] = field(default_factory=dict)
 
-    def xml(self, name: str, uid: str | None = None) -> str:
-        """The demo guest with a root and a private disk, as the lifecycle renders it."""
+    def xml(self, name: str, uid: str | None = None, devices: str = "") -> str:
+        """The demo guest with a root and a private disk, as the lifecycle renders it;
+        ``devices`` is XML added to the base's ``<devices>``."""
         disks = []
         for volume in ("root", "private"):
             path = self.workdir / f"{name}-{volume}.img"
@@ -189,7 +190,9 @@ class Domains:
         identity = Identity(
             name, uid or self.uuids.setdefault(name, str(uuid.uuid4())), str(self.log(name))
         )
-        return domain.render(domain.demo_domain(str(self.guest), "qemu"), identity, 128, 1, disks)
+        base = domain.demo_domain(str(self.guest), "qemu")
+        base = base.replace("<devices>", "<devices>" + devices)
+        return domain.render(base, identity, 128, 1, disks)
 
     def log(self, name: str) -> Path:
         return self.workdir / f"{name}.log"

@@ -14,7 +14,9 @@ from __future__ import annotations
 import errno
 import shutil
 import threading
+import time
 import uuid
+import xml.etree.ElementTree as ET
 
 import pytest
 
@@ -142,11 +144,12 @@ def test_a_save_stops_the_domain_and_a_restore_runs_it_on_without_a_boot(
 
 def test_what_a_restore_refuses(hypervisor: Domains) -> None:
     hv, name = hypervisor, hypervisor.prefix + "refuse"
-    xml = booted(hv, name)
+    booted(hv, name)
     image = str(hv.workdir / "image.save")
     hv.hypervisor.save(name, image)
     heard(hv, name, SUSPENDED + SAVED)
-    renamed = refused(hv.hypervisor.restore, image, xml.replace(name, name + "x"))
+    saved = hv.hypervisor.saved_description(image)  # with the genid libvirt gave it
+    renamed = refused(hv.hypervisor.restore, image, saved.replace(name, name + "x"))
     assert renamed.errno == errno.EINVAL
     assert f"Target domain name '{name}x' does not match source '{name}'" in renamed.reason
     missing = str(hv.workdir / "missing.save")
@@ -186,6 +189,77 @@ def test_a_save_image_rewritten_for_another_identity_restores_as_that_domain(
     hv.hypervisor.restore(str(copy))
     heard(hv, other, RESTORED)
     assert hv.hypervisor.domains(hv.prefix) == {other: "running"}
+
+
+AGENT_CHANNEL = (
+    "<channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>"
+)
+
+
+def test_the_guest_agent_is_einval_without_its_channel_and_silent_with_no_agent(
+    hypervisor: Domains,
+) -> None:
+    """What ready=agent stands on. The demo guest runs no agent: with the channel in its
+    description libvirt says "not connected" at once (False), and the same while it is
+    paused (libvirt: "domain is not running"); without it no agent could ever answer."""
+    hv, plain, channel = hypervisor, hypervisor.prefix + "plain", hypervisor.prefix + "agent"
+    booted(hv, plain)
+    hv.hypervisor.create(hv.xml(channel, devices=AGENT_CHANNEL))
+    heard(hv, channel, BOOTED)
+    absent = refused(hv.hypervisor.agent_ping, plain, 2)
+    assert absent.errno == errno.EINVAL
+    assert absent.reason == (
+        f"ping the guest agent of {plain}: argument unsupported: QEMU guest agent is not configured"
+    )
+    hv.wait_console(channel, "VMTREE-READY")
+    asked = time.monotonic()
+    assert hv.hypervisor.agent_ping(channel, 2) is False
+    assert time.monotonic() - asked < 2, "no agent connected: libvirt does not wait"
+    hv.hypervisor.suspend(channel)
+    heard(hv, channel, SUSPENDED)
+    assert hv.hypervisor.agent_ping(channel, 2) is False
+    hv.hypervisor.destroy(channel)
+    heard(hv, channel, KILLED)
+    gone = refused(hv.hypervisor.agent_ping, channel, 2)
+    assert gone.errno == errno.ENOENT and gone.reason.startswith(f"find domain {channel}: ")
+
+
+def genid(xml: str) -> str | None:
+    return ET.fromstring(xml).findtext("genid")
+
+
+def test_a_restore_gives_the_domain_a_new_generation_id(hypervisor: Domains) -> None:
+    """A domain started with an empty <genid/> gets one; each restore another one (libvirt
+    restores with VIR_QEMU_PROCESS_START_GEN_VMID), and a description given to a restore
+    must keep the saved one (libvirt's ABI check)."""
+    hv, name = hypervisor, hypervisor.prefix + "genid"
+    booted(hv, name)
+    first_image, second_image = str(hv.workdir / "first.save"), str(hv.workdir / "second.save")
+    hv.hypervisor.save(name, first_image)
+    heard(hv, name, SUSPENDED + SAVED)
+    saved = hv.hypervisor.saved_description(first_image)
+    first = genid(saved)
+    assert first is not None and str(uuid.UUID(first)) == first
+    other = str(uuid.uuid4())
+    changed = refused(hv.hypervisor.restore, first_image, saved.replace(first, other))
+    assert changed.errno == errno.EINVAL
+    assert f"Target domain genid {other} does not match source {first}" in changed.reason
+    fresh = refused(hv.hypervisor.restore, first_image, hv.xml(name))  # an empty <genid/>
+    assert fresh.errno == errno.EINVAL
+    assert f"does not match source {first}" in fresh.reason
+    root = ET.fromstring(saved)
+    root.remove(root.find("genid"))  # type: ignore[arg-type]
+    dropped = refused(hv.hypervisor.restore, first_image, ET.tostring(root, encoding="unicode"))
+    assert dropped.errno == errno.EINVAL
+    assert "Target domain requested genid does not match source" in dropped.reason
+    hv.hypervisor.restore(first_image, saved)  # a VM's restore of its own savestate
+    heard(hv, name, RESTORED)
+    hv.hypervisor.save(name, second_image)
+    heard(hv, name, SUSPENDED + SAVED)
+    second = genid(hv.hypervisor.saved_description(second_image))
+    assert second is not None and second != first
+    hv.hypervisor.restore(second_image)
+    heard(hv, name, RESTORED)
 
 
 def test_create_refuses_a_bad_description_and_a_name_or_uuid_in_use(hypervisor: Domains) -> None:

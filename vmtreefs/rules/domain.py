@@ -4,7 +4,8 @@ Users own the base description (``domain.xml``): machine type, kernel, devices.
 vmtreefs owns what ties a domain to the tree, and writes it in at every start,
 so a rename, a clone or a volatile VM never needs libvirt to know more than an
 internal name: the name and uuid, memory and vcpus (properties), one disk per
-volume, and the serial console going to a log file the tree can read.
+volume, the serial console going to a log file the tree can read, and an empty
+``<genid/>`` (see :func:`render`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from vmtreefs.errors import VmtreeError
 MAX_DOMAIN_XML = 256 * 1024
 DOMAIN_TYPES = ("qemu", "kvm", "xen")
 # Elements whose content vmtreefs decides; the user's copies are replaced.
-OWNED = ("name", "uuid", "memory", "currentMemory", "vcpu", "title")
+OWNED = ("name", "uuid", "genid", "memory", "currentMemory", "vcpu", "title")
+# Domain types whose guests get a VM generation ID (QEMU's vmgenid device).
+GENID_TYPES = ("qemu", "kvm")
 OWNED_DEVICES = ("serial", "console")
 # A namespace for the uuids of VMs: stable for a VM, different across trees.
 _UUID_NAMESPACE = uuidlib.UUID("5d1f0c52-3f43-4a0e-9a45-0f3c9f1d7a10")
@@ -133,7 +136,16 @@ def _target_dev(index: int) -> str:
 
 
 def render(base: str, identity: Identity, memory_mib: int, vcpus: int, disks: list[Disk]) -> str:
-    """The description libvirt is given: the base with vmtreefs' own parts put in."""
+    """The description libvirt is given: the base with vmtreefs' own parts put in.
+
+    An empty ``<genid/>`` asks for QEMU's vmgenid device with a value libvirt
+    generates. It is there so that savestates carry the device: libvirt gives a
+    domain restored from a save image a new generation ID (the guest's kernel
+    reseeds its RNG when it changes), but only one that had the device when it
+    was saved. A user's own ``<genid>`` value is dropped: clones would share it.
+    Not for a guest without ACPI (``<features><acpi/>``), where the guest could
+    not find the device, nor for Xen.
+    """
     root = ET.fromstring(base)
     for tag in OWNED:
         for element in root.findall(tag):
@@ -146,9 +158,10 @@ def render(base: str, identity: Identity, memory_mib: int, vcpus: int, disks: li
             element.tag == "disk" and element.get("device", "disk") == "disk"
         ):
             devices.remove(element)
-    head = [
-        _element("name", identity.name),
-        _element("uuid", identity.uuid),
+    head = [_element("name", identity.name), _element("uuid", identity.uuid)]
+    if root.get("type") in GENID_TYPES and root.find("features/acpi") is not None:
+        head.append(ET.Element("genid"))
+    head += [
         _element("memory", str(memory_mib), unit="MiB"),
         _element("currentMemory", str(memory_mib), unit="MiB"),
         _element("vcpu", str(vcpus)),
@@ -207,6 +220,9 @@ def retarget(saved_xml: str, identity: Identity, disks: list[Disk]) -> str:
 
     Used to restore a save image somewhere else (a disposable, a clone): the
     devices the guest saw stay as they were, only what they point at changes.
+    The ``<genid>`` stays too: libvirt refuses a restore whose description has
+    another one ("Target domain genid ... does not match source"), and gives the
+    restored domain a new one itself.
     """
     root = ET.fromstring(saved_xml)
     for tag, text in (("name", identity.name), ("uuid", identity.uuid)):

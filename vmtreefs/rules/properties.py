@@ -72,7 +72,13 @@ MAX_READY_DELAY = 3600
 MAX_READY_REGEX = 256
 
 
+READY_AGENT = "agent"
+"""``ready`` value: the VM is ready when its QEMU guest agent answers ``guest-ping``."""
+
+
 def _ready(name: str, text: str) -> str:
+    if text == READY_AGENT:
+        return text
     kind, sep, arg = text.partition(":")
     if sep and kind == "delay":
         return "delay:" + _integer(0, MAX_READY_DELAY)(name, arg)
@@ -86,7 +92,9 @@ def _ready(name: str, text: str) -> str:
         except re.error as e:
             raise VmtreeError(errno.EINVAL, f"{name} pattern {arg!r} is not a regex: {e}") from None
         return text
-    raise VmtreeError(errno.EINVAL, f"{name} must be console:REGEX or delay:SECONDS, not {text!r}")
+    raise VmtreeError(
+        errno.EINVAL, f"{name} must be console:REGEX, delay:SECONDS or agent, not {text!r}"
+    )
 
 
 @dataclass(frozen=True)

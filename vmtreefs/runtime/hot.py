@@ -23,10 +23,11 @@ from vmtreefs.errors import VmtreeError
 from vmtreefs.rules import states
 from vmtreefs.rules.names import HOT_LABEL
 from vmtreefs.rules.objects import Vm
+from vmtreefs.rules.properties import READY_AGENT
 from vmtreefs.runtime.commands import Commands
 from vmtreefs.runtime.connection import Connection
 from vmtreefs.runtime.devices import MAX_CONSOLE_READ, Devices
-from vmtreefs.runtime.hypervisor import Hypervisor
+from vmtreefs.runtime.hypervisor import AGENT_CHANNEL, Hypervisor
 
 if TYPE_CHECKING:
     from vmtreefs.core.tree import VmTree
@@ -34,6 +35,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("vmtreefs.lifecycle")
 
 READY_TIMEOUT = 600.0  # for a hot savestate's boot: TCG on a busy host is slow
+AGENT_PING = 5  # seconds libvirt waits for one guest-ping answer
+AGENT_POLL = 0.5  # seconds between pings while the agent is not up
 
 
 class HotSavestates:
@@ -117,11 +120,16 @@ class HotSavestates:
                         await self.tree.delete_vm(runner.id)
 
     async def wait_ready(self, vm: Vm, timeout: float = READY_TIMEOUT) -> None:
-        """Until the VM counts as ready: its ``ready`` property, console:REGEX or delay:SECONDS."""
-        kind, _, arg = vm.props.get("ready", "console:VMTREE-READY").partition(":")
+        """Until the VM counts as ready, by its ``ready`` property: console:REGEX,
+        delay:SECONDS or agent. EIO when it halts first, ETIMEDOUT after ``timeout``."""
+        ready = vm.props.get("ready", "console:VMTREE-READY")
+        kind, _, arg = ready.partition(":")
         with trio.move_on_after(timeout) as scope:
             if kind == "delay":
                 await trio.sleep(int(arg))
+                return
+            if ready == READY_AGENT:
+                await self._wait_agent(vm)
                 return
             pattern = re.compile(arg.encode())
             while True:
@@ -130,8 +138,40 @@ class HotSavestates:
                 )
                 if pattern.search(text):
                     return
-                if vm.state == states.HALTED:
-                    raise VmtreeError(errno.EIO, f"VM {vm.name} stopped before it was ready")
+                self._check_running(vm)
                 await trio.sleep(0.1)
         if scope.cancelled_caught:
             raise VmtreeError(errno.ETIMEDOUT, f"VM {vm.name} was not ready after {timeout:.0f} s")
+
+    async def _wait_agent(self, vm: Vm) -> None:
+        """Until the guest agent answers ``guest-ping``. A domain with no agent channel
+        fails at once: no agent could ever answer there."""
+        hypervisor = await self.connection.require()
+        name = self.devices.domain_name(vm)
+        started = time.monotonic()
+        while True:
+            try:
+                answered = await trio.to_thread.run_sync(hypervisor.agent_ping, name, AGENT_PING)
+            except VmtreeError as e:
+                if e.errno == errno.EINVAL:
+                    raise VmtreeError(
+                        errno.EINVAL,
+                        f"VM {vm.name}: ready is agent but its domain has no guest-agent "
+                        f"channel (<channel type='unix'><target type='virtio' "
+                        f"name='{AGENT_CHANNEL}'/></channel> in domain.xml)",
+                    ) from None
+                if e.errno != errno.ENOENT:  # gone: the state says so in a moment
+                    raise
+                answered = False
+            if answered:
+                log.info(
+                    "VM %s: guest agent answered after %.1f s", vm.name, time.monotonic() - started
+                )
+                return
+            self._check_running(vm)
+            await trio.sleep(AGENT_POLL)
+
+    @staticmethod
+    def _check_running(vm: Vm) -> None:
+        if vm.state == states.HALTED:
+            raise VmtreeError(errno.EIO, f"VM {vm.name} stopped before it was ready")

@@ -14,6 +14,10 @@ in the same order, from another thread.
 
 Domains are transient: libvirt forgets one when it stops, so there is nothing
 to undefine and no stale definition after a crash of vmtreefs.
+
+The QEMU guest agent is reached through libvirt's agent channel
+(``libvirt_qemu.qemuAgentCommand``), only to ask whether it answers
+(:meth:`Hypervisor.agent_ping`, for ``ready=agent``).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import libvirt
+import libvirt_qemu
 
 from vmtreefs.errors import VmtreeError
 from vmtreefs.rules.states import HALTED, PAUSED, RUNNING, SAVED, STARTING, STOPPING
@@ -33,6 +38,9 @@ from vmtreefs.rules.states import HALTED, PAUSED, RUNNING, SAVED, STARTING, STOP
 log = logging.getLogger("vmtreefs.hypervisor")
 
 DEFAULT_URI = "qemu:///system"
+AGENT_CHANNEL = "org.qemu.guest_agent.0"
+"""The virtio-serial port name libvirt talks to the QEMU guest agent on."""
+_GUEST_PING = '{"execute":"guest-ping"}'
 
 
 class HypervisorError(VmtreeError):
@@ -92,6 +100,17 @@ class Hypervisor(Protocol):
         ...
 
     def restore(self, image: str, xml: str | None = None, paused: bool = False) -> None: ...
+
+    def agent_ping(self, name: str, timeout: int) -> bool:
+        """Does the guest agent answer ``guest-ping`` within ``timeout`` seconds?
+
+        False while it cannot answer yet: the domain has the agent's channel but no
+        agent is connected to it (not started, or the guest still boots), or it does
+        not answer in time, or the domain is paused. EINVAL when the domain has no
+        agent channel at all (it never will answer); ENOENT when there is no such
+        domain.
+        """
+        ...
 
 
 # virDomainEventType -> (state word, {detail: reason}); unlisted details say "event N".
@@ -353,6 +372,32 @@ class LibvirtHypervisor:
             self._connection().restoreFlags(image, xml, flags)
         except libvirt.libvirtError as e:
             raise _translate(e, f"restore from {image}") from None
+
+    def agent_ping(self, name: str, timeout: int) -> bool:
+        """``guest-ping`` through libvirt's agent channel; see :meth:`Hypervisor.agent_ping`.
+
+        libvirt 9.0 says, for a domain that is running: "argument unsupported: QEMU
+        guest agent is not configured" without the channel (EINVAL here), "Guest
+        agent is not responding: QEMU guest agent is not connected" with the
+        channel but no agent on it (False), and "domain is not running" while it is
+        paused (False).
+        """
+        domain = self._domain(name)
+        try:
+            libvirt_qemu.qemuAgentCommand(domain, _GUEST_PING, timeout, 0)
+        except libvirt.libvirtError as e:
+            code = e.get_error_code()
+            if code in (
+                libvirt.VIR_ERR_AGENT_UNRESPONSIVE,
+                libvirt.VIR_ERR_OPERATION_INVALID,  # paused, or still being started
+                libvirt.VIR_ERR_OPERATION_TIMEOUT,  # busy with a job
+            ):
+                return False
+            error = _translate(e, f"ping the guest agent of {name}")
+            if code == libvirt.VIR_ERR_ARGUMENT_UNSUPPORTED:
+                error = HypervisorError(errno.EINVAL, error.reason)
+            raise error from None
+        return True
 
     def _act(self, name: str, what: str, action: Callable[[libvirt.virDomain], Any]) -> None:
         domain = self._domain(name)
