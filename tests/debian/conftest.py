@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.debian import agent
+from tests.helpers.agent import GuestResult, guest_exec, wait_for_agent
 from tests.helpers.images import mounted_image
 from tests.helpers.libvirt import cleanup_domains, connection, ensure_libvirt
 from tests.vm.conftest import VmTree
@@ -100,8 +100,12 @@ class DebianTree(VmTree):
         self.wait_console(vm, LOGIN, timeout=BOOT_TIMEOUT)
         took = time.monotonic() - started
         TIMINGS.add(what, took)
-        agent.wait_agent(self.domain(vm))
+        self.wait_agent(vm)
         return took
+
+    def wait_agent(self, vm: str) -> None:
+        with connection() as conn:
+            wait_for_agent(conn.lookupByName(self.domain(vm)), timeout=BOOT_TIMEOUT)
 
     def shutdown(self, vm: str) -> float:
         """``shutdown``: the ACPI power button; systemd powers off and the VM is halted."""
@@ -112,8 +116,21 @@ class DebianTree(VmTree):
         TIMINGS.add("shutdown to halted", took)
         return took
 
-    def sh(self, vm: str, script: str, check: bool = True) -> agent.Ran:
-        return agent.sh(self.domain(vm), script, check=check)
+    def sh(self, vm: str, script: str, check: bool = True) -> str:
+        """``sh -c SCRIPT`` in the guest, through its agent: what it printed.
+
+        ``check``: a non-zero exit fails the test (else see :meth:`exitcode`)."""
+        result = self.run_in(vm, script)
+        if check and result.exitcode != 0:
+            raise AssertionError(f"{vm}: {script!r} exited {result.exitcode}: {result.stderr!r}")
+        return result.stdout.decode(errors="replace")
+
+    def exitcode(self, vm: str, script: str) -> int | None:
+        return self.run_in(vm, script).exitcode
+
+    def run_in(self, vm: str, script: str) -> GuestResult:
+        with connection() as conn:
+            return guest_exec(conn.lookupByName(self.domain(vm)), "/bin/sh", ["-c", script])
 
 
 @pytest.fixture(scope="session")

@@ -25,9 +25,9 @@ def test_it_boots_from_its_own_root_volume_to_login_and_the_agent_answers(
     boot = running.find("os/boot")
     assert boot is not None and boot.get("dev") == "hd"
 
-    mounts = tree.sh("debian", "findmnt -no SOURCE /; findmnt -no SOURCE /home").text.split()
+    mounts = tree.sh("debian", "findmnt -no SOURCE /; findmnt -no SOURCE /home").split()
     assert mounts == ["/dev/vda1", "/dev/vdb"], "root from root.img, /home on private.img"
-    swap = tree.sh("debian", "swapon --show=NAME --noheadings").text.split()
+    swap = tree.sh("debian", "swapon --show=NAME --noheadings").split()
     assert swap == ["/dev/vdc"], "volatile.img is swap"
 
     tree.shutdown("debian")
@@ -46,7 +46,7 @@ def test_qubes_layout_home_is_kept_root_comes_from_the_template_at_each_start(
     tree.boot("work", "AppVM start to login")
     tree.sh("work", "echo kept > /home/note && sync /home/note")
     tree.sh("work", "echo lost > /usr/local/note && sync /usr/local/note")
-    assert "VMTREE_RELEASE" not in tree.sh("work", "cat /usr/lib/os-release").text
+    assert "VMTREE_RELEASE" not in tree.sh("work", "cat /usr/lib/os-release")
 
     # The template's head changes a package's file and shuts down: a commit, while work runs.
     tree.boot("debian-next", "template head start to login")
@@ -55,17 +55,17 @@ def test_qubes_layout_home_is_kept_root_comes_from_the_template_at_each_start(
     assert os.readlink(vms / "debian") == "debian-v2", "the shutdown of the head committed v2"
     assert "commit debian-next" in (vms / ".vmtree" / "events").read_text()
 
-    assert "VMTREE_RELEASE" not in tree.sh("work", "cat /usr/lib/os-release").text, (
+    assert "VMTREE_RELEASE" not in tree.sh("work", "cat /usr/lib/os-release"), (
         "a running VM keeps the version it started from"
     )
     tree.shutdown("work")
 
     tree.boot("work", "AppVM start to login")
-    assert tree.sh("work", "cat /home/note").text == "kept\n", "private.img is the VM's own"
-    assert tree.sh("work", "test -e /usr/local/note", check=False).exitcode == 1, (
+    assert tree.sh("work", "cat /home/note") == "kept\n", "private.img is the VM's own"
+    assert tree.exitcode("work", "test -e /usr/local/note") == 1, (
         "root.img came fresh from the template"
     )
-    assert "VMTREE_RELEASE=2" in tree.sh("work", "cat /usr/lib/os-release").text, (
+    assert "VMTREE_RELEASE=2" in tree.sh("work", "cat /usr/lib/os-release"), (
         "the next start takes the new version"
     )
     tree.shutdown("work")

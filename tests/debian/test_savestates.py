@@ -18,7 +18,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from tests.debian import agent
 from tests.debian.conftest import TIMINGS, DebianTree
 from tests.helpers.tree import listing
 
@@ -148,10 +147,10 @@ def test_disposables_from_a_hot_savestate_answer_the_agent_and_do_not_share_rand
     for name in names:
         assert tree.state(name) == "running"
         began = time.monotonic()
-        agent.wait_agent(tree.domain(name))
+        tree.wait_agent(name)
         TIMINGS.add("disposable running to agent answer", time.monotonic() - began)
         assert "login:" not in tree.console(name), f"{name} booted instead of restoring"
-        randomness.add(tree.sh(name, "head -c 32 /dev/urandom | od -An -tx1").text)
+        randomness.add(tree.sh(name, "head -c 32 /dev/urandom | od -An -tx1"))
     assert len(randomness) == 3, "each disposable's RNG was reseeded (a fresh generation ID)"
 
     for name in names:
