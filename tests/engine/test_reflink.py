@@ -171,6 +171,21 @@ def test_grow_keeps_data_and_reads_zeros_beyond(engine: SnapshotEngine) -> None:
     assert engine.inventory() == {1: 3 * MiB}
 
 
+def test_reserve_lets_writes_past_the_end_and_resize_then_records_it(
+    engine: SnapshotEngine,
+) -> None:
+    """What a write past the end of a volume does: reserve (no sync), write, resize."""
+    engine.create(1, MiB)
+    engine.reserve(1, 2 * MiB + 512)
+    assert engine.size(1) == 2 * MiB + 512
+    write(engine, 1, b"past" * 128, 2 * MiB)
+    engine.reserve(1, MiB)  # smaller: nothing to do, never a shrink
+    engine.resize(1, 2 * MiB + 512)
+    assert engine.inventory() == {1: 2 * MiB + 512}
+    assert read(engine, 1, 512, 2 * MiB) == b"past" * 128
+    assert read(engine, 1, MiB, MiB) == bytes(MiB)
+
+
 def test_shrink_and_negative_sizes_are_einval(engine: SnapshotEngine) -> None:
     engine.create(1, 2 * MiB)
     with expect_errno(errno.EINVAL):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 
@@ -39,6 +40,17 @@ class Tree:
         return dict(
             line.split(": ", 1) for line in lines if not line.startswith(("inventory_", "intent_"))
         )
+
+    def intents_begun(self) -> int:
+        """How many intents the store ever began (ids are never reused), read from
+        ``SOURCE/vmtree.db`` as an administrator can; each is a synchronous commit to
+        begin and one to complete."""
+        conn = sqlite3.connect(f"file:{self.source / 'vmtree.db'}?mode=ro", uri=True)
+        try:
+            row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'intents'").fetchone()
+            return int(row[0]) if row else 0
+        finally:
+            conn.close()
 
     def log(self) -> str:
         """Everything the daemons of this tree logged, also after they stopped."""

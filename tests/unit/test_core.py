@@ -190,6 +190,58 @@ def test_recovery_rolls_forward_a_grow_the_crash_cut_short(tmp_path: Path) -> No
         tree.store.close()
 
 
+def test_recovery_rolls_a_growth_by_writes_forward_to_where_they_reached(
+    tmp_path: Path,
+) -> None:
+    engine = MemoryEngine()
+    db = tmp_path / "vmtree.db"
+    vol_id = stored_vm(db, ("grow_volume", {"what": "grow a/root.img by writes", "size": MiB}))
+    engine.create(vol_id, 3 * MiB + 100)  # the writes went on past what was recorded
+    tree = open_tree(db, engine)
+    try:
+        assert tree.recovery.rolled_forward == [
+            "intent 1 (grow_volume grow a/root.img by writes) to 3146240"
+        ]
+        assert tree.ns.get("a").volumes["root"].size == 3 * MiB + 512
+        assert engine.size(vol_id) == 3 * MiB + 512
+        assert tree.recovery.differences == []
+        assert tree.store.load().open_intents == []
+    finally:
+        tree.store.close()
+
+
+async def test_writes_past_the_end_commit_once_and_sync_records_the_size(
+    tree: VmTree, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await tree.create_vm("imp")
+    vol_id = volume_ids(tree, "imp")["private"]
+    start = tree.ns.get("imp").volumes["private"].size
+    commits = 0
+    transaction = tree.store.transaction
+
+    def counted() -> object:
+        nonlocal commits
+        commits += 1
+        return transaction()
+
+    monkeypatch.setattr(tree.store, "transaction", counted)
+    handle = await tree.volumes.open(vol_id, writable=True)
+    chunk = 128 << 10
+    for i in range(64):
+        await tree.volumes.write(handle, start + i * chunk, bytes([i + 1]) * chunk)
+    grown = start + 64 * chunk
+    assert tree.ns.get("imp").volumes["private"].size == grown  # seen at once
+    assert commits == 1  # the growth's intent
+    assert [i.kind for i in tree.store.load().open_intents] == ["grow_volume"]
+    await tree.volumes.sync(handle)
+    assert commits == 2
+    assert tree.store.load().open_intents == []
+    assert {v.id: v.size for v in tree.store.load().volumes}[vol_id] == grown
+    assert tree.engine.size(vol_id) == grown
+    await tree.volumes.close(handle)
+    assert commits == 2
+
+
 def test_recovery_reports_what_the_engine_and_the_store_disagree_on(tmp_path: Path) -> None:
     engine = MemoryEngine()
     db = tmp_path / "vmtree.db"

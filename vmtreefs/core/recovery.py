@@ -1,7 +1,8 @@
 """Start-up: finish or undo what a crash interrupted, load the namespace, check it.
 
 Runs blocking, before the filesystem answers. Each open intent is rolled back
-(a creation: what it made goes) or forward (a deletion, a grow, a discard);
+(a creation: what it made goes) or forward (a deletion, a grow, a discard, a
+growth by writes: to the engine's size);
 saves and restores are left to the lifecycle when libvirt will settle them
 (``VM_INTENTS``). Then the namespace is loaded from the store and compared with
 the engine's inventory, with the same checks ``vmtreefs fsck`` makes.
@@ -20,6 +21,7 @@ from vmtreefs.core.journal import Journal, remove_files
 from vmtreefs.engine.base import SnapshotEngine
 from vmtreefs.errors import VmtreeError
 from vmtreefs.rules import invariants
+from vmtreefs.rules.names import round_up_to_sector
 from vmtreefs.rules.namespace import Namespace
 from vmtreefs.rules.objects import SAVED_POLICY, Alias, Savestate, TemplateLink, Vm, Volume
 from vmtreefs.store import Intent, SavestateRow, Snapshot, Store
@@ -171,6 +173,9 @@ class Recovery:
                         tx.set_volume_size(vol_id, size)
                     tx.complete_intent(intent.id)
                 report.rolled_forward.append(what)
+            elif intent.kind == "grow_volume":
+                size = self._roll_growth_forward(intent.id, payload["volume_id"])
+                report.rolled_forward.append(what if size is None else f"{what} to {size}")
             else:
                 log.error("%s: unknown intent kind, left open for fsck", what)
                 report.left_open.append(what)
@@ -179,6 +184,27 @@ class Recovery:
         except VmtreeError as e:
             log.error("could not recover %s: %s; left open", what, e.describe())
             report.left_open.append(what)
+
+    def _roll_growth_forward(self, intent_id: int, vol_id: int) -> int | None:
+        """Writes past the end that no sync recorded: the engine's size (whole sectors) is
+        where they reached, at least what the store holds. Returns the size recorded."""
+        recorded = {v.id: v.size for v in self.store.load().volumes}.get(vol_id)
+        size = None
+        if recorded is not None:
+            size = max(recorded, round_up_to_sector(self.engine.size(vol_id)))
+            if self.engine.size(vol_id) < size:
+                self.engine.resize(vol_id, size)
+            # The size the writes left may still be only in the page cache (kill -9).
+            opened = self.engine.open(vol_id, True)
+            try:
+                opened.fsync()
+            finally:
+                opened.close()
+        with self.store.transaction() as tx:
+            if size is not None and size != recorded:
+                tx.set_volume_size(vol_id, size)
+            tx.complete_intent(intent_id)
+        return size
 
     def settle_save(self, intent: Intent) -> str:
         """The store's part of a save a crash interrupted: ``recorded`` when libvirt

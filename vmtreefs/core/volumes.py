@@ -3,7 +3,10 @@
 Each change is planned by ``rules.volumes``, journalled around its engine work
 and recorded with its event line (``core.journal``), then applied to the
 namespace. Reads and writes go to the engine's open volume; a write past the
-end grows the volume first.
+end grows the volume first, without a commit: the first such write opens a
+``grow_volume`` intent and the size is recorded when the data is synced (fsync,
+close), so a copy into a new volume costs two commits, not two per write. A crash
+in between is rolled forward from the engine's size (``core.recovery``).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import logging
 import time
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
 from typing import Protocol
 
 import trio
@@ -49,11 +53,22 @@ class VolumesHost(Protocol):
     def locked(self, vm_id: int) -> AbstractAsyncContextManager[Vm]: ...
 
 
+@dataclass
+class Growth:
+    """Writes past a volume's recorded size: their open ``grow_volume`` intent, and the
+    size recorded so far (a later sync may finish first; the size never goes back)."""
+
+    intent: int
+    recorded: int
+
+
 class Volumes:
     """The volumes of one tree, and their data."""
 
     def __init__(self, tree: VolumesHost) -> None:
         self.tree = tree
+        # Volume id -> writes past its recorded size, not yet recorded.
+        self.growing: dict[int, Growth] = {}
 
     async def create(self, vm_id: int, raw_filename: str | bytes) -> Volume:
         async with self.tree.locked(vm_id) as vm:
@@ -105,17 +120,11 @@ class Volumes:
             self.tree.ns.apply_rename_volume(plan)
             self.tree.journal.publish(what, t)
 
-    async def resize(self, volume_id: int, new_size: int, at_least: bool = False) -> None:
-        """Grow a volume; with ``at_least`` a volume already that big is left alone.
-
-        Growth caused by a write (``at_least``) is not written to .vmtree/events: a
-        copy into a new volume would otherwise push every other line out.
-        """
+    async def resize(self, volume_id: int, new_size: int) -> None:
+        """Grow a volume (truncate); it also records a growth by writes still pending."""
         vm, vol = self.tree.ns.volume_by_id(volume_id)
         async with self.tree.locked(vm.id):
             vm, vol = self.tree.ns.volume_by_id(volume_id)
-            if at_least and vol.size >= new_size:
-                return
             plan = plan_resize_volume(self.tree.ns, vm.name, vol.name, new_size)
             if plan.new_size == plan.old_size:
                 return
@@ -136,7 +145,10 @@ class Volumes:
                 with self.tree.store.transaction() as tx:
                     tx.set_volume_size(plan.volume_id, plan.new_size)
                     tx.complete_intent(intent)
-                    return self.tree.journal.record_event(tx, what) if not at_least else time.time()
+                    # The engine's resize was durable and covers what writes reserved.
+                    if growth is not None:
+                        tx.complete_intent(growth.intent)
+                    return self.tree.journal.record_event(tx, what)
 
             intent = await in_thread(begin)
             try:
@@ -151,12 +163,15 @@ class Volumes:
                 log.warning("%s: the engine reported an error but grew; recording it", what)
             # From here the engine has grown: a failed commit leaves the intent open, and
             # the next mount rolls it forward.
-            t = await in_thread(commit, intent)
+            growth = self.growing.pop(plan.volume_id, None)
+            try:
+                t = await in_thread(commit, intent)
+            except BaseException:
+                if growth is not None:
+                    self.growing[plan.volume_id] = growth
+                raise
             self.tree.ns.apply_resize_volume(plan)
-            if at_least:
-                log.debug("%s", what)
-            else:
-                self.tree.journal.publish(what, t)
+            self.tree.journal.publish(what, t)
 
     async def discard(self, volume_id: int) -> None:
         """Make a volume read as zeros again, keeping its size (an O_TRUNC open: cp, >)."""
@@ -262,5 +277,82 @@ class Volumes:
         check_volume_write(self.tree.ns, vm.name, vol.name)
         end = offset + len(data)
         if end > vol.size:
-            await self.resize(vol.id, round_up_to_sector(end), at_least=True)
+            await self._grow(vol.id, round_up_to_sector(end))
         return await in_thread(handle.pwrite, data, offset)
+
+    async def _grow(self, volume_id: int, new_size: int) -> None:
+        """Grow for a write, unrecorded: only the first write past the recorded size
+        commits (its intent); the size users see is the new one at once.
+
+        Not written to .vmtree/events: a copy into a new volume would otherwise push
+        every other line out."""
+        vm, vol = self.tree.ns.volume_by_id(volume_id)
+        async with self.tree.locked(vm.id):
+            vm, vol = self.tree.ns.volume_by_id(volume_id)
+            if vol.size >= new_size:
+                return
+            plan = plan_resize_volume(self.tree.ns, vm.name, vol.name, new_size)
+            if volume_id not in self.growing:
+                what = f"grow {vm.name}/{vol.filename} by writes from {vol.size}"
+
+                def begin() -> int:
+                    with self.tree.store.transaction() as tx:
+                        return tx.begin_intent(
+                            "grow_volume", {"what": what, "volume_id": volume_id, "size": vol.size}
+                        )
+
+                self.growing[volume_id] = Growth(await in_thread(begin), vol.size)
+            await in_thread(self.tree.engine.reserve, volume_id, plan.new_size)
+            self.tree.ns.apply_resize_volume(plan)
+
+    async def sync(self, handle: OpenVolume) -> None:
+        """fsync: the data, then the size writes grew the volume to, so what an fsync
+        acknowledged survives a crash with its size."""
+        volume_id = handle.vol_id
+        size = self._size_now(volume_id)
+        await in_thread(handle.fsync)
+        if volume_id in self.growing:
+            await self._record_growth(volume_id, size)
+
+    async def close(self, handle: OpenVolume) -> None:
+        """Close; a growth still pending (a failed flush) is synced and recorded first."""
+        try:
+            if handle.writable and handle.vol_id in self.growing:
+                await self.sync(handle)
+        finally:
+            await in_thread(handle.close)
+
+    def _size_now(self, volume_id: int) -> int | None:
+        """The volume's size as users see it, None once it is gone."""
+        try:
+            return self.tree.ns.volume_by_id(volume_id)[1].size
+        except VmtreeError:
+            return None
+
+    async def _record_growth(self, volume_id: int, synced: int | None) -> None:
+        """Record ``synced``, the size before the fsync that made it durable; the intent
+        closes unless writes grew the volume further meanwhile."""
+        if synced is None or self._size_now(volume_id) is None:
+            # Deleted: its deletion settled the engine; only the intent is left.
+            gone = self.growing.pop(volume_id, None)
+            if gone is not None:
+                await in_thread(self.tree.journal.complete_intent, gone.intent)
+            return
+        vm, vol = self.tree.ns.volume_by_id(volume_id)
+        async with self.tree.locked(vm.id):
+            growth = self.growing.get(volume_id)
+            if growth is None or synced <= growth.recorded:
+                return  # a resize or a later sync recorded as much
+            done = self._size_now(volume_id) == synced
+
+            def commit() -> None:
+                with self.tree.store.transaction() as tx:
+                    tx.set_volume_size(volume_id, synced)
+                    if done:
+                        tx.complete_intent(growth.intent)
+
+            await in_thread(commit)
+            growth.recorded = synced
+            if done:
+                del self.growing[volume_id]
+            log.debug("grow %s/%s to %d, recorded", vm.name, vol.filename, synced)

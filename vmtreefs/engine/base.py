@@ -150,6 +150,18 @@ class SnapshotEngine(abc.ABC):
     def resize(self, vol_id: int, new_size: int) -> None:
         """Grow a volume; shrinking is refused with EINVAL."""
 
+    def reserve(self, vol_id: int, end: int) -> None:
+        """Let writes reach ``end`` (whole sectors) before the new size is recorded.
+
+        A write past the end grows the volume this way, and the caller makes the size
+        durable later (fsync, close) with :meth:`resize`. Until then a crash may leave
+        :meth:`size` anywhere from the last durable size to the furthest ``end``
+        reserved; the volume reads as zeros wherever nothing was written. The default is
+        a durable :meth:`resize`; an engine where that costs a sync overrides it.
+        """
+        if end > self.size(vol_id):
+            self.resize(vol_id, end)
+
     @abc.abstractmethod
     def size(self, vol_id: int) -> int:
         """The volume's size in bytes (ENOENT if it does not exist)."""

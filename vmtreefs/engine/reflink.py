@@ -381,6 +381,17 @@ class ReflinkEngine(SnapshotEngine):
 
         self._change_file(vol_id, what, grow)
 
+    def reserve(self, vol_id: int, end: int) -> None:
+        """A truncate up, without the fsync of :meth:`resize`: that fsync would flush the
+        data of every write so far, at every write past the end of a copy."""
+        self._require_started()
+        path = self.path(vol_id)
+        try:
+            if os.stat(path).st_size < end:
+                os.truncate(path, end)
+        except OSError as e:
+            raise _error(e, f"reserve volume {vol_id} to {end} bytes") from e
+
     def size(self, vol_id: int) -> int:
         self._require_started()
         try:

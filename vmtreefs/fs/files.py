@@ -220,11 +220,11 @@ class Files:
         handle = self.handles[fh]
         if isinstance(handle, VolumeHandle):
             handle.unsynced = False
-            await trio.to_thread.run_sync(handle.volume.fsync)
+            await self.tree.volumes.sync(handle.volume)
 
     async def release(self, fh: int) -> None:
         handle = self.handles.pop(fh)
         if isinstance(handle, VolumeHandle):
-            await trio.to_thread.run_sync(handle.volume.close)
+            await self.tree.volumes.close(handle.volume)
         elif isinstance(handle, FileHandle):
             os.close(handle.fd)
