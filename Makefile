@@ -32,7 +32,7 @@ APT_GET ?= $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export PIP_NO_INPUT := 1
 
-.PHONY: help deps deps-system deps-guest venv run test test-guest test-debian crash-test lint bench bench-backup bench-dmthin bench-lifecycle demo-guest debian-guest install-mount-helper \
+.PHONY: help deps deps-system deps-guest venv run test test-guest test-debian crash-test lint bench bench-backup bench-import bench-dmthin bench-lifecycle demo-guest debian-guest install-mount-helper \
         uninstall-mount-helper clean
 
 help: ## list the targets
@@ -113,6 +113,9 @@ bench: deps ## benchmarks (tests/bench), side by side with the raw operations; a
 
 bench-backup: deps ## exports vs direct reads, change map vs full compare, clone and ls -l at 10/1,000/10,000 VMs; as root
 	$(BIN)/python -m tests.bench.backup
+
+bench-import: deps ## cp --sparse=always of a 2 GiB sparse image: into a new volume, over root.img, and on the XFS directly; as root
+	$(BIN)/python -m tests.bench.import_image
 
 bench-lifecycle: deps deps-guest ## disposable from a hot savestate vs cold boot; save time by guest RAM (libvirt, TCG)
 	$(BIN)/python -m tests.bench.lifecycle

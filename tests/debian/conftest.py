@@ -8,7 +8,7 @@ checks. Every domain of the tree is destroyed when the session ends, however
 it ends, and the tree is unmounted.
 
 Boots under TCG take about a minute; each one's time is noted in
-:class:`Timings` and printed at the end of the run (they are figures for
+``tests.debian.timings.TIMINGS`` and printed at the end of the run (they are figures for
 docs/benchmarks.md, not assertions).
 """
 
@@ -19,14 +19,15 @@ import shutil
 import subprocess
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
+from tests.debian.timings import TIMINGS
 from tests.helpers.agent import GuestResult, guest_exec, wait_for_agent
-from tests.helpers.images import mounted_image
-from tests.helpers.libvirt import cleanup_domains, connection, ensure_libvirt
-from tests.vm.conftest import VmTree
+from tests.helpers.libvirt import connection, ensure_libvirt
+from tests.vm.conftest import VmTree, mounted_vm_tree
 from vmtreefs.rules import domain
 
 REPO = Path(__file__).resolve().parents[2]
@@ -35,25 +36,6 @@ IMAGE_DIR = REPO / "build" / "debian"
 BOOT_TIMEOUT = 420.0  # to login: under TCG, on a machine that runs two guests at once
 MEMORY_MIB = "512"
 LOGIN = r"login: "
-
-
-class Timings:
-    """Seconds that steps took, by name; printed at the end of the session."""
-
-    def __init__(self) -> None:
-        self.seen: dict[str, list[float]] = {}
-
-    def add(self, what: str, seconds: float) -> None:
-        self.seen.setdefault(what, []).append(seconds)
-
-    def lines(self) -> list[str]:
-        return [
-            f"{what}: " + ", ".join(f"{s:.1f}" for s in values) + " s"
-            for what, values in self.seen.items()
-        ]
-
-
-TIMINGS = Timings()
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
@@ -120,17 +102,20 @@ class DebianTree(VmTree):
         """``sh -c SCRIPT`` in the guest, through its agent: what it printed.
 
         ``check``: a non-zero exit fails the test (else see :meth:`exitcode`)."""
-        result = self.run_in(vm, script)
+        return self.run(vm, ["/bin/sh", "-c", script], check)
+
+    def run(self, vm: str, argv: list[str], check: bool = True) -> str:
+        result = self.run_in(vm, argv)
         if check and result.exitcode != 0:
-            raise AssertionError(f"{vm}: {script!r} exited {result.exitcode}: {result.stderr!r}")
+            raise AssertionError(f"{vm}: {argv} exited {result.exitcode}: {result.stderr!r}")
         return result.stdout.decode(errors="replace")
 
     def exitcode(self, vm: str, script: str) -> int | None:
-        return self.run_in(vm, script).exitcode
+        return self.run_in(vm, ["/bin/sh", "-c", script]).exitcode
 
-    def run_in(self, vm: str, script: str) -> GuestResult:
+    def run_in(self, vm: str, argv: list[str]) -> GuestResult:
         with connection() as conn:
-            return guest_exec(conn.lookupByName(self.domain(vm)), "/bin/sh", ["-c", script])
+            return guest_exec(conn.lookupByName(self.domain(vm)), argv[0], argv[1:])
 
 
 @pytest.fixture(scope="session")
@@ -146,23 +131,19 @@ def debian_image() -> Path:
     return IMAGE_DIR
 
 
+@contextmanager
+def debian_tree(image: Path, size: str = "48G") -> Iterator[DebianTree]:
+    """A mounted tree with ``vms/debian`` imported from the image through the mount."""
+    ensure_libvirt()
+    with mounted_vm_tree(lambda workdir: DebianTree(workdir, None), size) as mounted:
+        import_debian(mounted, image)
+        yield mounted
+
+
 @pytest.fixture(scope="session")
 def tree(debian_image: Path) -> Iterator[DebianTree]:
-    """The tree, with ``vms/debian`` imported from the image through the mount."""
-    ensure_libvirt()
-    with mounted_image("xfs", "48G") as workdir:
-        mounted = DebianTree(workdir, None)
-        try:
-            mounted.mount()
-            import_debian(mounted, debian_image)
-            yield mounted
-        finally:
-            try:
-                with connection() as conn:
-                    for tree_id in mounted.tree_ids:
-                        cleanup_domains(conn, f"vmtree-{tree_id}-")
-            finally:
-                mounted.unmount()
+    with debian_tree(debian_image) as mounted:
+        yield mounted
 
 
 def import_debian(tree: DebianTree, image: Path) -> None:

@@ -80,12 +80,12 @@ def test_borg_backs_up_a_running_vm_incrementally_and_the_restored_vm_boots(
     tree.boot(vm, "AppVM start to login")
     first = tree.sh(vm, "head -c 8M /dev/urandom > /home/one && sync && sha256sum /home/one")
 
-    assert tree.ctl(vm, "save b1").endswith("running")
+    assert tree.ctl(vm, "save b1") == "b1" and tree.state(vm) == "running"
     b1 = tree.vms / vm / "savestates" / "b1" / "volumes"
     vmtree_borg(env, "full", f"{repo}::b1", str(b1), *VOLUMES)
 
     second = tree.sh(vm, "head -c 4M /dev/urandom > /home/two && sync && sha256sum /home/two")
-    assert tree.ctl(vm, "save b2").endswith("running")
+    assert tree.ctl(vm, "save b2") == "b2" and tree.state(vm) == "running"
     b2 = tree.vms / vm / "savestates" / "b2" / "volumes"
     said = vmtree_borg(env, "incremental", f"{repo}::b2", str(b2), f"{vm}@b1", *VOLUMES)
     read, total = map(int, re.search(r"read (\d+) bytes of (\d+)", said).groups())  # type: ignore[union-attr]

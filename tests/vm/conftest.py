@@ -19,8 +19,10 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -118,10 +120,15 @@ class VmTree(Tree):
         return [int(n) for n in re.findall(r"VMTREE-TICK (\d+)", self.console(vm))]
 
 
-@pytest.fixture
-def vmtree(libvirt_running: None, demo_guest: Path) -> Iterator[VmTree]:
-    with mounted_image("xfs", "4G") as workdir:
-        tree = VmTree(workdir, demo_guest)
+T = TypeVar("T", bound=VmTree)
+
+
+@contextmanager
+def mounted_vm_tree(make: Callable[[Path], T], size: str) -> Iterator[T]:
+    """A tree mounted on a fresh XFS of ``size``; its domains are destroyed and it is
+    unmounted when the block ends, however it ends."""
+    with mounted_image("xfs", size) as workdir:
+        tree = make(workdir)
         try:
             tree.mount()
             yield tree
@@ -132,6 +139,12 @@ def vmtree(libvirt_running: None, demo_guest: Path) -> Iterator[VmTree]:
                         cleanup_domains(conn, f"vmtree-{tree_id}-")
             finally:
                 tree.unmount()
+
+
+@pytest.fixture
+def vmtree(libvirt_running: None, demo_guest: Path) -> Iterator[VmTree]:
+    with mounted_vm_tree(lambda workdir: VmTree(workdir, demo_guest), "4G") as tree:
+        yield tree
 
 
 class Heard:
