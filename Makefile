@@ -89,7 +89,7 @@ deps-guest: venv ## kernel, QEMU, dm/thin tools and virtme-ng for the dm-thin gu
 test-guest: deps deps-guest ## the dm-thin tests, in a virtme-ng guest with a real dm-thin (~15 min under TCG)
 	$(BIN)/python -m pytest -q -m guest tests/dmthin
 
-test-debian: deps deps-guest ## the real Debian guest under libvirt, through the mount: boot, template layout, savestates, disposables, borg backup (~15 min under TCG; as root)
+test-debian: deps deps-guest ## the real Debian guest under libvirt, through the mount: boot, template layout, savestates, disposables, borg backup (~13 min under TCG; as root)
 	@command -v borg >/dev/null 2>&1 || $(APT_GET) install -y -q borgbackup
 	$(BIN)/python -m pytest -q tests/debian
 
