@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -39,7 +38,7 @@ if not __package__:
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from tests.bench.clone import Series, say, table
-from tests.helpers.guest import in_guest, run_in_guest
+from tests.helpers.guest import in_guest, run_module_in_guest
 from tests.helpers.tree import Tree
 from vmtreefs.engine.dmioctl import DmControl
 from vmtreefs.engine.dmthin import BLOCK_SECTORS, DmThinEngine
@@ -241,14 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("this benchmark needs root: it makes dm-thin pools", file=sys.stderr)
         return 2
     if not dmthin_available()[0] and not in_guest():
-        print("no dm-thin in this kernel: running in the test guest", file=sys.stderr)
-        command = [sys.executable, "-m", "tests.bench.dmthin_clone", *(argv or sys.argv[1:])]
-        result = run_in_guest(" ".join(command), memory="3G", timeout=5400)
-        kernel_line = re.compile(r"^\[\s*\d+\.\d+\] |^@@vmtree-guest ")
-        for line in result.script_output.splitlines():
-            if not kernel_line.match(line):
-                print(line)
-        return result.returncode
+        return run_module_in_guest("tests.bench.dmthin_clone", argv, memory="3G", timeout=5400)
     bench(args)
     return 0
 

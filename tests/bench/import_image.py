@@ -93,6 +93,36 @@ def copy(image: Path, target: Path, plain: Series, synced: Series) -> None:
     synced.add(started)
 
 
+def checked_copy(
+    tree: Tree, image: Path, target: Path, pair: tuple[Series, Series], expected: str
+) -> int:
+    """:func:`copy`, checked against the image's sha256; the store's intents it began."""
+    before = tree.intents_begun()
+    copy(image, target, *pair)
+    begun = tree.intents_begun() - before
+    size = os.stat(image).st_size
+    got = sha256(target, size)
+    if got != expected or os.stat(target).st_size < size:
+        raise SystemExit(f"{target}: the copy differs ({got}, {expected})")
+    return begun
+
+
+def report(
+    series: dict[str, tuple[Series, Series]], begun: dict[str, list[int]], held: int
+) -> None:
+    """The Markdown table: median seconds, MiB/s of data, intents per copy."""
+    say()
+    say("| copy of the image | runs | median s | MiB/s (of data) | store intents per copy |")
+    say("|---|---:|---:|---:|---:|")
+    for name, pair in series.items():
+        for s in pair:
+            median = s.p50 / 1000
+            say(
+                f"| {s.label} | {len(s.seconds)} | {median:.2f} | {held / MiB / median:.1f} "
+                f"| {', '.join(map(str, begun[name]))} |"
+            )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--image-gib", type=int, default=2, help="image size (2)")
@@ -139,28 +169,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             for n in range(args.runs):
                 for name in names[n % 3 :] + names[: n % 3]:
                     target = targets[name](n)
-                    before = tree.intents_begun()
-                    copy(image, target, *series[name])
-                    begun[name].append(tree.intents_begun() - before)
-                    got = sha256(target, size)
-                    if got != expected or os.stat(target).st_size < size:
-                        raise SystemExit(f"{target}: the copy differs ({got}, {expected})")
+                    begun[name].append(checked_copy(tree, image, target, series[name], expected))
                     if name != "vmtreefs, over root.img":
                         target.unlink()
                     print(f"  run {n + 1}: {name} done", file=sys.stderr, flush=True)
         finally:
             tree.unmount()
-    say()
-    say("| copy of the image | runs | median s | MiB/s (of data) | store intents per copy |")
-    say("|---|---:|---:|---:|---:|")
-    for name, pair in series.items():
-        for s in pair:
-            median = s.p50 / 1000
-            counts = "" if name == "XFS directly" else ", ".join(map(str, begun[name]))
-            say(
-                f"| {s.label} | {len(s.seconds)} | {median:.2f} | {held / MiB / median:.0f} "
-                f"| {counts} |"
-            )
+    begun["XFS directly"] = []  # no store there
+    report(series, begun, held)
     return 0
 
 

@@ -50,6 +50,7 @@ DMTHIN_TESTS = [
     "tests/fs/test_engines.py",
     "tests/fs/test_change_maps.py",
     "tests/fs/test_dmthin_mount.py",
+    "tests/fs/test_dmthin_import.py",
     "tests/crash/test_kill_loop.py",
     "-k",
     "dmthin",

@@ -392,3 +392,33 @@ def test_a_volume_a_vm_still_uses_is_adopted_after_a_crash(rig: Rig) -> None:
         assert vol.pread(23, MiB) == b"written after the crash"
     finally:
         vol.close()
+
+
+def test_writes_past_the_end_a_crash_cut_before_their_record_are_found_again(
+    rig: Rig,
+) -> None:
+    """kill -9 between writes past the end (their size only in memory, the table a step
+    ahead) and their record: the recorded size stays what the engine reports, and
+    ``written_end`` (what recovery rolls forward to) is the end of the last pool block
+    written, not the table's length. A grow past that reads zeros."""
+    engine = rig.engine
+    engine.create(3, MiB)
+    vol = engine.open(3, writable=True)
+    engine.reserve(3, 2 * MiB)
+    vol.pwrite(b"first", MiB)
+    engine.reserve(3, 5 * MiB + 512)  # past the device's table: grown a step ahead
+    vol.pwrite(b"last write", 5 * MiB)
+    vol.fsync()  # the data reached the pool; no commit_size: the daemon died first
+    os.close(vol.fd)  # the kernel closes a dead daemon's files
+    engine = rig.restart()
+    assert engine.size(3) == MiB  # as recorded
+    assert engine.written_end(3) == 5 * MiB + 64 * 1024  # the 64 KiB block of the write
+    engine.resize(3, 5 * MiB + 64 * 1024)  # what recovery records
+    engine.resize(3, 80 * MiB)
+    vol = engine.open(3, writable=False)
+    try:
+        assert vol.pread(10, 5 * MiB) == b"last write"
+        assert vol.pread(5, MiB) == b"first"
+        assert vol.pread(75 * MiB, 5 * MiB + 10) == bytes(75 * MiB - 10)
+    finally:
+        vol.close()

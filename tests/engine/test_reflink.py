@@ -186,6 +186,43 @@ def test_reserve_lets_writes_past_the_end_and_resize_then_records_it(
     assert read(engine, 1, MiB, MiB) == bytes(MiB)
 
 
+def test_writes_far_past_the_end_commit_their_size_and_a_vm_sees_exactly_it(
+    engine: SnapshotEngine,
+) -> None:
+    """A copy into a new volume: one open file writing past the end, reserve by reserve,
+    past any step an engine may grow its device by; the committed size survives a stop
+    and start, a VM's disk is the volume's size, and a later grow reads zeros."""
+    engine.create(1, 0)
+    vol = engine.open(1, writable=True)
+    try:
+        for n in range(70):  # 70 MiB: past a dm-thin table's first step of 64 MiB
+            engine.reserve(1, (n + 1) * MiB)
+            assert engine.size(1) == (n + 1) * MiB
+            if n % 23 == 0:
+                assert vol.pwrite(bytes([n + 1]) * 4096, n * MiB) == 4096
+        vol.fsync()
+        engine.commit_size(1, 70 * MiB)
+        engine.commit_size(1, MiB)  # smaller: never a shrink
+        attachment = engine.attach(1)
+        try:
+            if attachment.block:
+                with open(attachment.path, "rb") as disk:
+                    assert disk.seek(0, os.SEEK_END) == 70 * MiB
+            else:
+                assert os.stat(attachment.path).st_size == 70 * MiB
+        finally:
+            engine.detach(1)
+    finally:
+        vol.close()
+    engine.stop()
+    engine.start()
+    assert engine.inventory() == {1: 70 * MiB}
+    engine.resize(1, 200 * MiB)
+    for n in range(0, 70, 23):
+        assert read(engine, 1, 4096, n * MiB) == bytes([n + 1]) * 4096
+    assert read(engine, 1, 130 * MiB, 70 * MiB) == bytes(130 * MiB)
+
+
 def test_shrink_and_negative_sizes_are_einval(engine: SnapshotEngine) -> None:
     engine.create(1, 2 * MiB)
     with expect_errno(errno.EINVAL):

@@ -186,12 +186,13 @@ class Recovery:
             report.left_open.append(what)
 
     def _roll_growth_forward(self, intent_id: int, vol_id: int) -> int | None:
-        """Writes past the end that no sync recorded: the engine's size (whole sectors) is
-        where they reached, at least what the store holds. Returns the size recorded."""
+        """Writes past the end that no sync recorded: the engine's ``written_end`` (whole
+        sectors) is where they reached, at least what the store holds. Returns the size
+        recorded."""
         recorded = {v.id: v.size for v in self.store.load().volumes}.get(vol_id)
         size = None
         if recorded is not None:
-            size = max(recorded, round_up_to_sector(self.engine.size(vol_id)))
+            size = max(recorded, round_up_to_sector(self.engine.written_end(vol_id)))
             if self.engine.size(vol_id) < size:
                 self.engine.resize(vol_id, size)
             # The size the writes left may still be only in the page cache (kill -9).

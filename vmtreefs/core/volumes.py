@@ -344,6 +344,9 @@ class Volumes:
             if growth is None or synced <= growth.recorded:
                 return  # a resize or a later sync recorded as much
             done = self._size_now(volume_id) == synced
+            # The engine's record first: a crash before the store's leaves the intent
+            # open, and recovery finds the engine at least as big.
+            await in_thread(self.tree.engine.commit_size, volume_id, synced)
 
             def commit() -> None:
                 with self.tree.store.transaction() as tx:

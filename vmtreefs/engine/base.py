@@ -153,14 +153,28 @@ class SnapshotEngine(abc.ABC):
     def reserve(self, vol_id: int, end: int) -> None:
         """Let writes reach ``end`` (whole sectors) before the new size is recorded.
 
-        A write past the end grows the volume this way, and the caller makes the size
-        durable later (fsync, close) with :meth:`resize`. Until then a crash may leave
-        :meth:`size` anywhere from the last durable size to the furthest ``end``
-        reserved; the volume reads as zeros wherever nothing was written. The default is
-        a durable :meth:`resize`; an engine where that costs a sync overrides it.
+        A write past the end grows the volume this way: :meth:`size` is ``end`` at
+        once, and the caller makes a size durable later (after an fsync) with
+        :meth:`commit_size`. Until then a crash may leave the volume anywhere from the
+        last durable size to where the writes reached (:meth:`written_end`); it reads
+        as zeros wherever nothing was written. The default is a durable
+        :meth:`resize`; an engine where that costs a sync or a reload overrides it.
         """
         if end > self.size(vol_id):
             self.resize(vol_id, end)
+
+    def commit_size(self, vol_id: int, size: int) -> None:
+        """Make ``size``, reached by :meth:`reserve` and fsync'd, the volume's durable
+        size (never a shrink: a smaller ``size`` changes nothing). Called before the
+        store records it, so the engine never holds less than the store. The default
+        does nothing: where a reserve is a truncate, the fsync made the size durable."""
+        return None
+
+    def written_end(self, vol_id: int) -> int:
+        """After a crash: where writes past the last durable size reached, as far as the
+        engine can tell, at least :meth:`size`. Recovery rolls a growth by writes
+        forward to it; it must never be an internal reservation nobody wrote."""
+        return self.size(vol_id)
 
     @abc.abstractmethod
     def size(self, vol_id: int) -> int:

@@ -187,6 +187,15 @@ class DmThinEngine(SnapshotEngine):
     def discard(self, vol_id: int, size: int) -> None:
         self.volumes.discard(vol_id, size)
 
+    def reserve(self, vol_id: int, end: int) -> None:
+        self.volumes.reserve(vol_id, end)
+
+    def commit_size(self, vol_id: int, size: int) -> None:
+        self.volumes.commit_size(vol_id, size)
+
+    def written_end(self, vol_id: int) -> int:
+        return self.volumes.written_end(vol_id)
+
     def size(self, vol_id: int) -> int:
         return self.volumes.size(vol_id)
 

@@ -38,12 +38,14 @@ class Step:
 
 
 class PoolLedger:
-    """The recorded transaction id, volume sizes and pending change of one pool."""
+    """The recorded transaction id, volume sizes and pending change of one pool, and the
+    sizes writes past the end reached this session, not yet recorded (``reached``)."""
 
     def __init__(self, pool: ThinPool, store: EngineLedger) -> None:
         self.pool = pool
         self.store = store
-        self.sizes: dict[int, int] = {}
+        self.sizes: dict[int, int] = {}  # as recorded: durable
+        self.reached: dict[int, int] = {}  # bigger than recorded, until a record catches up
         self.transaction = 0
         self.pending: dict[str, Any] | None = None  # a change a crash interrupted
 
@@ -66,6 +68,11 @@ class PoolLedger:
                 errno.EINVAL, f"the store's record of the pool is damaged: {e}"
             ) from None
         self.sizes = sizes
+        self.reached = {}
+
+    def size(self, vol_id: int) -> int:
+        """The volume's size as users see it: where writes reached, or as recorded."""
+        return max(self.sizes[vol_id], self.reached.get(vol_id, 0))
 
     def _import_legacy_state(self) -> tuple[dict[str, str], dict[int, int]]:
         """Trees made before the ledger moved into the store kept it in thin/state.json."""
@@ -209,5 +216,8 @@ class PoolLedger:
         for vol_id, size in sizes.items():
             if size is None:
                 self.sizes.pop(vol_id, None)
+                self.reached.pop(vol_id, None)
             else:
                 self.sizes[vol_id] = size
+                if self.reached.get(vol_id, 0) <= size:
+                    self.reached.pop(vol_id, None)

@@ -2,6 +2,13 @@
 
 Each method takes the engine's lock (calls come from several worker threads) and
 checks the request before the pool is touched, so a refusal changes nothing.
+
+A thin device has no size of its own: a volume's size is the ledger's record, or,
+while writes past the end grow it, where they reached (``reserve``), recorded at the
+next fsync (``commit_size``). After a crash the pool's metadata still shows where
+the data reached: ``written_end`` is the end of the highest mapped block, which
+recovery records. A reservation is never recorded, so no internal step becomes a
+size, and nothing is mapped past a volume's size that recovery does not size.
 """
 
 from __future__ import annotations
@@ -76,7 +83,8 @@ class ThinVolumes:
                     # the origin must be quiet while the snapshot is taken
                     quiet = volume.source if self.devices.active(volume.source) else None
                     message = f"create_snap {vol_id} {volume.source}"
-                    steps.append(Step(message, vol_id, sizes[volume.source], quiet))
+                    size = self.ledger.size(volume.source)
+                    steps.append(Step(message, vol_id, size, quiet))
             if not steps:
                 return
             self.pool.require_started()
@@ -116,7 +124,7 @@ class ThinVolumes:
     def resize(self, vol_id: int, new_size: int) -> None:
         with self._lock:
             self._check_known(vol_id)
-            if new_size < self.ledger.sizes[vol_id]:
+            if new_size < self.ledger.size(vol_id):
                 raise EngineError(errno.EINVAL, f"volume {vol_id}: volumes only grow")
             if new_size % SECTOR:
                 raise EngineError(errno.EINVAL, f"volume size {new_size} is not whole sectors")
@@ -124,13 +132,50 @@ class ThinVolumes:
             self.ledger.record_sizes({vol_id: new_size})
             self.devices.grow(vol_id)
 
+    def reserve(self, vol_id: int, end: int) -> None:
+        """A write past the end: the size is ``end`` at once, in memory; the device's
+        table is reloaded only when ``end`` passes it, and then grown a step ahead."""
+        with self._lock:
+            self._check_known(vol_id)
+            if end <= self.ledger.size(vol_id):
+                return
+            if end % SECTOR:
+                raise EngineError(errno.EINVAL, f"volume size {end} is not whole sectors")
+            self.pool.require_started()
+            self.ledger.reached[vol_id] = end
+            self.devices.extend(vol_id, end)
+
+    def commit_size(self, vol_id: int, size: int) -> None:
+        """Record a size writes reached and an fsync made durable (one ledger commit)."""
+        with self._lock:
+            self._check_known(vol_id)
+            if size > self.ledger.sizes[vol_id]:
+                self.pool.require_started()
+                self.ledger.record_sizes({vol_id: min(size, self.ledger.size(vol_id))})
+
+    def written_end(self, vol_id: int) -> int:
+        """After a crash: the recorded size, or the end of the last pool block mapped past
+        it (64 KiB blocks: the writes' end rounded up to a block)."""
+        with self._lock:
+            self._check_known(vol_id)
+            self.pool.require_started()
+            mapped = self.devices.mapped_end(vol_id)
+            if mapped > self.ledger.size(vol_id):
+                log.info(
+                    "volume %d: data reaches %d bytes, past its recorded size %d",
+                    vol_id,
+                    mapped,
+                    self.ledger.size(vol_id),
+                )
+            return max(self.ledger.size(vol_id), mapped)
+
     def discard(self, vol_id: int, size: int) -> None:
         with self._lock:
             self._check_known(vol_id)
             self.pool.require_started()
-            if size > self.ledger.sizes[vol_id]:
+            if size > self.ledger.size(vol_id):
                 self.ledger.record_sizes({vol_id: size})
-            if self.ledger.sizes[vol_id] == 0:
+            if self.ledger.size(vol_id) == 0:
                 return
             was_active = self.devices.active(vol_id)
             self.devices.activate(vol_id, writable=True)
@@ -144,14 +189,14 @@ class ThinVolumes:
     def size(self, vol_id: int) -> int:
         with self._lock:
             self._check_known(vol_id)
-            return self.ledger.sizes[vol_id]
+            return self.ledger.size(vol_id)
 
     def open(self, vol_id: int, writable: bool) -> OpenVolume:
         with self._lock:
             self.pool.require_started()
             self._check_known(vol_id)
             opened = DmOpenVolume(self, vol_id, writable)
-            if not writable and self.ledger.sizes[vol_id] > 0:
+            if not writable and self.ledger.size(vol_id) > 0:
                 # An export's device is active read-only from the open to the last close,
                 # so a backup reads one stable device and its reads never wait on dmsetup.
                 opened.device_fd()
@@ -179,9 +224,10 @@ class ThinVolumes:
         with self._lock:
             self.pool.require_started()
             self._check_known(vol_id)
-            if self.ledger.sizes[vol_id] == 0:
+            if self.ledger.size(vol_id) == 0:
                 raise EngineError(errno.EINVAL, f"volume {vol_id} has no size: nothing to attach")
             self.devices.hold(vol_id, writable=True)
+            self.devices.fit(vol_id)
             return Attachment(str(self.pool.device_path(vol_id)), block=True)
 
     def detach(self, vol_id: int) -> None:
@@ -194,7 +240,8 @@ class ThinVolumes:
     def inventory(self) -> dict[int, int]:
         with self._lock:
             self.pool.require_started()
-            return {vol_id: self.ledger.sizes.get(vol_id, 0) for vol_id in thin_ls(self.pool)}
+            known = self.ledger.sizes
+            return {v: self.ledger.size(v) if v in known else 0 for v in thin_ls(self.pool)}
 
     def exclusive_bytes(self, vol_id: int) -> int:
         with self._lock:
@@ -208,7 +255,7 @@ class ThinVolumes:
             self._check_known(vol_id)
             self._check_known(other_id)
             ranges = thin_delta(self.pool, vol_id, other_id)
-            return blockmap.clip(ranges, self.ledger.sizes[vol_id])
+            return blockmap.clip(ranges, self.ledger.size(vol_id))
 
 
 class DmOpenVolume(OpenVolume):
