@@ -25,8 +25,11 @@ def wait_hot(vmtree: VmTree, vm: str, after: float = 0.0) -> str:
     info = vmtree.vms / vm / "savestates/hot/info"
     deadline = time.monotonic() + HOT_TIMEOUT
     while True:
-        if info.exists() and os.stat(info).st_mtime > after:
-            return info.read_text()
+        try:
+            if os.stat(info).st_mtime > after:
+                return info.read_text()
+        except FileNotFoundError:
+            pass  # none yet, or the old one just dropped to be made again
         if time.monotonic() > deadline:
             raise AssertionError(
                 f"no hot savestate of {vm} after {HOT_TIMEOUT} s:\n{vmtree.log()[-3000:]}"
