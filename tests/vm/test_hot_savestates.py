@@ -52,8 +52,9 @@ def test_three_disposables_run_at_once_from_one_hot_savestate(vmtree: VmTree) ->
     assert names == ["f-disp1", "f-disp2", "f-disp3"]
     for name in names:
         assert vmtree.state(name) == "running"
-        tick = vmtree.wait_console(name, r"VMTREE-TICK (\d+)", timeout=60)
-        assert int(tick.group(1)) > 1, "a restore goes on from the ticks of the saved run"
+        # It runs on from the saved moment: ticks, and no boot. (The save came at READY,
+        # which may be just before the first tick: the first tick seen may be 1.)
+        vmtree.wait_console(name, r"VMTREE-TICK \d+", timeout=60)
         assert "VMTREE-BOOT" not in vmtree.console(name), f"{name} booted instead of restoring"
     tree_id = vmtree.status()["tree_id"]
     with connection() as conn:
