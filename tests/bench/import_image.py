@@ -48,10 +48,7 @@ if not __package__:
 from tests.bench.clone import Series, machine, say
 from tests.helpers.images import mounted_image
 from tests.helpers.tree import Tree
-
-KiB = 1024
-MiB = 1024 * KiB
-GiB = 1024 * MiB
+from vmtreefs.rules.names import GiB, KiB, MiB
 
 
 def make_image(path: Path, size: int, data: int, seed: int) -> None:
