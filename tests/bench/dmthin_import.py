@@ -34,10 +34,11 @@ if not __package__:
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from tests.bench.clone import Series, machine, say
-from tests.bench.import_image import GiB, MiB, checked_copy, make_image, report, sha256
+from tests.bench.import_image import checked_copy, make_image, report, sha256
 from tests.helpers.guest import in_guest, run_module_in_guest
 from tests.helpers.tree import Tree
 from vmtreefs.engine.select import dmthin_available
+from vmtreefs.rules.names import GiB, MiB
 
 NEW = "new volume (grows)"
 OVER = "over root.img (no growth)"
