@@ -12,6 +12,10 @@ from tests.helpers.tree import Tree
 
 T = TypeVar("T")
 
+CLIENT_TIMEOUT = 10.0
+"""A client cut off by a dead daemon gets ENOTCONN within 2 s (the watchdog); a
+subprocess client (``cp``) may take a little longer to notice and exit."""
+
 
 def killed_during(tree: Tree, operation: Callable[[], T], delay: float) -> tuple[bool, T | None]:
     """Run ``operation`` in a thread and SIGKILL the tree's daemon after ``delay`` seconds.
@@ -33,8 +37,11 @@ def killed_during(tree: Tree, operation: Callable[[], T], delay: float) -> tuple
     assert tree.daemon is not None
     tree.daemon.kill9()
     tree.daemon = None
-    worker.join(timeout=120)
-    assert not worker.is_alive(), "the operation still blocks after the daemon died"
+    worker.join(timeout=CLIENT_TIMEOUT)
+    assert not worker.is_alive(), (
+        f"the operation still blocks {CLIENT_TIMEOUT:.0f} s after the daemon died and "
+        "its mount point was cleared"
+    )
     result = outcome[0]
     if isinstance(result, OSError) and result.errno in (errno.ENOTCONN, errno.ECONNABORTED):
         return False, None

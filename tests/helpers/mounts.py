@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import signal
@@ -13,8 +14,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from tests.helpers.images import is_mountpoint
+from vmtreefs import mountinfo
 
 READY_TIMEOUT = 120.0
+DYING_TIMEOUT = 10.0
+"""How long a killed daemon may take to die once its mount point is cleared."""
 
 
 class MountFailed(Exception):
@@ -30,6 +34,7 @@ class Daemon:
         self.options = options or []
         self.log_path = mountpoint.parent / f"{mountpoint.name}.daemon.log"
         self.process: subprocess.Popen[bytes] | None = None
+        self.connection: int | None = None  # its fusectl number, once mounted
 
     def start(self) -> None:
         read_end, write_end = os.pipe()
@@ -58,6 +63,8 @@ class Daemon:
         if not answer.startswith(b"ready"):
             self.stop()
             raise MountFailed(self.log())
+        entry = mountinfo.mounted_at(str(self.mountpoint), "fuse.vmtreefs")
+        self.connection = None if entry is None else int(entry.device.split(":")[1])
 
     def log(self) -> str:
         try:
@@ -71,20 +78,37 @@ class Daemon:
         return self.process.pid
 
     def kill9(self) -> None:
-        """Simulate a crash: SIGKILL the daemon and clear the dead mount as an admin would."""
+        """Simulate a crash: SIGKILL the daemon, then clear the dead mount the way an
+        administrator would, with a plain ``fusermount3 -u -z``.
+
+        The daemon's watchdog must have ended the connection, so that a daemon thread
+        stuck in the kernel on its own mount can finish dying; if the daemon does not die,
+        its clients would hang for good: the connection is aborted here so that the
+        test fails instead of hanging.
+        """
         assert self.process is not None
         self.process.send_signal(signal.SIGKILL)
-        # `vmtreefs umount` on the dead mount: it aborts the FUSE connection first, so a
-        # daemon thread stuck in the kernel on its own mount can finish dying.
         subprocess.run(
-            [sys.executable, "-m", "vmtreefs", "umount", str(self.mountpoint)],
+            ["fusermount3", "-u", "-z", str(self.mountpoint)],
             check=False,
             capture_output=True,
-            timeout=60,
+            timeout=30,
         )
-        self.process.wait(timeout=30)
-        if is_mountpoint(self.mountpoint):
-            subprocess.run(["fusermount3", "-u", "-z", str(self.mountpoint)], check=False)
+        try:
+            self.process.wait(timeout=DYING_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.abort_connection()
+            self.process.wait(timeout=30)
+            raise AssertionError(
+                f"the killed daemon (pid {self.pid}) did not finish dying in "
+                f"{DYING_TIMEOUT:.0f} s: its mount hung until the test aborted it"
+            ) from None
+
+    def abort_connection(self) -> None:
+        """What the watchdog should have done: end the mount's FUSE connection."""
+        if self.connection is not None:
+            with contextlib.suppress(OSError):
+                Path(f"/sys/fs/fuse/connections/{self.connection}/abort").write_text("1")
 
     def stop(self) -> None:
         """Unmount and wait for the daemon; escalate only against our own pid."""

@@ -7,16 +7,14 @@ import contextlib
 import errno
 import logging
 import os
-import re
 import select
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from vmtreefs import mountinfo
-from vmtreefs.app import forest
+from vmtreefs.app import deadmount, forest, fuseconn
 from vmtreefs.app.source import (
     LOG_NAME,
     SourceLock,
@@ -25,7 +23,6 @@ from vmtreefs.app.source import (
     check_source,
     initialise,
     is_initialised,
-    read_lock_info,
 )
 from vmtreefs.engine.select import parse_size
 from vmtreefs.errors import VmtreeError
@@ -70,10 +67,12 @@ def cmd_mount(args: argparse.Namespace) -> int:
     from vmtreefs.app.daemon import parse_mount_options, serve
 
     source = Path(args.source).resolve()
-    mountpoint = Path(args.mountpoint).resolve()
     options = parse_mount_options(args.options)
+    _setup_logging(options.debug)
+    # Before resolve(): a stat of a dead mount may hang until its connection is ended.
+    deadmount.clear_dead_mount(Path(os.path.abspath(args.mountpoint)))
+    mountpoint = Path(args.mountpoint).resolve()
     if args.foreground:
-        _setup_logging(options.debug)
         ready_fd = args.ready_fd
         return serve(source, mountpoint, options, ready_fd)
     # Check what we can here, so the user sees the reason on the terminal.
@@ -132,78 +131,15 @@ def _spawn_daemon(source: Path, mountpoint: Path, option_groups: list[str]) -> i
     return 1
 
 
-def _mount_source(mountpoint: Path) -> Path | None:
-    """SOURCE of the vmtreefs mounted at ``mountpoint``, from /proc/self/mountinfo."""
-    found = _mount_entry(mountpoint)
-    return None if found is None else found[0]
-
-
-def _mount_entry(mountpoint: Path) -> tuple[Path, str] | None:
-    """(SOURCE, device number) of the vmtreefs mounted at ``mountpoint``."""
-    entry = mountinfo.mounted_at(str(mountpoint), "fuse.vmtreefs")
-    return None if entry is None else (Path(entry.source), entry.device)
-
-
-FUSECTL = Path("/sys/fs/fuse/connections")
-
-
-def _abort_connection(mountpoint: Path, device: str) -> None:
-    """End the FUSE connection of a mount whose daemon died, through fusectl.
-
-    A daemon killed while one of its threads waited in the kernel for a lock that
-    a request to its own mount held (an invalidation during an ``rmdir``) cannot
-    finish dying, so the kernel never learns that nobody will answer: every
-    process that touches the mount hangs, and a lazy unmount does not help.
-    Aborting the connection answers them all with ENOTCONN and lets it die.
-    """
-    major, _, minor = device.partition(":")
-    if major != "0" or not minor.isdigit():
-        return
-    if not (FUSECTL / minor).exists():
-        subprocess.run(["mount", "-t", "fusectl", "none", str(FUSECTL)], check=False)
-    abort = FUSECTL / minor / "abort"
-    try:
-        abort.write_text("1")
-    except OSError as e:
-        if e.errno != errno.ENOENT:  # ENOENT: the connection is gone already
-            log.warning("cannot abort the FUSE connection of %s: %s", mountpoint, e.strerror)
-        return
-    log.info("aborted the FUSE connection of %s: its daemon is dead", mountpoint)
-
-
-def _running(pid: int) -> bool:
-    """Alive and not a zombie: a daemon reparented to init may linger unreaped."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def _dying(pid: int) -> bool:
-    """SIGKILL is pending: the process is being killed, but a thread stuck in the kernel
-    keeps it from finishing."""
-    kill = 1 << (signal.SIGKILL - 1)
-    try:
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            status = (task / "status").read_text()
-            for pending in re.findall(r"^(?:SigPnd|ShdPnd):\s*([0-9a-f]+)$", status, re.M):
-                if int(pending, 16) & kill:
-                    return True
-    except OSError:
-        return True
-    return False
-
-
 def cmd_umount(args: argparse.Namespace) -> int:
     # Not resolve(): a stat of a dead mount can hang until its connection is aborted.
     mountpoint = Path(os.path.abspath(args.mountpoint))
-    entry = _mount_entry(mountpoint)
+    entry = mountinfo.mounted_at(str(mountpoint), "fuse.vmtreefs")
     if entry is None:
         raise VmtreeError(errno.EINVAL, f"{mountpoint} is not a vmtreefs mount")
-    source, device = entry
-    pid = read_lock_info(source).get("pid")
-    if not (isinstance(pid, int) and _running(pid) and not _dying(pid)):
-        _abort_connection(mountpoint, device)
+    pid = deadmount.daemon_pid(entry)
+    if deadmount.is_dead(mountpoint, entry):
+        deadmount.end_connection(mountpoint, entry)
     result = subprocess.run(
         ["fusermount3", "-u", str(mountpoint)], capture_output=True, text=True, check=False
     )
@@ -211,9 +147,9 @@ def cmd_umount(args: argparse.Namespace) -> int:
         raise VmtreeError(
             errno.EBUSY, f"cannot unmount {mountpoint}: {result.stderr.strip() or 'failed'}"
         )
-    if isinstance(pid, int):
+    if pid is not None:
         deadline = time.monotonic() + UMOUNT_TIMEOUT
-        while _running(pid) and time.monotonic() < deadline:
+        while fuseconn.running(pid) and time.monotonic() < deadline:
             time.sleep(0.05)
     print(f"unmounted {mountpoint}")
     return 0

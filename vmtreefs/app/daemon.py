@@ -20,6 +20,7 @@ from vmtreefs.app.source import (
     is_initialised,
     open_source,
 )
+from vmtreefs.app.watchdog import Guard
 from vmtreefs.core.tree import VmTree
 from vmtreefs.engine.select import parse_size
 from vmtreefs.errors import VmtreeError
@@ -159,12 +160,20 @@ def serve(source: Path, mountpoint: Path, options: MountOptions, ready_fd: int |
             )
             tree.runner = lifecycle
             ops = Operations(tree, lifecycle)
-            pyfuse3.init(ops, str(mountpoint), fuse_options(source, options))
+            guard = Guard()
+            guard.start()
+            try:
+                pyfuse3.init(ops, str(mountpoint), fuse_options(source, options))
+            except BaseException:
+                guard.unmounted()
+                raise
+            guard.mounted(mountpoint)
             log.info("mounted %s at %s (%d VMs)", source, mountpoint, len(tree.ns))
             try:
                 trio.run(_run, ops, lifecycle, mountpoint, ready_fd)
             finally:
                 pyfuse3.close(unmount=True)
+                guard.unmounted()
                 ops.close_all()
                 if hypervisor is not None:
                     hypervisor.close()

@@ -15,7 +15,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 
 import pyfuse3
 import trio
@@ -67,20 +67,27 @@ def _short(value: Any) -> str:
 
 
 def handler(
-    operation: str, quiet: frozenset[int] = frozenset(), names: int = 1
+    operation: str,
+    quiet: frozenset[int] = frozenset(),
+    names: int = 1,
+    locked: tuple[int, ...] = (),
 ) -> Callable[
     [Callable[Concatenate[Operations, P], Coroutine[Any, Any, R]]],
     Callable[Concatenate[Operations, P], Coroutine[Any, Any, R]],
 ]:
     """Let only FUSEError out; log each refusal (except the expected ``quiet`` ones).
 
-    ``names`` is how many byte-string arguments are names worth logging.
+    ``names`` is how many byte-string arguments are names worth logging; ``locked`` the
+    positions of the directory inodes that the kernel holds locked until the reply, so
+    that no entry invalidation in them is sent meanwhile (``fs/invalidation``).
     """
 
     def decorate(
         fn: Callable[Concatenate[Operations, P], Coroutine[Any, Any, R]],
     ) -> Callable[Concatenate[Operations, P], Coroutine[Any, Any, R]]:
         async def wrapper(self: Operations, /, *args: P.args, **kwargs: P.kwargs) -> R:
+            directories = [cast(int, args[i]) for i in locked]
+            self.invalidator.enter(directories)
             try:
                 return await fn(self, *args, **kwargs)
             except pyfuse3.FUSEError:
@@ -102,6 +109,8 @@ def handler(
             except Exception:
                 log.exception("%s failed with an unexpected error; answering EIO", operation)
                 raise pyfuse3.FUSEError(errno.EIO) from None
+            finally:
+                self.invalidator.leave(directories)
 
         functools.update_wrapper(wrapper, fn)
         return wrapper
@@ -181,7 +190,7 @@ class Operations(pyfuse3.Operations):
 
     # Lookup and attributes
 
-    @handler("lookup", quiet=frozenset({errno.ENOENT}))
+    @handler("lookup", quiet=frozenset({errno.ENOENT}), locked=(0,))
     async def lookup(
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
@@ -231,7 +240,7 @@ class Operations(pyfuse3.Operations):
         self.view.children(inode)  # ENOTDIR / ENOENT now rather than at readdir
         return inode
 
-    @handler("readdir")
+    @handler("readdir", locked=(0,))
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         for inode, name in self.view.children(fh):
             if inode <= start_id:
@@ -248,7 +257,7 @@ class Operations(pyfuse3.Operations):
     async def releasedir(self, fh: int) -> None:
         pass
 
-    @handler("mkdir")
+    @handler("mkdir", locked=(0,))
     async def mkdir(
         self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
@@ -261,13 +270,13 @@ class Operations(pyfuse3.Operations):
             # The reply must be a directory, but SRC/clones/NEW is a symlink to ../../NEW:
             # answer with a placeholder the kernel must look up again at once (entry timeout
             # 0), and drop its dentry, so one directory inode never has two names.
-            pyfuse3.invalidate_entry_async(parent_inode, name, ignore_enoent=True)
+            self.invalidator.names(parent_inode, [os.fsdecode(name)])
             return await self._entry(inodes.vm_inode(clone.id, inodes.VmEntry.CLONE_PLACEHOLDER))
         if isinstance(parent, SavestatesDir | VersionsDir):
             raise refuse(errno.EINVAL, f"not by mkdir: {parent.made_by}")
         raise refuse(errno.EPERM, "new directories can only be made at the top level (VMs)")
 
-    @handler("rmdir")
+    @handler("rmdir", locked=(0,))
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         text = os.fsdecode(name)
         entry = self.view.entry(self.view.child(parent_inode, text))
@@ -285,7 +294,7 @@ class Operations(pyfuse3.Operations):
 
     # Files
 
-    @handler("unlink")
+    @handler("unlink", locked=(0,))
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         text = os.fsdecode(name)
         entry = self.view.entry(self.view.child(parent_inode, text))
@@ -314,7 +323,7 @@ class Operations(pyfuse3.Operations):
             return
         raise refuse(errno.EPERM, f"{text!r} is part of the fixed layout and cannot be removed")
 
-    @handler("rename", names=2)
+    @handler("rename", names=2, locked=(0, 2))
     async def rename(
         self,
         parent_inode_old: int,
@@ -344,7 +353,7 @@ class Operations(pyfuse3.Operations):
         else:
             await self.tree.rename_vm(entry.vm.id, name_new)
 
-    @handler("create")
+    @handler("create", locked=(0,))
     async def create(
         self,
         parent_inode: int,
@@ -394,7 +403,7 @@ class Operations(pyfuse3.Operations):
 
     # Links: aliases at the top, a VM's template link; never hard links or device nodes.
 
-    @handler("symlink", names=2)
+    @handler("symlink", names=2, locked=(0,))
     async def symlink(
         self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
@@ -411,13 +420,13 @@ class Operations(pyfuse3.Operations):
             return await self._entry(inodes.vm_inode(parent.vm.id, inodes.VmEntry.TEMPLATE))
         raise refuse(errno.EPERM, "symlinks can only be made at the top level (aliases)")
 
-    @handler("link")
+    @handler("link", locked=(1,))
     async def link(
         self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         raise refuse(errno.EPERM, "hard links are never allowed")
 
-    @handler("mknod")
+    @handler("mknod", locked=(0,))
     async def mknod(
         self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
