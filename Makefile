@@ -93,8 +93,9 @@ test-debian: deps deps-guest ## the real Debian guest under libvirt, through the
 	@command -v borg >/dev/null 2>&1 || $(APT_GET) install -y -q borgbackup
 	$(BIN)/python -m pytest -q tests/debian
 
-crash-test: deps deps-guest ## the kill -9 loops, long: KILLS=500 (file operations) VM_KILLS=100 (VM commands, libvirt) SEED=N (a short run is in make test)
+crash-test: deps deps-guest ## the kill -9 loops, long: KILLS=500 (file operations) VM_KILLS=100 (VM commands, libvirt) DEAD_ROUNDS=100 (dead daemon, clients) SEED=N (a short run is in make test)
 	VMTREE_CRASH_KILLS=$(or $(KILLS),500) VMTREE_CRASH_VM_KILLS=$(or $(VM_KILLS),100) \
+	  VMTREE_DEAD_ROUNDS=$(or $(DEAD_ROUNDS),100) \
 	  $(if $(SEED),VMTREE_CRASH_SEED=$(SEED)) $(BIN)/python -m pytest -q -s tests/crash
 
 lint: deps ## ruff check, ruff format --check, mypy
