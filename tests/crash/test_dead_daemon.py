@@ -18,11 +18,13 @@ the signal is there after the remount. ``VMTREE_DEAD_ROUNDS`` sets the number of
 from __future__ import annotations
 
 import errno
+import json
 import os
 import random
 import resource
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -151,3 +153,64 @@ def test_clients_of_a_dead_daemon_get_ENOTCONN_and_the_mount_point_clears(
             f"\ndead daemon: {ROUNDS} rounds, {len(waits)} clients freed after at most "
             f"{waits[-1] * 1000:.0f} ms (median {waits[len(waits) // 2] * 1000:.0f} ms)"
         )
+
+
+HELPER = Path("/sbin/mount.fuse.vmtreefs")
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def mount_helper() -> Iterator[None]:
+    """``mount -t fuse.vmtreefs`` for this checkout, installed for the test only; an
+    administrator's own helper is used as it is and left alone."""
+    if HELPER.exists():
+        yield
+        return
+    vmtreefs = Path(sys.executable).with_name("vmtreefs")
+    text = (REPO / "mount" / "mount.fuse.vmtreefs").read_text()
+    default = "DEFAULT_VMTREEFS=/usr/local/bin/vmtreefs"
+    HELPER.write_text(text.replace(default, f"DEFAULT_VMTREEFS='{vmtreefs}'"))
+    HELPER.chmod(0o755)
+    try:
+        yield
+    finally:
+        HELPER.unlink()
+
+
+def test_mount_t_goes_straight_onto_a_dead_mount_point(workdir: Path, mount_helper: None) -> None:
+    source, vms = workdir / "source", workdir / "vms"
+    source.mkdir()
+    vms.mkdir()
+
+    def mount_t() -> tuple[int, str]:
+        """``mount -t fuse.vmtreefs``: the daemon's pid, and what mount printed."""
+        options = "engine=reflink,libvirt=none"
+        command = ["mount", "-t", "fuse.vmtreefs", "-o", options, str(source), str(vms)]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        pid = json.loads((source / "vmtreefs.lock").read_text())["pid"]
+        assert isinstance(pid, int)
+        return pid, done.stderr
+
+    pid, _ = mount_t()
+    try:
+        os.mkdir(vms / "kept")
+        os.kill(pid, signal.SIGKILL)  # the daemon this test's mount(8) started
+        deadline = time.monotonic() + CLIENT_BOUND
+        while time.monotonic() < deadline:
+            try:
+                os.listdir(vms)
+            except OSError as e:
+                assert e.errno in CUT
+                break
+            time.sleep(0.05)
+        else:
+            raise AssertionError(f"the dead mount still answers {CLIENT_BOUND} s after SIGKILL")
+        pid, said = mount_t()  # no unmount in between
+        assert "kept" in os.listdir(vms)
+        assert "detached the dead mount" in said
+    finally:
+        umount = [sys.executable, "-m", "vmtreefs", "umount", str(vms)]
+        subprocess.run(umount, capture_output=True, timeout=150)
+        if is_mountpoint(vms):
+            subprocess.run(["fusermount3", "-u", "-z", str(vms)], check=False)
