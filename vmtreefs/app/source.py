@@ -191,9 +191,14 @@ def open_source(
     data_device: str | None = None,
     metadata_device: str | None = None,
 ) -> tuple[Store, SnapshotEngine, str]:
-    """Open (initialising when empty) SOURCE's store and engine; the engine is started."""
+    """Open (initialising when empty) SOURCE's store and engine; the engine is started.
+
+    A damaged store is refused (EUCLEAN, with the way back) before anything is
+    written to it.
+    """
     if is_initialised(source):
-        store = Store.open(source / STORE_NAME)
+        # Only init puts a vmtree.db into SOURCE (it refuses one with other files).
+        store = Store.open(source / STORE_NAME, check=True, ours=True)
         raw = store.get_meta(META_ENGINE)
         if raw is None:
             store.close()

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from vmtreefs.errors import VmtreeError
+from vmtreefs.store.damage import check_sound, damaged
 from vmtreefs.store.failures import store_error
 from vmtreefs.store.rows import (
     AliasRow,
@@ -73,8 +74,13 @@ class Store:
     # Opening and closing
 
     @classmethod
-    def open(cls, path: Path) -> Store:
-        """Open (creating if missing) and migrate the store at ``path`` (``SOURCE/vmtree.db``)."""
+    def open(cls, path: Path, check: bool = False, ours: bool = False) -> Store:
+        """Open (creating if missing) and migrate the store at ``path`` (``SOURCE/vmtree.db``).
+
+        ``check``: refuse a damaged file (EUCLEAN) before anything is written to it.
+        ``ours``: the file is SOURCE's own store, so one SQLite cannot read is damaged,
+        not another program's.
+        """
         path = Path(path)
         if path.is_dir():
             raise VmtreeError(
@@ -90,19 +96,22 @@ class Store:
                 check_same_thread=False,
             )
         except sqlite3.Error as e:
-            raise cls._openstore_error(path, e) from e
+            raise cls._openstore_error(path, e, ours) from e
         try:
-            cls._prepare(conn, path)
+            cls._prepare(conn, path, check)
         except sqlite3.Error as e:
             conn.close()
-            raise cls._openstore_error(path, e) from e
+            raise cls._openstore_error(path, e, ours) from e
         except BaseException:
             conn.close()
             raise
         return cls(path, conn)
 
     @staticmethod
-    def _openstore_error(path: Path, e: sqlite3.Error) -> VmtreeError:
+    def _openstore_error(path: Path, e: sqlite3.Error, ours: bool) -> VmtreeError:
+        code = getattr(e, "sqlite_errorcode", 0) & 0xFF
+        if code == sqlite3.SQLITE_CORRUPT or (ours and code == sqlite3.SQLITE_NOTADB):
+            return damaged(path, str(e))
         err = store_error(e, f"cannot open store {path}")
         if err.errno == errno.EACCES and not os.access(path.parent, os.W_OK):
             # WAL needs to create -wal and -shm files next to the database.
@@ -112,7 +121,7 @@ class Store:
         return err
 
     @classmethod
-    def _prepare(cls, conn: sqlite3.Connection, path: Path) -> None:
+    def _prepare(cls, conn: sqlite3.Connection, path: Path, check: bool) -> None:
         # Reading the header first makes "not a database" fail before we write anything.
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         app_id = conn.execute("PRAGMA application_id").fetchone()[0]
@@ -127,6 +136,8 @@ class Store:
                 f"store schema version {version} is newer than this vmtreefs "
                 f"({cls.SCHEMA_VERSION})",
             )
+        if check and version > 0:
+            check_sound(conn, path)
         if version == 0:
             tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
             if tables:
