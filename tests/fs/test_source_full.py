@@ -74,11 +74,11 @@ def repoint(vms: Path, alias: str, target: str) -> None:
 
 
 def operations(vms: Path, n: int) -> dict[str, Callable[[], object]]:
-    """What a user does, each on its own names (``n`` tells rounds apart)."""
+    """What a user does, each on its own names (``n`` tells rounds apart); an rmdir
+    must work on a full SOURCE too, with the room the store keeps for it."""
     return {
         "mkdir": lambda: os.mkdir(vms / f"new{n}"),
         "clone": lambda: os.mkdir(vms / "base" / "clones" / f"c{n}"),
-        "rmdir": lambda: os.rmdir(vms / f"victim{n}"),
         "rename": lambda: os.rename(vms / f"mover{n}", vms / f"moved{n}"),
         "repoint": lambda: repoint(vms, "cur", f"other{n}"),
         "setxattr": lambda: os.setxattr(vms / "base", "user.vmtree.memory", str(300 + n).encode()),
@@ -86,6 +86,7 @@ def operations(vms: Path, n: int) -> dict[str, Callable[[], object]]:
         "overwrite": lambda: write_at(vms / "base/volumes/root.img", b"W" * MiB),
         "grow": lambda: os.truncate(vms / "base/volumes/volatile.img", (2048 + n) << 20),
         "commit": lambda: ctl(vms, "t-next", "commit"),
+        "rmdir": lambda: os.rmdir(vms / f"victim{n}"),  # last: it makes room
     }
 
 
@@ -173,7 +174,10 @@ def test_a_full_source_refuses_with_enospc_and_works_again_with_room(
     results = {name: outcome(op) for name, op in operations(vms, 1).items()}
     print(f"SOURCE full ({filled // MiB} MiB filler, WAL {wal} bytes): {results}")
     assert "ENOSPC" in results.values(), "nothing needed space: the filler did not fill SOURCE"
+    assert results["rmdir"] == "ok", "a full SOURCE refused the rmdir that makes room"
     check_each(vms, 1, results)
+    version = 2 if results["commit"] == "ok" else 1
+    assert os.readlink(vms / "t") == f"t-v{version}"
     status = tree.status()
     assert status["inventory"] == "ok"
     events = (vms / ".vmtree" / "events").read_text()
@@ -195,9 +199,14 @@ def test_a_full_source_refuses_with_enospc_and_works_again_with_room(
     again = {name: outcome(op) for name, op in operations(vms, 2).items()}
     assert set(again.values()) == {"ok"}, again
     check_each(vms, 2, again)
+    # A refused commit may have used up its number (numbers are never handed out
+    # twice, as after a crash), so the next version is newer, not always the next.
+    assert int(os.readlink(vms / "t").removeprefix("t-v")) > version
     assert read_at(vms / "base/volumes/private.img", 4, 10 * MiB) == b"NNNN"
     status = tree.status()
     assert (status["inventory"], status["open_intents"]) == ("ok", "0"), status
+    reserve = (tree.source / "vmtree.db-reserve").stat()
+    assert reserve.st_blocks * 512 >= 8 * MiB, "the space reserve was not taken again"
     tree.unmount()
     code, out = fsck(tree.source)
     assert code == 0, out

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import functools
 import logging
 import os
@@ -195,6 +196,12 @@ class Journal:
                 intent = tx.begin_intent("delete_volumes", payload)
                 return intent, self.record_event(tx, line)
 
+        try:
+            return await in_thread(run)
+        except VmtreeError as e:
+            # A full SOURCE: a deletion makes room, so it may use the store's reserve.
+            if e.errno != errno.ENOSPC or not await in_thread(self.store.release_reserve):
+                raise
         return await in_thread(run)
 
     async def finish_deletion(

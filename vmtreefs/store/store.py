@@ -31,6 +31,7 @@ from typing import Any, ClassVar
 from vmtreefs.errors import VmtreeError
 from vmtreefs.store.damage import check_sound, damaged
 from vmtreefs.store.failures import store_error
+from vmtreefs.store.reserve import SpaceReserve
 from vmtreefs.store.rows import (
     AliasRow,
     Intent,
@@ -64,22 +65,28 @@ class Store:
         super().__init_subclass__(**kwargs)
         cls.SCHEMA_VERSION = len(cls.MIGRATIONS)
 
-    def __init__(self, path: Path, conn: sqlite3.Connection) -> None:
+    def __init__(
+        self, path: Path, conn: sqlite3.Connection, reserve: SpaceReserve | None = None
+    ) -> None:
         """Use :meth:`open`; this only wraps an already prepared connection."""
         self.path = path
         self._conn: sqlite3.Connection | None = conn
         self._lock = threading.Lock()
         self._owner: int | None = None
+        self._reserve = reserve
 
     # Opening and closing
 
     @classmethod
-    def open(cls, path: Path, check: bool = False, ours: bool = False) -> Store:
+    def open(
+        cls, path: Path, check: bool = False, ours: bool = False, reserve: bool = False
+    ) -> Store:
         """Open (creating if missing) and migrate the store at ``path`` (``SOURCE/vmtree.db``).
 
         ``check``: refuse a damaged file (EUCLEAN) before anything is written to it.
         ``ours``: the file is SOURCE's own store, so one SQLite cannot read is damaged,
-        not another program's.
+        not another program's. ``reserve``: keep room for deletions beside it
+        (``store.reserve``).
         """
         path = Path(path)
         if path.is_dir():
@@ -105,7 +112,11 @@ class Store:
         except BaseException:
             conn.close()
             raise
-        return cls(path, conn)
+        space = None
+        if reserve:
+            space = SpaceReserve(path)
+            space.take()
+        return cls(path, conn, space)
 
     @staticmethod
     def _openstore_error(path: Path, e: sqlite3.Error, ours: bool) -> VmtreeError:
@@ -238,12 +249,19 @@ class Store:
                 yield txn
                 txn._active = False
                 conn.execute("COMMIT")
+                if self._reserve is not None and not self._reserve.held:
+                    self._reserve.take()
             except BaseException as e:
                 txn._active = False
                 _rollback(conn)
                 if isinstance(e, sqlite3.Error):
                     raise store_error(e, "commit a store transaction") from e
                 raise
+
+    def release_reserve(self) -> bool:
+        """Free the room kept for deletions; True if there was any to free."""
+        with self._lock:
+            return self._reserve is not None and self._reserve.release()
 
     @contextmanager
     def _reading(self) -> Iterator[sqlite3.Connection]:
