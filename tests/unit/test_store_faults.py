@@ -1,17 +1,22 @@
 """The store's faults: a damaged file refused before any write, SQLite's failures as
-errnos, and the reserve that lets a deletion be recorded on a full filesystem."""
+errnos, the reserve that lets a deletion be recorded on a full filesystem, and an
+intent completed by the next commit with room."""
 
 from __future__ import annotations
 
 import errno
 import sqlite3
-from contextlib import closing
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
 from pathlib import Path
+from typing import cast
 
 import pytest
 
+from vmtreefs.core.journal import Journal
+from vmtreefs.engine.base import SnapshotEngine
 from vmtreefs.errors import VmtreeError
-from vmtreefs.store import DB_FILENAME, Store
+from vmtreefs.store import DB_FILENAME, Store, Txn
 from vmtreefs.store.failures import store_error
 from vmtreefs.store.reserve import RESERVE_BYTES
 
@@ -93,3 +98,41 @@ def test_the_reserve_is_freed_once_and_taken_again_after_a_commit(db: Path) -> N
         assert reserve.stat().st_size == RESERVE_BYTES
     with Store.open(db) as store:
         assert not store.release_reserve(), "a store opened without a reserve frees none"
+
+
+class DeletingEngine:
+    def __init__(self) -> None:
+        self.deleted: list[int] = []
+
+    def delete(self, vol_id: int, missing_ok: bool = False) -> None:
+        self.deleted.append(vol_id)
+
+
+def test_an_undone_creation_with_no_room_to_say_so_is_recorded_by_the_next_commit(
+    db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The engine's volumes go; the commit that completes the intent finds SOURCE
+    full; the intent stays open only until a commit has room, not until a remount."""
+    engine = DeletingEngine()
+    with Store.open(db) as store:
+        journal = Journal(store, cast(SnapshotEngine, engine))
+        with store.transaction() as tx:
+            intent = tx.begin_intent("create", {"what": "mkdir x", "volumes": []})
+
+        @contextmanager
+        def full() -> Iterator[Txn]:
+            raise VmtreeError(errno.ENOSPC, "commit: the filesystem of the store is full")
+            yield  # pragma: no cover
+
+        monkeypatch.setattr(store, "transaction", full)
+        journal.drop_and_complete(intent, [7], [])
+        monkeypatch.undo()
+        assert engine.deleted == [7]
+        assert [i.id for i in store.load().open_intents] == [intent]
+        with pytest.raises(VmtreeError), store.transaction() as tx:
+            tx.set_meta("k", "v")
+            raise VmtreeError(errno.ENOSPC, "still full")
+        assert [i.id for i in store.load().open_intents] == [intent]
+        with store.transaction() as tx:
+            tx.set_meta("k", "v")
+        assert store.load().open_intents == []

@@ -218,8 +218,15 @@ class Journal:
         for vol_id in ids:
             self.engine.delete(vol_id, missing_ok=True)
         remove_files(files)
-        with self.store.transaction() as tx:
-            tx.complete_intent(intent)
+        try:
+            with self.store.transaction() as tx:
+                tx.complete_intent(intent)
+        except VmtreeError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+            # Nothing is left to do but say so: the next commit with room does.
+            self.store.complete_later(intent)
+            log.warning("intent %d is done; it is recorded at the next commit (%s)", intent, e)
 
     def complete_intent(self, intent_id: int) -> None:
         with self.store.transaction() as tx:

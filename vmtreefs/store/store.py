@@ -74,6 +74,7 @@ class Store:
         self._lock = threading.Lock()
         self._owner: int | None = None
         self._reserve = reserve
+        self._complete_later: set[int] = set()
 
     # Opening and closing
 
@@ -247,8 +248,11 @@ class Store:
             txn = Txn(conn)
             try:
                 yield txn
+                for intent_id in sorted(self._complete_later):
+                    txn.complete_intent(intent_id)
                 txn._active = False
                 conn.execute("COMMIT")
+                self._complete_later.clear()
                 if self._reserve is not None and not self._reserve.held:
                     self._reserve.take()
             except BaseException as e:
@@ -257,6 +261,12 @@ class Store:
                 if isinstance(e, sqlite3.Error):
                     raise store_error(e, "commit a store transaction") from e
                 raise
+
+    def complete_later(self, intent_id: int) -> None:
+        """Record an intent complete in the next transaction that commits: its work is
+        done, but the commit that would say so found no room (a full SOURCE)."""
+        with self._lock:
+            self._complete_later.add(intent_id)
 
     def release_reserve(self) -> bool:
         """Free the room kept for deletions; True if there was any to free."""
