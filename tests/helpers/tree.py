@@ -13,9 +13,10 @@ from tests.helpers.mounts import Daemon
 class Tree:
     """A mounted tree: SOURCE, the mount point, and the daemon serving it."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, source: Path | None = None) -> None:
+        """``source`` elsewhere than ``workdir/source``: on a filesystem of its own."""
         self.workdir = workdir
-        self.source = workdir / "source"
+        self.source = source or workdir / "source"
         self.vms = workdir / "vms"
         self.source.mkdir(exist_ok=True)
         self.vms.mkdir(exist_ok=True)

@@ -180,7 +180,15 @@ def cmd_fsck(args: argparse.Namespace) -> int:
     lock.acquire(None)  # EBUSY while mounted: fsck works offline
     report = FsckReport()
     try:
-        store, engine, _ = open_source(source)
+        try:
+            store, engine, _ = open_source(source)
+        except VmtreeError as e:
+            if e.errno != errno.EUCLEAN:
+                raise
+            # Checked before anything is written; nothing else is, nor repaired.
+            print(f"store: {e.reason}")
+            print(f"{source}: the store is damaged: 1 problem, 0 repaired, 1 left")
+            return 4
         try:
             report = fsck(store, engine, source / "savestates", args.repair, _progress_bar)
         finally:

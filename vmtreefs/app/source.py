@@ -26,6 +26,7 @@ OWN_NAMES = frozenset(
         STORE_NAME,
         STORE_NAME + "-wal",
         STORE_NAME + "-shm",
+        STORE_NAME + "-reserve",
         LOCK_NAME,
         LOG_NAME,
         "pool",
@@ -149,7 +150,7 @@ def initialise(
     # The store names every VM: only the mounting user reads it (SQLite gives its
     # -wal and -shm files the same mode).
     os.close(os.open(source / STORE_NAME, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
-    store = Store.open(source / STORE_NAME)
+    store = Store.open(source / STORE_NAME, reserve=True)
     with store.transaction() as tx:
         tx.set_meta(META_ENGINE, config.to_json())
         tx.set_meta("created", str(time.time()))
@@ -191,9 +192,14 @@ def open_source(
     data_device: str | None = None,
     metadata_device: str | None = None,
 ) -> tuple[Store, SnapshotEngine, str]:
-    """Open (initialising when empty) SOURCE's store and engine; the engine is started."""
+    """Open (initialising when empty) SOURCE's store and engine; the engine is started.
+
+    A damaged store is refused (EUCLEAN, with the way back) before anything is
+    written to it.
+    """
     if is_initialised(source):
-        store = Store.open(source / STORE_NAME)
+        # Only init puts a vmtree.db into SOURCE (it refuses one with other files).
+        store = Store.open(source / STORE_NAME, check=True, ours=True, reserve=True)
         raw = store.get_meta(META_ENGINE)
         if raw is None:
             store.close()

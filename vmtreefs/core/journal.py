@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import functools
 import logging
 import os
@@ -195,6 +196,12 @@ class Journal:
                 intent = tx.begin_intent("delete_volumes", payload)
                 return intent, self.record_event(tx, line)
 
+        try:
+            return await in_thread(run)
+        except VmtreeError as e:
+            # A full SOURCE: a deletion makes room, so it may use the store's reserve.
+            if e.errno != errno.ENOSPC or not await in_thread(self.store.release_reserve):
+                raise
         return await in_thread(run)
 
     async def finish_deletion(
@@ -211,8 +218,15 @@ class Journal:
         for vol_id in ids:
             self.engine.delete(vol_id, missing_ok=True)
         remove_files(files)
-        with self.store.transaction() as tx:
-            tx.complete_intent(intent)
+        try:
+            with self.store.transaction() as tx:
+                tx.complete_intent(intent)
+        except VmtreeError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+            # Nothing is left to do but say so: the next commit with room does.
+            self.store.complete_later(intent)
+            log.warning("intent %d is done; it is recorded at the next commit (%s)", intent, e)
 
     def complete_intent(self, intent_id: int) -> None:
         with self.store.transaction() as tx:

@@ -11,6 +11,7 @@ in between is rolled forward from the engine's size (``core.recovery``).
 
 from __future__ import annotations
 
+import errno
 import logging
 import time
 from collections.abc import Callable
@@ -278,7 +279,16 @@ class Volumes:
         end = offset + len(data)
         if end > vol.size:
             await self._grow(vol.id, round_up_to_sector(end))
-        return await in_thread(handle.pwrite, data, offset)
+        try:
+            return await in_thread(handle.pwrite, data, offset)
+        except OSError as e:
+            # The handler logs this with the volume's name (ENOSPC: SOURCE is full).
+            code = e.errno or errno.EIO
+            raise VmtreeError(
+                code,
+                f"write of {len(data)} bytes at {offset} to {vm.name}/{vol.filename}: "
+                f"{e.strerror or e}",
+            ) from e
 
     async def _grow(self, volume_id: int, new_size: int) -> None:
         """Grow for a write, unrecorded: only the first write past the recorded size

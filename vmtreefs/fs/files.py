@@ -189,6 +189,11 @@ class Files:
                 command = commands.parse_command(buf, known)
                 try:
                     result = await self.ctl.run(handle.vm_id, command)
+                except VmtreeError as e:
+                    # The log line of a write names no file: say whose ctl it was.
+                    vm = self.tree.ns.by_id.get(handle.vm_id) if handle.vm_id else None
+                    where = ".vmtree/ctl" if vm is None else f"{vm.name}/ctl"
+                    raise VmtreeError(e.errno, f"{where}: {command}: {e.reason}") from e
                 finally:
                     await self.invalidator.stale_names_now()
                 handle.result = (result + "\n").encode()

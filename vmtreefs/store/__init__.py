@@ -5,6 +5,7 @@ transaction, ``rows`` are what it reads back. The names below are the store's
 whole public interface.
 """
 
+from vmtreefs.store.damage import damaged
 from vmtreefs.store.rows import (
     AliasRow,
     Intent,
@@ -34,4 +35,5 @@ __all__ = [
     "VersionRow",
     "VmRow",
     "VolumeRow",
+    "damaged",
 ]

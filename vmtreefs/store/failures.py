@@ -15,6 +15,7 @@ _ERRNO_OF_SQLITE = {
     sqlite3.SQLITE_AUTH: errno.EACCES,
     sqlite3.SQLITE_NOTADB: errno.EINVAL,
     sqlite3.SQLITE_FULL: errno.ENOSPC,
+    sqlite3.SQLITE_CORRUPT: errno.EUCLEAN,
     sqlite3.SQLITE_BUSY: errno.EBUSY,
     sqlite3.SQLITE_LOCKED: errno.EBUSY,
     sqlite3.SQLITE_CONSTRAINT: errno.EINVAL,
@@ -36,4 +37,11 @@ def store_error(e: sqlite3.Error, what: str) -> VmtreeError:
         err = errno.EIO
     else:
         err = _ERRNO_OF_SQLITE.get(code & 0xFF, errno.EIO)
+    if err == errno.ENOSPC:
+        # SQLite says "database or disk is full"; here it is always the disk.
+        return VmtreeError(err, f"{what}: the filesystem of the store (SOURCE) is full ({e})")
+    if err == errno.EUCLEAN:
+        return VmtreeError(
+            err, f"{what}: the store is damaged ({e}); unmount and run vmtreefs fsck"
+        )
     return VmtreeError(err, f"{what}: {e}")

@@ -29,7 +29,9 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from vmtreefs.errors import VmtreeError
+from vmtreefs.store.damage import check_sound, damaged
 from vmtreefs.store.failures import store_error
+from vmtreefs.store.reserve import SpaceReserve
 from vmtreefs.store.rows import (
     AliasRow,
     Intent,
@@ -63,18 +65,30 @@ class Store:
         super().__init_subclass__(**kwargs)
         cls.SCHEMA_VERSION = len(cls.MIGRATIONS)
 
-    def __init__(self, path: Path, conn: sqlite3.Connection) -> None:
+    def __init__(
+        self, path: Path, conn: sqlite3.Connection, reserve: SpaceReserve | None = None
+    ) -> None:
         """Use :meth:`open`; this only wraps an already prepared connection."""
         self.path = path
         self._conn: sqlite3.Connection | None = conn
         self._lock = threading.Lock()
         self._owner: int | None = None
+        self._reserve = reserve
+        self._complete_later: set[int] = set()
 
     # Opening and closing
 
     @classmethod
-    def open(cls, path: Path) -> Store:
-        """Open (creating if missing) and migrate the store at ``path`` (``SOURCE/vmtree.db``)."""
+    def open(
+        cls, path: Path, check: bool = False, ours: bool = False, reserve: bool = False
+    ) -> Store:
+        """Open (creating if missing) and migrate the store at ``path`` (``SOURCE/vmtree.db``).
+
+        ``check``: refuse a damaged file (EUCLEAN) before anything is written to it.
+        ``ours``: the file is SOURCE's own store, so one SQLite cannot read is damaged,
+        not another program's. ``reserve``: keep room for deletions beside it
+        (``store.reserve``).
+        """
         path = Path(path)
         if path.is_dir():
             raise VmtreeError(
@@ -90,19 +104,26 @@ class Store:
                 check_same_thread=False,
             )
         except sqlite3.Error as e:
-            raise cls._openstore_error(path, e) from e
+            raise cls._openstore_error(path, e, ours) from e
         try:
-            cls._prepare(conn, path)
+            cls._prepare(conn, path, check)
         except sqlite3.Error as e:
             conn.close()
-            raise cls._openstore_error(path, e) from e
+            raise cls._openstore_error(path, e, ours) from e
         except BaseException:
             conn.close()
             raise
-        return cls(path, conn)
+        space = None
+        if reserve:
+            space = SpaceReserve(path)
+            space.take()
+        return cls(path, conn, space)
 
     @staticmethod
-    def _openstore_error(path: Path, e: sqlite3.Error) -> VmtreeError:
+    def _openstore_error(path: Path, e: sqlite3.Error, ours: bool) -> VmtreeError:
+        code = getattr(e, "sqlite_errorcode", 0) & 0xFF
+        if code == sqlite3.SQLITE_CORRUPT or (ours and code == sqlite3.SQLITE_NOTADB):
+            return damaged(path, str(e))
         err = store_error(e, f"cannot open store {path}")
         if err.errno == errno.EACCES and not os.access(path.parent, os.W_OK):
             # WAL needs to create -wal and -shm files next to the database.
@@ -112,7 +133,7 @@ class Store:
         return err
 
     @classmethod
-    def _prepare(cls, conn: sqlite3.Connection, path: Path) -> None:
+    def _prepare(cls, conn: sqlite3.Connection, path: Path, check: bool) -> None:
         # Reading the header first makes "not a database" fail before we write anything.
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         app_id = conn.execute("PRAGMA application_id").fetchone()[0]
@@ -127,6 +148,8 @@ class Store:
                 f"store schema version {version} is newer than this vmtreefs "
                 f"({cls.SCHEMA_VERSION})",
             )
+        if check and version > 0:
+            check_sound(conn, path)
         if version == 0:
             tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
             if tables:
@@ -225,14 +248,30 @@ class Store:
             txn = Txn(conn)
             try:
                 yield txn
+                for intent_id in sorted(self._complete_later):
+                    txn.complete_intent(intent_id)
                 txn._active = False
                 conn.execute("COMMIT")
+                self._complete_later.clear()
+                if self._reserve is not None and not self._reserve.held:
+                    self._reserve.take()
             except BaseException as e:
                 txn._active = False
                 _rollback(conn)
                 if isinstance(e, sqlite3.Error):
                     raise store_error(e, "commit a store transaction") from e
                 raise
+
+    def complete_later(self, intent_id: int) -> None:
+        """Record an intent complete in the next transaction that commits: its work is
+        done, but the commit that would say so found no room (a full SOURCE)."""
+        with self._lock:
+            self._complete_later.add(intent_id)
+
+    def release_reserve(self) -> bool:
+        """Free the room kept for deletions; True if there was any to free."""
+        with self._lock:
+            return self._reserve is not None and self._reserve.release()
 
     @contextmanager
     def _reading(self) -> Iterator[sqlite3.Connection]:
