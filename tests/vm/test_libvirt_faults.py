@@ -235,6 +235,8 @@ def fault_hot_savestate(tree: FaultTree, n: int, later: float) -> str:
         while hot.exists():
             assert time.monotonic() < deadline, "the hot savestate was not dropped"
             time.sleep(0.2)
+    kept_line = "interrupted save h hot: libvirt finished the image"
+    kept_before = tree.log().count(kept_line)
     started = time.monotonic()
     os.setxattr(tree.vms / "h", "user.vmtree.hot_savestate", b"1")
     _wait_for("the hot savestate's save", lambda c: _has_job(c, ""), tree.libvirtd.uri, HOT_TIMEOUT)
@@ -255,7 +257,11 @@ def fault_hot_savestate(tree: FaultTree, n: int, later: float) -> str:
     assert "VMTREE-BOOT" not in tree.console(disposable), "a disposable from hot must not boot"
     tree.ctl(disposable, "kill")
     settled(tree)
-    return f"hot savestate: there {took:.0f} s after it was asked for, restorable"
+    kept = tree.log().count(kept_line) > kept_before
+    return (
+        f"hot savestate: {'kept' if kept else 'rolled back and made again'}, there "
+        f"{took:.0f} s after it was asked for, restorable"
+    )
 
 
 def test_libvirtd_killed_during_vm_commands(
