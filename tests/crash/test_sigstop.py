@@ -167,8 +167,13 @@ def test_clients_wait_for_a_stopped_daemon_and_go_on(
             assert read_at(private, BLOCK, n * BLOCK) == want, f"block {n} does not read back"
 
         assert tree.daemon.process.poll() is None, "the daemon died"
-        sound_after_recovery(tree, "after SIGSTOP and SIGCONT")
+        # The fault took: the process stopped is the one that serves the mount.
         longest = max(c.longest for c in clients.values())
+        assert during == 0 and longest >= STOP_SECONDS * 0.9, (
+            f"{during} calls returned while the daemon was stopped, the longest waited "
+            f"{longest:.1f} s: pid {pid} is not what serves the mount"
+        )
+        sound_after_recovery(tree, "after SIGSTOP and SIGCONT")
         with capsys.disabled():
             print(
                 f"\nSIGSTOP of the daemon for {stopped_for:.1f} s: "
