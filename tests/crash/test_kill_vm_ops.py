@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import pytest
 
 from tests.helpers.crash import killed_during, sound_after_recovery
-from tests.helpers.libvirt import connection
+from tests.helpers.libvirt import URI, connection
 from tests.helpers.tree import head, listing, read_at, write_at
 from tests.vm.conftest import VmTree
 from vmtreefs.store import Store
@@ -66,9 +66,9 @@ class VmOperation:
     check: Callable[[VmTree, str, int, bool, str], None]
 
 
-def running_domains(vmtree: VmTree) -> set[str]:
+def running_domains(vmtree: VmTree, uri: str = URI) -> set[str]:
     prefix = f"vmtree-{vmtree.status()['tree_id']}-"
-    with connection() as conn:
+    with connection(uri) as conn:
         return {d.name() for d in conn.listAllDomains(1) if d.name().startswith(prefix)}
 
 
@@ -200,17 +200,23 @@ OPERATIONS = [
 ]
 
 
-def setup_tree(vmtree: VmTree) -> dict[str, float]:
-    """w runs; r has a savestate `base` whose disk carries a mark; d is halted.
-    Returns how long each command took uninterrupted (the kill delays scale with it)."""
+def start_w_and_r(vmtree: VmTree, others: tuple[str, ...]) -> None:
+    """VMs w and r running and ready (r's disk carries the mark BASE0000), and ``others``
+    made, halted."""
     vms = vmtree.vms
-    for name in ("w", "r", "d"):
+    for name in ("w", "r", *others):
         (vms / name).mkdir()
     write_at(vms / "r" / "volumes" / "private.img", b"BASE0000", MARK_AT)
     vmtree.ctl("w", "start")
     vmtree.ctl("r", "start")
     vmtree.wait_console("w", r"VMTREE-READY")
     vmtree.wait_console("r", r"VMTREE-READY")
+
+
+def setup_tree(vmtree: VmTree) -> dict[str, float]:
+    """w runs; r has a savestate `base` whose disk carries a mark; d is halted.
+    Returns how long each command took uninterrupted (the kill delays scale with it)."""
+    start_w_and_r(vmtree, ("d",))
     took: dict[str, float] = {}
     started = time.monotonic()
     vmtree.ctl("w", "save first")

@@ -108,20 +108,22 @@ def _quiet(_ctx: object, _error: object) -> None:
     """libvirt's default handler prints every error to stderr, even those caught."""
 
 
-def open_connection() -> Any:
-    """A read-write connection to ``qemu:///system``, the daemons started if need be."""
-    ensure_libvirt()
+def open_connection(uri: str = URI) -> Any:
+    """A read-write connection to ``uri``; for the machine's ``qemu:///system`` the
+    daemons are started if need be (another URI is a libvirtd of the test's own)."""
+    if uri == URI:
+        ensure_libvirt()
     libvirt.registerErrorHandler(_quiet, None)
     try:
-        return libvirt.open(URI)
+        return libvirt.open(uri)
     except libvirt.libvirtError as e:
-        raise LibvirtUnavailable(f"cannot connect to {URI}: {e}") from e
+        raise LibvirtUnavailable(f"cannot connect to {uri}: {e}") from e
 
 
 @contextlib.contextmanager
-def connection() -> Iterator[Any]:
+def connection(uri: str = URI) -> Iterator[Any]:
     """:func:`open_connection`, closed when the block ends."""
-    conn = open_connection()
+    conn = open_connection(uri)
     try:
         yield conn
     finally:

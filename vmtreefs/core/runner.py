@@ -24,3 +24,8 @@ class Runner(Protocol):
     def held_still(self, vm: Vm) -> AbstractAsyncContextManager[None]:
         """While inside: a running VM is paused, so its volumes can be snapshotted whole."""
         ...
+
+    def libvirt_status(self) -> str:
+        """For ``.vmtree/status``: ``connected`` once libvirt answers and what happened
+        while it was away is settled; otherwise what is going on."""
+        ...

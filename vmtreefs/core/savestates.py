@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import trio
 
 from vmtreefs.core.journal import Journal, in_thread
-from vmtreefs.core.recovery import savestate_of
+from vmtreefs.core.recovery import RecoveryReport, savestate_of
 from vmtreefs.core.volumes import Volumes
 from vmtreefs.rules.namespace import Namespace
 from vmtreefs.rules.objects import SAVED_POLICY, Savestate, Vm, Volume, VolumeSpec
@@ -48,6 +48,7 @@ class SavestatesHost(Protocol):
     journal: Journal
     volumes: Volumes
     savestate_dir: Path
+    recovery: RecoveryReport
 
     def locked(self, vm_id: int) -> AbstractAsyncContextManager[Vm]: ...
 
@@ -122,6 +123,15 @@ class Savestates:
             prepare=pause,
         )
         return PendingSavestate(label, image, image_path, intent, specs, ids, info)
+
+    async def defer(self, intent_id: int) -> None:
+        """libvirt went away in the middle of a save or a restore, and may finish it
+        without us: the intent stays open, and the reconciliation at the next
+        connection settles it as after a crash (``runtime.reconcile``)."""
+        snapshot = await in_thread(self.tree.store.load)
+        for intent in snapshot.open_intents:
+            if intent.id == intent_id:
+                self.tree.recovery.deferred.append(intent)
 
     async def abandon(self, pending: PendingSavestate) -> None:
         with trio.CancelScope(shield=True):

@@ -398,6 +398,7 @@ class VmTree:
                 if usage.metadata_total_bytes
                 else []
             ),
+            f"libvirt: {self.runner.libvirt_status() if self.runner is not None else 'none'}",
             f"vms: {len(self.ns)}",
             f"volumes: {self.ns.volume_count()}",
             f"open_intents: {open_intents}",

@@ -17,7 +17,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 import trio
 
@@ -36,6 +36,15 @@ if TYPE_CHECKING:
     from vmtreefs.core.tree import VmTree
 
 log = logging.getLogger("vmtreefs.lifecycle")
+
+
+def libvirt_lost(error: BaseException) -> bool:
+    """The error says libvirt went away (libvirtd died or restarted) during the call."""
+    return isinstance(error, VmtreeError) and error.errno == errno.ENOTCONN
+
+
+def reason_of(error: BaseException) -> str:
+    return error.reason if isinstance(error, VmtreeError) else str(error)
 
 
 class Commands:
@@ -103,7 +112,15 @@ class Commands:
                     await self._restore_as(instance, hypervisor, hot)
                 else:
                     await self.start(instance, hypervisor)
-        except BaseException:
+        except BaseException as e:
+            if libvirt_lost(e):
+                # libvirt may start it yet: the reconciliation keeps it running or removes it.
+                raise VmtreeError(
+                    errno.ENOTCONN,
+                    f"VM {instance.name}: libvirt went away while it started ({reason_of(e)}); "
+                    "once "
+                    "libvirt is back it runs, or it is gone with its volumes",
+                ) from None
             if instance.volatile:
                 with trio.CancelScope(shield=True):
                     await self.tree.delete_vm(instance.id)
@@ -219,6 +236,7 @@ class Commands:
             if not was_paused:
                 await trio.to_thread.run_sync(hypervisor.suspend, name)
 
+        lost = False
         with self.vm_states.driven(vm):
             try:
                 pending = await self.tree.savestates.snapshot(
@@ -228,14 +246,17 @@ class Commands:
                     started = time.monotonic()
                     await trio.to_thread.run_sync(hypervisor.save, name, pending.image_path)
                     log.info("VM %s: memory saved in %.1f s", vm.name, time.monotonic() - started)
-                except BaseException:
+                except BaseException as e:
+                    if lost := libvirt_lost(e):
+                        await self._defer(vm, f"save {label}", pending.intent, e)
                     await self.tree.savestates.abandon(pending)
                     raise
             except BaseException:
-                with trio.CancelScope(shield=True):
-                    now = await trio.to_thread.run_sync(hypervisor.state, name)
-                    if not was_paused and now == states.PAUSED:
-                        await trio.to_thread.run_sync(hypervisor.resume, name)
+                if not lost:
+                    with trio.CancelScope(shield=True):
+                        now = await trio.to_thread.run_sync(hypervisor.state, name)
+                        if not was_paused and now == states.PAUSED:
+                            await trio.to_thread.run_sync(hypervisor.resume, name)
                 raise
             await self.tree.savestates.record(owner, pending, keep_open=not stop)
             if stop:
@@ -247,15 +268,31 @@ class Commands:
                 await trio.to_thread.run_sync(
                     functools.partial(hypervisor.restore, pending.image_path, paused=was_paused)
                 )
-            except BaseException:
+            except BaseException as e:
                 with trio.CancelScope(shield=True):
                     await self.devices.release(vm)
+                    if libvirt_lost(e):
+                        await self._defer(vm, f"save {label}", pending.intent, e)
+                    await self.tree.savestates.finish_save(pending)
                 raise
-            finally:
-                await self.tree.savestates.finish_save(pending)
+            await self.tree.savestates.finish_save(pending)
             self.vm_states.set(vm, states.PAUSED if was_paused else states.RUNNING)
         self.vm_states.done(vm, f"saved {label}")
         return label
+
+    async def _defer(self, vm: Vm, what: str, intent: int, error: BaseException) -> NoReturn:
+        """libvirt went away in the middle of ``what``: it may finish it without us, so
+        the intent is left to the reconciliation when libvirt is back (as after a crash
+        of the daemon), and the command fails saying so."""
+        with trio.CancelScope(shield=True):
+            await self.tree.savestates.defer(intent)
+        log.warning("VM %s: libvirt went away during %s: settled when it is back", vm.name, what)
+        raise VmtreeError(
+            errno.ENOTCONN,
+            f"VM {vm.name}: libvirt went away during {what} ({reason_of(error)}); it is "
+            "settled when "
+            "libvirt is back, as docs/reliability.md says for an interrupted save or restore",
+        ) from None
 
     @staticmethod
     def _new_label(vm: Vm) -> str:
@@ -283,8 +320,12 @@ class Commands:
             async with self._starting(vm):
                 await self.tree.savestates.restore_volumes(vm, savestate)
                 await self._restore_image(vm, hypervisor, savestate, paused)
-        finally:
+        except BaseException as e:
+            if libvirt_lost(e):
+                await self._defer(vm, f"restore {label}", intent, e)
             await self.tree.savestates.end_restore(intent)
+            raise
+        await self.tree.savestates.end_restore(intent)
         await self._runs_from(vm, savestate)
         self.vm_states.set(vm, states.PAUSED if paused else states.RUNNING)
         self.vm_states.done(vm, f"restored {label}")

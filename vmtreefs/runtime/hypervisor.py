@@ -194,6 +194,15 @@ def _translate(e: libvirt.libvirtError, what: str) -> HypervisorError:
     return HypervisorError(_ERRNO_OF_LIBVIRT.get(code, errno.EIO), f"{what}: {message}")
 
 
+def _alive(conn: libvirt.virConnect | None) -> bool:
+    if conn is None:
+        return False
+    try:
+        return bool(conn.isAlive())
+    except libvirt.libvirtError:
+        return False
+
+
 _loop_lock = threading.Lock()
 _loop_started = False
 
@@ -257,13 +266,16 @@ class LibvirtHypervisor:
         log.info("connected to libvirt at %s (version %s)", self.uri, conn.getLibVersion())
 
     def close(self) -> None:
+        """Close for good: no more events, and no call reconnects (see :meth:`_connection`)."""
         with self._lock:
             conn, self._conn = self._conn, None
+            self._deliver = None
+            callback, self._callback_id = self._callback_id, None
             if conn is None:
                 return
             try:
-                if self._callback_id is not None:
-                    conn.domainEventDeregisterAny(self._callback_id)
+                if callback is not None:
+                    conn.domainEventDeregisterAny(callback)
                 conn.unregisterCloseCallback()
                 conn.close()
             except libvirt.libvirtError as e:
@@ -278,12 +290,26 @@ class LibvirtHypervisor:
         reason = reasons.get(detail, state if not reasons else f"event {event}/{detail}")
         self._deliver(DomainEvent(dom.name(), state, reason))
 
-    def _on_close(self, _conn: Any, reason: int, _opaque: Any) -> None:
+    def _on_close(self, conn: Any, reason: int, _opaque: Any) -> None:
         log.error("libvirt at %s closed the connection (reason %d)", self.uri, reason)
         with self._lock:
-            self._conn = None
+            # Unless it is an older connection's close, after a new one was made.
+            if self._conn is conn or self._conn is None:
+                self._conn = None
+                self._callback_id = None  # it went with that connection
+        # Either way the tree reconciles: what happened while it was away is unknown.
         if self._deliver is not None:
             self._deliver(DomainEvent("", "disconnected", f"reason {reason}"))
+
+    def _failed(self, e: libvirt.libvirtError, what: str) -> HypervisorError:
+        """libvirt's error as an errno; ENOTCONN when it is because libvirt went away
+        (libvirtd died or restarted in the middle of the call)."""
+        if _alive(self._conn):
+            return _translate(e, what)
+        message = (e.get_error_message() or str(e)).strip()
+        return HypervisorError(
+            errno.ENOTCONN, f"{what}: libvirt at {self.uri} went away ({message})"
+        )
 
     def _connection(self) -> libvirt.virConnect:
         conn = self._conn
@@ -299,7 +325,7 @@ class LibvirtHypervisor:
         try:
             return self._connection().lookupByName(name)
         except libvirt.libvirtError as e:
-            raise _translate(e, f"find domain {name}") from None
+            raise self._failed(e, f"find domain {name}") from None
 
     # Questions
 
@@ -309,7 +335,7 @@ class LibvirtHypervisor:
             found = self._connection().listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)
             return {d.name(): _state_of(d) for d in found if d.name().startswith(prefix)}
         except libvirt.libvirtError as e:
-            raise _translate(e, "list domains") from None
+            raise self._failed(e, "list domains") from None
 
     def state(self, name: str) -> str:
         """The domain's state; ``halted`` when libvirt does not know it (it stopped)."""
@@ -318,7 +344,7 @@ class LibvirtHypervisor:
         except libvirt.libvirtError as e:
             if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
                 return HALTED
-            raise _translate(e, f"ask the state of {name}") from None
+            raise self._failed(e, f"ask the state of {name}") from None
 
     def job_running(self, name: str) -> bool:
         """Is libvirt carrying out a job on the domain (a save, a restore's load)? A job
@@ -328,7 +354,7 @@ class LibvirtHypervisor:
         except libvirt.libvirtError as e:
             if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
                 return False
-            raise _translate(e, f"ask about the jobs of {name}") from None
+            raise self._failed(e, f"ask about the jobs of {name}") from None
         return kind in (libvirt.VIR_DOMAIN_JOB_BOUNDED, libvirt.VIR_DOMAIN_JOB_UNBOUNDED)
 
     def saved_description(self, image: str) -> str:
@@ -336,7 +362,7 @@ class LibvirtHypervisor:
         try:
             return str(self._connection().saveImageGetXMLDesc(image, 0))
         except libvirt.libvirtError as e:
-            raise _translate(e, f"read save image {image}") from None
+            raise self._failed(e, f"read save image {image}") from None
 
     # Actions
 
@@ -345,7 +371,7 @@ class LibvirtHypervisor:
         try:
             self._connection().createXML(xml, 0)
         except libvirt.libvirtError as e:
-            raise _translate(e, "start the domain") from None
+            raise self._failed(e, "start the domain") from None
 
     def shutdown(self, name: str) -> None:
         """Ask the guest to shut down (ACPI power button); it may ignore it."""
@@ -371,7 +397,7 @@ class LibvirtHypervisor:
         try:
             self._connection().restoreFlags(image, xml, flags)
         except libvirt.libvirtError as e:
-            raise _translate(e, f"restore from {image}") from None
+            raise self._failed(e, f"restore from {image}") from None
 
     def agent_ping(self, name: str, timeout: int) -> bool:
         """``guest-ping`` through libvirt's agent channel; see :meth:`Hypervisor.agent_ping`.
@@ -393,7 +419,7 @@ class LibvirtHypervisor:
                 libvirt.VIR_ERR_OPERATION_TIMEOUT,  # busy with a job
             ):
                 return False
-            error = _translate(e, f"ping the guest agent of {name}")
+            error = self._failed(e, f"ping the guest agent of {name}")
             if code == libvirt.VIR_ERR_ARGUMENT_UNSUPPORTED:
                 error = HypervisorError(errno.EINVAL, error.reason)
             raise error from None
@@ -404,4 +430,4 @@ class LibvirtHypervisor:
         try:
             action(domain)
         except libvirt.libvirtError as e:
-            raise _translate(e, f"{what} {name}") from None
+            raise self._failed(e, f"{what} {name}") from None

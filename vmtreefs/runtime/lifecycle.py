@@ -94,6 +94,13 @@ class Lifecycle:
     def held_still(self, vm: Vm) -> AbstractAsyncContextManager[None]:
         return self.commands.held_still(vm)
 
+    def libvirt_status(self) -> str:
+        if self.hypervisor is None:
+            return "none"
+        if self.connection.connected.is_set():
+            return "connected"
+        return f"not connected to {self.hypervisor.uri} (retrying)"
+
     def _wants_hot_savestate(self, vm: Vm) -> None:
         self.hot.schedule(vm)
 

@@ -73,8 +73,14 @@ class Reconciler:
                 await self.devices.attach(vm)
             if vm.id in driving or self.vm_states.changed_since(vm, serials):
                 continue
+            was = vm.state
             self.vm_states.set(vm, state)
-            if state == states.HALTED:
+            if state == states.HALTED and was != states.HALTED and vm.id in self.tree.ns.by_id:
+                # It stopped while libvirt (or its connection) was away: what a stop sets
+                # off is done, as for a stop event (no commit: how it stopped is unknown).
+                self.tree.journal.publish(f"{vm.name} stopped while libvirt was away", time.time())
+                await self.vm_states.stopped(vm, "stopped while libvirt was away")
+            elif state == states.HALTED:
                 await self.devices.release(vm)
         for name in sorted(set(running) - known):
             log.warning("libvirt runs %s, which is not a VM of this tree: left alone", name)
