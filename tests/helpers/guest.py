@@ -632,13 +632,14 @@ def run_pytest(
     timeout: float = 1800,
     memory: str = "1G",
     log_path: Path | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> PytestReport:
     """``python -m pytest ARGS`` in a guest (or natively), its junit XML in ``results_dir``.
 
     ``results_dir`` is shared read-write with the guest; pytest's cache is off
     (the guest sees the checkout read-only). ``light`` adds
-    :data:`LIGHT_PYTEST_OPTIONS`. A missing or unreadable report raises
-    :class:`GuestError` with the guest's log.
+    :data:`LIGHT_PYTEST_OPTIONS`; ``env`` is exported to pytest there. A missing or
+    unreadable report raises :class:`GuestError` with the guest's log.
     """
     junit = results_dir / "junit.xml"
     junit.unlink(missing_ok=True)
@@ -651,6 +652,7 @@ def run_pytest(
         memory=memory,
         native=native,
         log_path=log_path,
+        env=env,
     )
     try:
         root = ET.parse(junit).getroot()
