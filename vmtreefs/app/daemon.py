@@ -217,5 +217,7 @@ async def _announce_ready(lifecycle: Lifecycle, mountpoint: Path, ready_fd: int 
     if ready_fd is not None:
         try:
             os.write(ready_fd, b"ready\n")
+        except OSError as e:  # EPIPE: `vmtreefs mount` stopped waiting; the mount serves on
+            log.warning("could not tell the waiting mount command: %s", e.strerror or e)
         finally:
             os.close(ready_fd)
