@@ -79,7 +79,16 @@ class Daemon:
 
     def kill9(self) -> None:
         """Simulate a crash: SIGKILL the daemon, then clear the dead mount the way an
-        administrator would, with a plain ``fusermount3 -u -z``.
+        administrator would (:meth:`clear_dead`)."""
+        self.kill()
+        self.clear_dead()
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+
+    def clear_dead(self) -> None:
+        """A plain ``fusermount3 -u -z`` of the killed daemon's mount, then its death.
 
         The daemon's watchdog must have ended the connection, so that a daemon thread
         stuck in the kernel on its own mount can finish dying; if the daemon does not die,
@@ -87,7 +96,6 @@ class Daemon:
         test fails instead of hanging.
         """
         assert self.process is not None
-        self.process.send_signal(signal.SIGKILL)
         subprocess.run(
             ["fusermount3", "-u", "-z", str(self.mountpoint)],
             check=False,
