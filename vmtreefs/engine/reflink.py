@@ -108,6 +108,17 @@ def check_empty_device(device: str) -> None:
         )
 
 
+def _cannot_create(directory: Path) -> bool:
+    """Whether creating a file in ``directory`` fails with EIO (a shut-down XFS)."""
+    probe = directory / f"{_TMP_PREFIX}probe-{secrets.token_hex(4)}"
+    try:
+        os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600))
+        os.unlink(probe)
+    except OSError as e:
+        return e.errno == errno.EIO
+    return False
+
+
 def _shut_down_advice(engine: ReflinkEngine, mount_point: str) -> str:
     """What a user must do once the pool's filesystem has shut itself down."""
     if engine.layout == "inplace":
@@ -314,13 +325,7 @@ class ReflinkEngine(SnapshotEngine):
             self._require_started()
         except EngineError as e:
             return e.reason
-        probe = self.pool / f"{_TMP_PREFIX}probe-{secrets.token_hex(4)}"
-        try:
-            os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600))
-            os.unlink(probe)
-        except OSError as e:
-            if e.errno != errno.EIO:
-                return None
+        if _cannot_create(self.pool):
             self.shut_down = _shut_down_advice(self, mount_of(self.pool).mount_point)
             return self.shut_down
         return (
