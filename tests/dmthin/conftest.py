@@ -51,6 +51,7 @@ DMTHIN_TESTS = [
     "tests/fs/test_change_maps.py",
     "tests/fs/test_dmthin_mount.py",
     "tests/fs/test_dmthin_import.py",
+    "tests/fs/test_dmthin_ioerrors.py",
     "tests/crash/test_kill_loop.py",
     "tests/crash/test_power_cut.py",
     "-k",

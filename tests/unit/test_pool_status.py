@@ -20,6 +20,15 @@ def test_a_working_pool() -> None:
 
 def test_a_failed_pool() -> None:
     assert PoolStatus.parse("0 262144 thin-pool Fail").mode == "Fail"
+    # What the kernel gives once it cannot even read the failed pool's status.
+    assert PoolStatus.parse("0 524288 thin-pool Error").mode == "Fail"
+
+
+def test_a_pool_that_needs_a_check() -> None:
+    line = "0 262144 thin-pool 7 1042/10240 20/2048 - ro discard_passdown "
+    line += "error_if_no_space needs_check 1024"
+    status = PoolStatus.parse(line)
+    assert (status.mode, status.needs_check) == ("ro", True)
 
 
 @pytest.mark.parametrize("line", ["", "0 262144 thin 7", "0 262144 linear /dev/loop0 0"])

@@ -147,6 +147,10 @@ def initialise(
         DmThinEngine.check_request(
             config.layout, config.image_size or 0, data_device, metadata_device
         )
+    if config.engine == "reflink" and "device" in config.options:
+        from vmtreefs.engine.reflink import check_empty_device
+
+        check_empty_device(config.options["device"])
     # The store names every VM: only the mounting user reads it (SQLite gives its
     # -wal and -shm files the same mode).
     os.close(os.open(source / STORE_NAME, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
@@ -180,7 +184,9 @@ def _prepare_engine(source: Path, store: Store, config: EngineConfig) -> None:
         leftover = source / "reflink.xfs"
         if leftover.exists() and not os.path.ismount(source / "pool"):
             leftover.unlink()
-        ReflinkEngine.initialise(source, config.layout, config.image_size)
+        ReflinkEngine.initialise(
+            source, config.layout, config.image_size, config.options.get("device")
+        )
     with store.transaction() as tx:
         tx.set_meta(META_INITIALISED, "1")
 

@@ -133,6 +133,7 @@ class VmTree:
         links = making.image_links(self.savestates.image_path, self.savestate_dir)
         made = tuple(dst for _, dst in links)
         try:
+            await in_thread(self.engine.check_writable)
             intent, all_ids = await self.journal.create_volumes(
                 new.what, making.all_specs, making.all_sources, made
             )
@@ -170,6 +171,8 @@ class VmTree:
                     await self._hide(vm, verb)
                 return
             plan = plan_delete_vm(self.ns, vm.name)
+            # Not recorded as gone when the engine could not then free its volumes.
+            await in_thread(self.engine.check_writable)
             gone = [self.ns.aliases_by_id[a].name for a in plan.aliases]
             line = f"{verb} {plan.name}" + (f" (and its aliases {', '.join(gone)})" if gone else "")
 

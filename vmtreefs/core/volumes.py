@@ -270,7 +270,10 @@ class Volumes:
         """Cached data is copied on the loop; only a read that may wait goes to a thread."""
         if handle.cached(size, offset):
             return handle.pread(size, offset)
-        return await in_thread(handle.pread, size, offset)
+        try:
+            return await in_thread(handle.pread, size, offset)
+        except OSError as e:
+            raise self._io_failure(e, f"read of {size} bytes at {offset}", handle) from None
 
     async def write(self, handle: OpenVolume, offset: int, data: bytes) -> int:
         """Write, growing the volume first when the write ends past its size."""
@@ -282,13 +285,15 @@ class Volumes:
         try:
             return await in_thread(handle.pwrite, data, offset)
         except OSError as e:
-            # The handler logs this with the volume's name (ENOSPC: SOURCE is full).
-            code = e.errno or errno.EIO
-            raise VmtreeError(
-                code,
-                f"write of {len(data)} bytes at {offset} to {vm.name}/{vol.filename}: "
-                f"{e.strerror or e}",
-            ) from e
+            raise self._io_failure(e, f"write of {len(data)} bytes at {offset}", handle) from None
+
+    def _io_failure(self, e: OSError, what: str, handle: OpenVolume) -> VmtreeError:
+        """The errno the user gets, with the volume and the I/O named for the log."""
+        try:
+            label = self._label(handle.vol_id)
+        except VmtreeError:
+            label = f"volume {handle.vol_id} (gone)"
+        return VmtreeError(e.errno or errno.EIO, f"{what} of {label}: {e.strerror or e}")
 
     async def _grow(self, volume_id: int, new_size: int) -> None:
         """Grow for a write, unrecorded: only the first write past the recorded size
@@ -320,7 +325,10 @@ class Volumes:
         acknowledged survives a crash with its size."""
         volume_id = handle.vol_id
         size = self._size_now(volume_id)
-        await in_thread(handle.fsync)
+        try:
+            await in_thread(handle.fsync)
+        except OSError as e:
+            raise self._io_failure(e, "fsync", handle) from None
         if volume_id in self.growing:
             await self._record_growth(volume_id, size)
 

@@ -207,6 +207,18 @@ class SnapshotEngine(abc.ABC):
             f"the {self.name} engine cannot grow its pool: grow its filesystem (docs/engines.md)",
         )
 
+    def check_writable(self) -> None:
+        """EIO, saying why and what to do, when the storage cannot take a change now (a
+        failed pool, a filesystem shut down by I/O errors). The tree asks before it
+        records a change the engine would then have to carry out. The default checks
+        nothing: the change itself fails if it must."""
+        return None
+
+    def diagnose_io_error(self) -> str | None:
+        """After an I/O error from a volume: the state of the storage and what to do,
+        in words for the log; None if the engine cannot tell."""
+        return None
+
     live_check_name: ClassVar[str] = ""
     """What :meth:`check_metadata_live` runs, in words (for fsck's report)."""
 

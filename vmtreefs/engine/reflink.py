@@ -95,12 +95,52 @@ def _error(e: OSError, what: str) -> EngineError:
     return EngineError(e.errno or errno.EIO, f"{what}: {e.strerror or e}")
 
 
+def check_empty_device(device: str) -> None:
+    """A given device must be a block device without a filesystem or other signature."""
+    if not Path(device).is_block_device():
+        raise EngineError(errno.EINVAL, f"{device} is not a block device")
+    found = run_command(["wipefs", "--noheadings", "--output", "TYPE", device]).split()
+    if found:
+        raise EngineError(
+            errno.EINVAL,
+            f"{device} holds {', '.join(found)}: vmtreefs makes its XFS only on an empty "
+            f"device (wipefs -a {device} empties it)",
+        )
+
+
+def _cannot_create(directory: Path) -> bool:
+    """Whether creating a file in ``directory`` fails with EIO (a shut-down XFS)."""
+    probe = directory / f"{_TMP_PREFIX}probe-{secrets.token_hex(4)}"
+    try:
+        os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600))
+        os.unlink(probe)
+    except OSError as e:
+        return e.errno == errno.EIO
+    return False
+
+
+def _shut_down_advice(engine: ReflinkEngine, mount_point: str) -> str:
+    """What a user must do once the pool's filesystem has shut itself down."""
+    if engine.layout == "inplace":
+        remount = f"unmount and mount {mount_point} again (it replays its log)"
+    else:
+        remount = "the tree's next mount mounts its XFS again, which replays its log"
+    return (
+        f"the filesystem holding {engine.pool} has shut down after an I/O error: nothing "
+        "in the pool can be read, written, made or deleted until it is mounted again. "
+        f"Unmount the tree, make the disk healthy; {remount}; run `vmtreefs fsck "
+        f"--repair {engine.source}`, then mount the tree again"
+    )
+
+
 class ReflinkEngine(SnapshotEngine):
     """Volumes as sparse files in ``SOURCE/pool``; snapshots are FICLONE copies."""
 
     name: ClassVar[str] = "reflink"
 
-    def __init__(self, source: Path, layout: str, image_size: int | None = None) -> None:
+    def __init__(
+        self, source: Path, layout: str, image_size: int | None = None, device: str | None = None
+    ) -> None:
         if layout not in LAYOUTS:
             raise EngineError(
                 errno.EINVAL, f"unknown reflink layout {layout!r} (expected one of {LAYOUTS})"
@@ -110,19 +150,29 @@ class ReflinkEngine(SnapshotEngine):
         self.image_size = image_size
         self.pool = self.source / POOL_NAME
         self.image = self.source / IMAGE_NAME
+        self.device = device  # xfs-image on a given block device instead of reflink.xfs
         self._started = False
+        self.shut_down: str | None = None  # why the pool's filesystem takes no I/O
         # Set in the thread making a VM's volumes: its pool directory fsync waits for all.
         self._batch = threading.local()
 
     # -- set-up ---------------------------------------------------------------
 
     @classmethod
-    def initialise(cls, source: Path, layout: str, image_size: int | None = None) -> ReflinkEngine:
+    def initialise(
+        cls, source: Path, layout: str, image_size: int | None = None, device: str | None = None
+    ) -> ReflinkEngine:
         """Prepare an empty SOURCE for ``layout``; returns the engine, not started yet."""
-        engine = cls(source, layout, image_size)
+        engine = cls(source, layout, image_size, device)
         if not engine.source.is_dir():
             raise EngineError(errno.ENOENT, f"SOURCE {source} is not a directory")
         if layout == "inplace":
+            engine.pool.mkdir(exist_ok=True)
+            _fsync_dir(engine.source)
+            return engine
+        if device is not None:
+            check_empty_device(device)
+            run_command(["mkfs.xfs", "-q", "-m", "reflink=1", device])
             engine.pool.mkdir(exist_ok=True)
             _fsync_dir(engine.source)
             return engine
@@ -152,6 +202,8 @@ class ReflinkEngine(SnapshotEngine):
     def describe(self) -> str:
         if self.layout == "inplace":
             return f"reflink in place on {self.pool} ({filesystem_type(self.source)})"
+        if self.device is not None:
+            return f"reflink on XFS on {self.device} mounted at {self.pool}"
         size = self.image_size
         if size is None:
             try:
@@ -172,7 +224,16 @@ class ReflinkEngine(SnapshotEngine):
     def _mounted_here(self) -> bool:
         """Whether the pool directory is a mount of our image (a loop device backed by it)."""
         entry = self._pool_mount()
-        return entry is not None and entry.source in loop_devices_of(self.image)
+        return entry is not None and self._holds(entry)
+
+    def _holds(self, entry: MountEntry) -> bool:
+        """Whether a mount is of the pool's XFS: the device, or a loop device of the image."""
+        if self.device is None:
+            return entry.source in loop_devices_of(self.image)
+        try:
+            return os.stat(entry.source).st_rdev == os.stat(self.device).st_rdev
+        except OSError:
+            return False
 
     def start(self) -> None:
         """Mount the image (reusing a mount a killed daemon left) or make the pool directory."""
@@ -182,19 +243,23 @@ class ReflinkEngine(SnapshotEngine):
             except OSError as e:
                 raise _error(e, f"create pool directory {self.pool}") from e
         else:
-            if not self.image.is_file():
+            if self.device is not None and not Path(self.device).is_block_device():
+                raise EngineError(errno.ENOENT, f"{self.device} is not a block device")
+            if self.device is None and not self.image.is_file():
                 raise EngineError(errno.ENOENT, f"XFS image {self.image} is missing")
             self.pool.mkdir(exist_ok=True)
             entry = self._pool_mount()
             if entry is None:
-                run_command(["mount", "-t", "xfs", "-o", "loop", str(self.image), str(self.pool)])
-            elif entry.source not in loop_devices_of(self.image):
+                what = ["-o", "loop", str(self.image)] if self.device is None else [self.device]
+                run_command(["mount", "-t", "xfs", *what, str(self.pool)])
+            elif not self._holds(entry):
                 raise EngineError(
                     errno.EBUSY,
                     f"{self.pool} is already a mount point of {entry.source} ({entry.fstype}), "
-                    f"not of {self.image}",
+                    f"not of {self.device or self.image}",
                 )
         self._sweep_temporaries()
+        self.shut_down = None
         self._started = True
 
     def stop(self) -> None:
@@ -207,7 +272,7 @@ class ReflinkEngine(SnapshotEngine):
             if not self._mounted_here():
                 break
             run_command(["umount", str(self.pool)])
-        if not self.image.exists():
+        if self.device is not None or not self.image.exists():
             return
         for dev in loop_devices_of(self.image):
             run_command(["losetup", "--detach", dev])
@@ -239,8 +304,34 @@ class ReflinkEngine(SnapshotEngine):
         """Refuse I/O before start(): it would land in the empty directory under the mount."""
         if not self._started:
             raise EngineError(errno.EIO, f"reflink engine on {self.source} is not started")
+        if self.shut_down is not None:
+            raise EngineError(errno.EIO, self.shut_down)
         if self.layout == "xfs-image" and not os.path.ismount(self.pool):
+            try:
+                os.stat(self.pool)
+            except OSError as e:
+                if e.errno == errno.EIO:  # a shut-down XFS fails even a stat of its root
+                    self.shut_down = _shut_down_advice(self, str(self.pool))
+                    raise EngineError(errno.EIO, self.shut_down) from None
             raise EngineError(errno.EIO, f"XFS image is no longer mounted at {self.pool}")
+
+    def check_writable(self) -> None:
+        self._require_started()
+
+    def diagnose_io_error(self) -> str | None:
+        """Whether the pool's filesystem shut down (XFS does after an I/O error on its
+        metadata or log): a file it can no longer create says so."""
+        try:
+            self._require_started()
+        except EngineError as e:
+            return e.reason
+        if _cannot_create(self.pool):
+            self.shut_down = _shut_down_advice(self, mount_of(self.pool).mount_point)
+            return self.shut_down
+        return (
+            f"{self.pool} still takes changes: the error was in the data of a volume, and "
+            "that I/O works again once the disk is healthy"
+        )
 
     # -- volumes --------------------------------------------------------------
 

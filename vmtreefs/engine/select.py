@@ -206,6 +206,13 @@ def choose_engine(
         )
     if not Path(source).is_dir():
         raise EngineError(errno.ENOENT, f"SOURCE {source} is not a directory")
+    if requested == "reflink" and data_device:
+        if metadata_device:
+            raise EngineError(errno.EINVAL, "the reflink engine takes a data= device only")
+        return (
+            EngineConfig("reflink", "xfs-image", None, {"device": data_device}),
+            f"reflink on an XFS made on {data_device}",
+        )
     if bool(data_device) != bool(metadata_device):
         raise EngineError(errno.EINVAL, "give both data= and metadata= devices, or neither")
     auto_note = ""
@@ -260,5 +267,5 @@ def make_engine(source: Path, config: EngineConfig, ledger: EngineLedger) -> Sna
     if config.engine == "reflink":
         if config.layout not in LAYOUTS:
             raise EngineError(errno.EINVAL, f"unknown reflink layout {config.layout!r}")
-        return ReflinkEngine(source, config.layout, config.image_size)
+        return ReflinkEngine(source, config.layout, config.image_size, config.options.get("device"))
     raise EngineError(errno.EINVAL, f"engine {config.engine!r} is not available in this build")

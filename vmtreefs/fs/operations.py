@@ -100,11 +100,15 @@ def handler(
                     shown = [a for a in args if isinstance(a, bytes)][:names]
                     what = " ".join([operation, *(_short(a) for a in shown)])
                     self.tree.journal.refused(what, e)
+                if e.errno == errno.EIO:
+                    await self.explain_io_error()
                 raise pyfuse3.FUSEError(e.errno) from None
             except OSError as e:
                 code = e.errno or errno.EIO
                 log.warning("%s failed: %s", operation, e)
                 self.tree.journal.events.add(f"failed {operation}: {e.strerror or e}")
+                if code == errno.EIO:
+                    await self.explain_io_error()
                 raise pyfuse3.FUSEError(code) from None
             except Exception:
                 log.exception("%s failed with an unexpected error; answering EIO", operation)
@@ -136,11 +140,24 @@ class Operations(pyfuse3.Operations):
         self.view = View(tree, lifecycle, time.time_ns())
         # Inodes the kernel holds, with how many references (lookup, mkdir, READDIRPLUS).
         self.lookup_counts: dict[int, int] = {}
+        self._io_hint: str | None = None  # the last explanation of an I/O error logged
         self.invalidator = Invalidator(self.lookup_counts)
         self.files = Files(self.view, CtlDispatcher(tree, lifecycle), self.invalidator)
         tree.on_volumes_written_outside = self.invalidator.volume_pages
         tree.on_volumes_replaced = self.invalidator.volume_names
         tree.on_names_changed = self.invalidator.top_names
+
+    async def explain_io_error(self) -> None:
+        """After an EIO answer: log the state of the engine's storage and what to do, each
+        time it changes (a storm of failing reads logs it once)."""
+        try:
+            hint = await trio.to_thread.run_sync(self.tree.engine.diagnose_io_error)
+        except (VmtreeError, OSError) as e:
+            hint = f"its state is unknown: {e}"
+        if hint is not None and hint != self._io_hint:
+            self._io_hint = hint
+            log.error("I/O error under the engine: %s", hint)
+            self.tree.journal.events.add(f"I/O error under the engine: {hint}")
 
     async def run_invalidations(self) -> None:
         await self.invalidator.run()

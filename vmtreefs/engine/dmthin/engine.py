@@ -31,6 +31,7 @@ from vmtreefs.engine.dmthin.metadata import check_inactive, check_live
 from vmtreefs.engine.dmthin.pool import SECTOR, PoolStatus, ThinPool
 from vmtreefs.engine.dmthin.volumes import ThinVolumes
 from vmtreefs.engine.dmthin.watcher import PoolWatcher
+from vmtreefs.engine.tools import run
 
 log = logging.getLogger("vmtreefs.engine.dmthin")
 
@@ -105,8 +106,8 @@ class DmThinEngine(SnapshotEngine):
             pool.find_backing()
             pool.assemble()
             status = pool.status()
-            if status.mode == "Fail":
-                raise EngineError(errno.EIO, f"pool {pool.name} has failed; run thin_check")
+            if status.needs_check or status.mode == "Fail":
+                status = self._check_and_reassemble()
             if ledger.pending is None and status.transaction_id != ledger.transaction:
                 raise ledger.foreign(status.transaction_id)  # before we touch anything
             if status.sectors < pool.data_size // SECTOR:
@@ -117,6 +118,29 @@ class DmThinEngine(SnapshotEngine):
             pool.started = True
             self.watcher = PoolWatcher(pool)
             self.watcher.start()
+
+    def _check_and_reassemble(self) -> PoolStatus:
+        """After an I/O error the kernel marks the metadata as needing a check (or fails
+        the pool): take the pool down, thin_check it and clear the mark, as LVM does at
+        activation, then assemble it again. Damage is EIO with thin_check's report."""
+        pool = self.pool
+        log.warning("pool %s needs a check (an I/O error on its devices): thin_check", pool.name)
+        try:
+            self.devices.remove_all()
+            run(["dmsetup", "remove", "--retry", pool.name], f"take down {pool.name}")
+            run(["thin_check", "--clear-needs-check-flag", pool.meta_dev], "thin_check")
+        except EngineError as e:
+            raise EngineError(
+                errno.EIO,
+                f"pool {pool.name} needs a check after an I/O error on its devices, and it "
+                f"failed: {e.reason}. Make the devices healthy and mount again; if thin_check "
+                f"finds damage, thin_repair the metadata on {pool.meta_dev} (docs/engines.md)",
+            ) from None
+        pool.assemble()
+        status = pool.status()
+        pool.require_healthy(status)
+        log.warning("pool %s: thin_check found its metadata sound and cleared the mark", pool.name)
+        return status
 
     def stop(self) -> None:
         """Remove idle thin devices and the pool, detach the loops, check the metadata."""
@@ -163,6 +187,21 @@ class DmThinEngine(SnapshotEngine):
         with self._lock:
             self.pool.require_started()
             return check_live(self.pool)
+
+    def check_writable(self) -> None:
+        with self._lock:
+            self.pool.require_started()
+            self.pool.require_healthy(self.pool.status())
+
+    def diagnose_io_error(self) -> str | None:
+        try:
+            self.check_writable()
+        except EngineError as e:
+            return e.reason
+        return (
+            f"pool {self.pool.name} still works: the error came from its data device "
+            f"{self.pool.data_dev}; the same I/O works again once that device is healthy"
+        )
 
     def usage(self) -> PoolUsage:
         return self.pool.usage()

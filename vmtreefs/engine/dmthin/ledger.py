@@ -167,6 +167,17 @@ class PoolLedger:
             self.pool.dm.suspend(self.pool.device_name(step.quiet), f"{what}: suspend")
         try:
             self.pool.dm.message(self.pool.name, step.message, what)
+        except EngineError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            # The ids were checked against the record: the kernel says EINVAL when it
+            # cannot read or write the metadata the message changes.
+            raise EngineError(
+                errno.EIO,
+                f"{e.reason}: the pool could not carry out {step.message!r}, which the "
+                "store's record allows; an I/O error on its metadata device is the likely "
+                "cause (see the kernel log)",
+            ) from None
         finally:
             if step.quiet is not None:
                 self._resume(step.quiet, what)

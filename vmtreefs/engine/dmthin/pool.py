@@ -54,19 +54,28 @@ class PoolStatus:
     data_used: int  # pool blocks
     data_total: int
     mode: str  # rw, ro, out_of_data_space, or Fail
+    needs_check: bool = False  # the kernel asks for thin_check before the pool is written
 
     @classmethod
     def parse(cls, line: str) -> PoolStatus:
-        # 0 41943040 thin-pool 3 152/12800 2/327680 - rw discard_passdown ...
+        # 0 41943040 thin-pool 3 152/12800 2/327680 - rw discard_passdown ... - 1024
         fields = line.split()
-        if len(fields) == 4 and fields[2:] == ["thin-pool", "Fail"]:
+        # A failed pool reports "Fail", or "Error" when even its status cannot be read.
+        if len(fields) == 4 and fields[2] == "thin-pool" and fields[3] in ("Fail", "Error"):
             return cls(int(fields[1]), 0, 0, 0, 0, 0, "Fail")
         if len(fields) < 8 or fields[2] != "thin-pool":
             raise EngineError(errno.EIO, f"unexpected thin-pool status {line.strip()!r}")
         meta_used, meta_total = (int(x) for x in fields[4].split("/"))
         data_used, data_total = (int(x) for x in fields[5].split("/"))
         return cls(
-            int(fields[1]), int(fields[3]), meta_used, meta_total, data_used, data_total, fields[7]
+            int(fields[1]),
+            int(fields[3]),
+            meta_used,
+            meta_total,
+            data_used,
+            data_total,
+            fields[7],
+            "needs_check" in fields[8:],
         )
 
 
@@ -188,6 +197,19 @@ class ThinPool:
         if len(lines) != 1:
             raise EngineError(errno.EIO, f"{self.name} has {len(lines)} targets, not 1")
         return PoolStatus.parse(lines[0])
+
+    def require_healthy(self, status: PoolStatus) -> None:
+        """EIO, with what to do, when the kernel has stopped changing the pool: failed
+        or read-only after an I/O error on its devices (or a full metadata device)."""
+        if status.mode in ("Fail", "ro") or status.needs_check:
+            state = {"Fail": "has failed", "ro": "is read-only"}.get(status.mode, "needs a check")
+            raise EngineError(
+                errno.EIO,
+                f"pool {self.name} {state} after an I/O error on its devices (metadata "
+                f"{self.meta_dev}, data {self.data_dev}) or a full metadata device: nothing "
+                "can be made, deleted or written. Unmount the tree, make the devices healthy, "
+                f"run `vmtreefs fsck --repair {self.source}`, then mount again",
+            )
 
     def full(self) -> bool:
         """No free data block. The pool's mode is not asked: it leaves out_of_data_space

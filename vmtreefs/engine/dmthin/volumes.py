@@ -88,7 +88,9 @@ class ThinVolumes:
             if not steps:
                 return
             self.pool.require_started()
-            if self.pool.full():
+            status = self.pool.status()
+            self.pool.require_healthy(status)
+            if status.data_used >= status.data_total:
                 raise EngineError(errno.ENOSPC, f"pool {self.pool.name} is full")
             made = ", ".join(
                 f"snapshot {v.source} as {v.vol_id}" if v.source is not None else f"new {v.vol_id}"
