@@ -98,8 +98,8 @@ REFUSAL = {
     "rename": "refused rename 'mover1'",
     "repoint": "refused symlink 'cur-tmp'",
     "setxattr": "refused setxattr 'user.vmtree.memory'",
-    "write": "to base/private.img",
-    "overwrite": "to base/root.img",
+    "write": "of base/private.img",
+    "overwrite": "of base/root.img",
     "grow": "refused setattr",
     "commit": "refused write: t-next/ctl: commit:",
 }
