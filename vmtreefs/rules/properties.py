@@ -89,7 +89,7 @@ def _ready(name: str, text: str) -> str:
             )
         try:
             re.compile(arg)
-        except re.error as e:
+        except (re.error, OverflowError, RecursionError) as e:  # a{9999999999}: OverflowError
             raise VmtreeError(errno.EINVAL, f"{name} pattern {arg!r} is not a regex: {e}") from None
         return text
     raise VmtreeError(
