@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import errno
 import os
+import re
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -137,6 +138,8 @@ def properties(data: bytes) -> None:
             normal = check_value(prop, value)
             assert len(normal) <= MAX_VALUE_BYTES
             assert check_value(prop, normal.encode()) == normal
+            if prop.name == "ready" and normal.startswith("console:"):
+                re.compile(normal.removeprefix("console:").encode())  # as runtime/hot.py does
 
 
 def _namespace() -> Namespace:
