@@ -16,7 +16,7 @@ import pytest
 from tests.fuzz.campaign import ROOT, SEEDS, figures, scratch
 from tests.fuzz.targets import TARGETS
 
-RUNS = 1500
+RUNS = 1000
 SEED = 19
 
 
