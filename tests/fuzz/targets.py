@@ -304,7 +304,7 @@ def dmthin(data: bytes) -> None:
 
 
 def engine_config(data: bytes) -> None:
-    """``SOURCE/engine.json``, which a damaged SOURCE may hold anything in."""
+    """The engine config the store in SOURCE records: a damaged SOURCE may hold anything."""
     with refusals():
         config = EngineConfig.from_json(text_of(data))
         assert EngineConfig.from_json(config.to_json()) == config
