@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tests.helpers.mounts import Daemon
+from vmtreefs.rules import status
 
 
 class Tree:
@@ -37,10 +38,8 @@ class Tree:
         return self.mount()
 
     def status(self) -> dict[str, str]:
-        lines = (self.vms / ".vmtree" / "status").read_text().splitlines()
-        return dict(
-            line.split(": ", 1) for line in lines if not line.startswith(("inventory_", "intent_"))
-        )
+        fields = status.parse((self.vms / ".vmtree" / "status").read_text())
+        return {k: v for k, v in fields if not k.startswith(("inventory_", "intent_"))}
 
     def intents_begun(self) -> int:
         """How many intents the store ever began (ids are never reused), read from

@@ -7,6 +7,7 @@ import random
 
 import pytest
 
+from vmtreefs.engine.base import EngineError
 from vmtreefs.engine.dmthin import parse_thin_delta
 from vmtreefs.rules import blockmap, lineage
 from vmtreefs.rules.blockmap import Mapping
@@ -84,6 +85,23 @@ def test_map_text_round_trips() -> None:
     assert blockmap.parse(blockmap.text(ranges)) == ranges
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        "0 40965536\n131669 -409\n",  # found by the fuzzer: int() took the minus
+        "1_0 5\n",
+        "\u0661 5\n",  # an Arabic-Indic digit: int() takes it
+        " 0 5\n",
+        "0 5 7\n",
+        "0\n",
+    ],
+)
+def test_map_text_that_text_does_not_write_is_a_value_error(text: str) -> None:
+    with pytest.raises(ValueError, match="not OFFSET LENGTH"):
+        blockmap.parse(text)
+    assert blockmap.parse("") == []
+
+
 THIN_DELTA = """\
 <superblock uuid="" time="3" transaction="7" data_block_size="128" nr_data_blocks="64">
   <diff left="2" right="5">
@@ -102,6 +120,20 @@ def test_thin_delta_report_in_bytes() -> None:
     assert parse_thin_delta(THIN_DELTA) == [(10 * block, 3 * block), (16 * block, 4 * block)]
     with pytest.raises(Exception, match="not XML"):
         parse_thin_delta("thin_delta: bad")
+
+
+@pytest.mark.parametrize(
+    "report",
+    [
+        THIN_DELTA.replace('begin="10"', 'begin="-10"'),
+        THIN_DELTA.replace('length="4"', 'length="4x"'),
+        THIN_DELTA.replace('data_block_size="128"', 'data_block_size="1e3"'),
+    ],
+)
+def test_thin_delta_report_with_bad_numbers_is_eio(report: str) -> None:
+    with pytest.raises(EngineError) as refused:
+        parse_thin_delta(report)
+    assert refused.value.errno == errno.EIO
 
 
 def _vm(ns: Namespace, vm_id: int, name: str, **kw: object) -> Vm:

@@ -206,3 +206,26 @@ def test_shutdown_takes_an_optional_timeout() -> None:
         with pytest.raises(VmtreeError) as info:
             commands.parse_shutdown_args(bad)
         assert info.value.errno == errno.EINVAL
+
+
+@pytest.mark.parametrize("saved", ["", "<domain", "<domain><name>a</name></domain>junk"])
+def test_a_saved_description_that_is_not_xml_is_einval(saved: str) -> None:
+    # Found by the fuzzer: a crafted save image's XML raised ParseError, not VmtreeError.
+    with pytest.raises(VmtreeError) as info:
+        domain.saved_name(saved)
+    assert info.value.errno == errno.EINVAL
+    with pytest.raises(VmtreeError) as info:
+        domain.retarget(saved, IDENTITY, [])
+    assert info.value.errno == errno.EINVAL
+
+
+@pytest.mark.parametrize("tag", ["os", "features", "devices"])
+def test_a_second_os_features_or_devices_is_refused(tag: str) -> None:
+    # Found beside the fuzzer: a second <devices> kept its disks through render, which
+    # then failed retarget; libvirt would have given the guest those disks too.
+    base = (
+        "<domain type='qemu'><os><type>hvm</type></os><features/><devices/>"
+        f"<{tag}><disk device='disk'><target dev='vdz'/><source file='/x'/></disk></{tag}>"
+        "</domain>"
+    )
+    assert refusal(base.encode()) == errno.EINVAL

@@ -34,7 +34,7 @@ from vmtreefs.core.volumes import Volumes
 from vmtreefs.engine.base import PoolUsage, SnapshotEngine
 from vmtreefs.engine.select import format_size
 from vmtreefs.errors import VmtreeError
-from vmtreefs.rules import domain
+from vmtreefs.rules import domain, status
 from vmtreefs.rules.names import HOT_LABEL
 from vmtreefs.rules.namespace import Namespace
 from vmtreefs.rules.objects import Savestate, Vm
@@ -386,34 +386,36 @@ class VmTree:
         # Both block (a store read; dm-thin asks device-mapper): off the trio thread.
         tree_id = await in_thread(self.store.get_meta, "tree_id")
         detail = await in_thread(self.engine.describe)
-        lines = [
-            f"engine: {self.engine.name}",
-            f"tree_id: {tree_id}",
-            f"engine_detail: {detail}",
-            f"pool_size: {usage.total_bytes}",
-            f"pool_used: {usage.used_bytes}",
-            f"pool_free: {usage.total_bytes - usage.used_bytes}",
+        fields: list[tuple[str, object]] = [
+            ("engine", self.engine.name),
+            ("tree_id", tree_id),
+            ("engine_detail", detail),
+            ("pool_size", usage.total_bytes),
+            ("pool_used", usage.used_bytes),
+            ("pool_free", usage.total_bytes - usage.used_bytes),
             *(
                 [
-                    f"metadata_size: {usage.metadata_total_bytes}",
-                    f"metadata_used: {usage.metadata_used_bytes}",
+                    ("metadata_size", usage.metadata_total_bytes),
+                    ("metadata_used", usage.metadata_used_bytes),
                 ]
                 if usage.metadata_total_bytes
                 else []
             ),
-            f"libvirt: {self.runner.libvirt_status() if self.runner is not None else 'none'}",
-            f"vms: {len(self.ns)}",
-            f"volumes: {self.ns.volume_count()}",
-            f"open_intents: {open_intents}",
-            f"recovered_intents: "
-            f"{len(self.recovery.rolled_back) + len(self.recovery.rolled_forward)}",
-            "inventory: "
-            + (
+            ("libvirt", self.runner.libvirt_status() if self.runner is not None else "none"),
+            ("vms", len(self.ns)),
+            ("volumes", self.ns.volume_count()),
+            ("open_intents", open_intents),
+            (
+                "recovered_intents",
+                len(self.recovery.rolled_back) + len(self.recovery.rolled_forward),
+            ),
+            (
+                "inventory",
                 "ok"
                 if not self.recovery.differences
-                else f"{len(self.recovery.differences)} differences"
+                else f"{len(self.recovery.differences)} differences",
             ),
         ]
-        lines += [f"inventory_difference: {d}" for d in self.recovery.differences]
-        lines += [f"intent_left_open: {d}" for d in self.recovery.left_open]
-        return "".join(line + "\n" for line in lines)
+        fields += [("inventory_difference", d) for d in self.recovery.differences]
+        fields += [("intent_left_open", d) for d in self.recovery.left_open]
+        return status.render(fields)

@@ -7,6 +7,7 @@ listed ranges of volume A over a copy of volume B, resized to A's size, gives A.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -101,10 +102,19 @@ def text(ranges: Iterable[Range]) -> str:
     return "".join(f"{offset} {length}\n" for offset, length in ranges)
 
 
+_LINE_RE = re.compile(r"([0-9]{1,20}) ([0-9]{1,20})\Z")
+
+
 def parse(data: str) -> list[Range]:
-    """Read a map back (for tools and tests)."""
+    """Read back what :func:`text` wrote (for tools and tests); ValueError for anything else,
+    a negative or non-ASCII number included."""
+    lines = data.split("\n")
+    if lines[-1] == "":
+        lines.pop()
     ranges: list[Range] = []
-    for line in data.splitlines():
-        offset, length = line.split()
-        ranges.append((int(offset), int(length)))
+    for line in lines:
+        match = _LINE_RE.match(line)
+        if match is None:
+            raise ValueError(f"change map line {line[:60]!r} is not OFFSET LENGTH")
+        ranges.append((int(match.group(1)), int(match.group(2))))
     return ranges

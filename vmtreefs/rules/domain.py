@@ -24,6 +24,9 @@ OWNED = ("name", "uuid", "genid", "memory", "currentMemory", "vcpu", "title")
 # Domain types whose guests get a VM generation ID (QEMU's vmgenid device).
 GENID_TYPES = ("qemu", "kvm")
 OWNED_DEVICES = ("serial", "console")
+# At most one each: vmtreefs puts its disks and console in the first <devices> and reads
+# the first <os>; libvirt would take the disks of a second <devices> too.
+SINGLE = ("os", "features", "devices")
 # A namespace for the uuids of VMs: stable for a VM, different across trees.
 _UUID_NAMESPACE = uuidlib.UUID("5d1f0c52-3f43-4a0e-9a45-0f3c9f1d7a10")
 
@@ -120,6 +123,9 @@ def check_base(raw: bytes) -> str:
     os_element = root.find("os")
     if os_element is None or os_element.find("type") is None:
         raise _refuse("an <os> element with a <type> is needed")
+    for tag in SINGLE:
+        if len(root.findall(tag)) > 1:
+            raise _refuse(f"more than one <{tag}> element")
     return text
 
 
@@ -213,9 +219,17 @@ def _name_private_disk(root: ET.Element, targets: dict[str, str]) -> None:
     cmdline.text = " ".join([*words, f"vmtree.private={targets['private']}"])
 
 
+def _parse_saved(saved_xml: str) -> ET.Element:
+    """A saved description, as a save image holds it: a crafted image may hold anything."""
+    try:
+        return ET.fromstring(saved_xml)
+    except ET.ParseError as e:
+        raise _refuse(f"the saved description is not well-formed XML: {e}") from None
+
+
 def saved_name(saved_xml: str) -> str:
     """The domain name a saved description carries."""
-    return ET.fromstring(saved_xml).findtext("name") or ""
+    return _parse_saved(saved_xml).findtext("name") or ""
 
 
 def retarget(saved_xml: str, identity: Identity, disks: list[Disk]) -> str:
@@ -227,7 +241,7 @@ def retarget(saved_xml: str, identity: Identity, disks: list[Disk]) -> str:
     another one ("Target domain genid ... does not match source"), and gives the
     restored domain a new one itself.
     """
-    root = ET.fromstring(saved_xml)
+    root = _parse_saved(saved_xml)
     for tag, text in (("name", identity.name), ("uuid", identity.uuid)):
         element = root.find(tag)
         if element is None:

@@ -87,9 +87,9 @@ def _ready(name: str, text: str) -> str:
             raise VmtreeError(
                 errno.EINVAL, f"{name} pattern is {len(arg)} characters, over {MAX_READY_REGEX}"
             )
-        try:
-            re.compile(arg)
-        except re.error as e:
+        try:  # as the console is searched: a bytes pattern, which refuses (?u) and \N{...}
+            re.compile(arg.encode())
+        except (re.error, OverflowError, RecursionError) as e:  # a{9999999999}: OverflowError
             raise VmtreeError(errno.EINVAL, f"{name} pattern {arg!r} is not a regex: {e}") from None
         return text
     raise VmtreeError(

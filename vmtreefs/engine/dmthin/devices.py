@@ -19,7 +19,7 @@ import os
 
 from vmtreefs.engine.base import EngineError
 from vmtreefs.engine.dmthin.ledger import PoolLedger
-from vmtreefs.engine.dmthin.pool import BLOCK_SECTORS, SECTOR, ThinPool
+from vmtreefs.engine.dmthin.pool import BLOCK_SECTORS, SECTOR, ThinPool, digits
 from vmtreefs.engine.tools import run
 
 log = logging.getLogger("vmtreefs.engine.dmthin")
@@ -151,13 +151,7 @@ class ThinDevices:
     def _status(self, vol_id: int) -> tuple[int, int]:
         """(bytes the device's table maps, end of its highest mapped pool block or 0)."""
         name = self.pool.device_name(vol_id)
-        lines = self.pool.dm.status(name, f"status of {name}")
-        # 0 LENGTH thin MAPPED_SECTORS HIGHEST_MAPPED_SECTOR (- if none), or Fail
-        fields = lines[0].split() if len(lines) == 1 else []
-        if len(fields) != 5 or fields[2] != "thin":
-            raise EngineError(errno.EIO, f"unexpected status of {name}: {lines!r}")
-        highest = 0 if fields[4] == "-" else (int(fields[4]) + 1) * SECTOR
-        return int(fields[1]) * SECTOR, highest
+        return parse_thin_status(self.pool.dm.status(name, f"status of {name}"), name)
 
     def mapped_end(self, vol_id: int) -> int:
         """Where the volume's data ends in the pool's metadata: the end of its highest
@@ -191,3 +185,14 @@ class ThinDevices:
         prefix = f"vmtree-{self.pool.pool_id}-"
         names = [line.split()[0] for line in out.splitlines() if line.strip()]
         return [n for n in names if n.startswith(prefix) and n != self.pool.name]
+
+
+def parse_thin_status(lines: list[str], name: str) -> tuple[int, int]:
+    """A thin device's status: (bytes its table maps, end of its highest mapped block or 0)."""
+    # 0 LENGTH thin MAPPED_SECTORS HIGHEST_MAPPED_SECTOR (- if none), or Fail
+    fields = lines[0].split() if len(lines) == 1 else []
+    numbers = [fields[1], fields[3], "0" if fields[4] == "-" else fields[4]] if fields[4:] else []
+    if len(fields) != 5 or fields[2] != "thin" or not all(digits(n) for n in numbers):
+        raise EngineError(errno.EIO, f"unexpected status of {name}: {lines!r}")
+    highest = 0 if fields[4] == "-" else (int(fields[4]) + 1) * SECTOR
+    return int(fields[1]) * SECTOR, highest

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from xml.etree import ElementTree
 
 from vmtreefs.engine.base import EngineError
-from vmtreefs.engine.dmthin.pool import SECTOR, ThinPool
+from vmtreefs.engine.dmthin.pool import SECTOR, ThinPool, digits
 from vmtreefs.engine.tools import run
 from vmtreefs.rules import blockmap
 
@@ -44,11 +44,19 @@ def thin_ls(pool: ThinPool) -> dict[int, tuple[int, int]]:
             ],
             "thin_ls",
         )
+    return parse_thin_ls(out)
+
+
+def parse_thin_ls(out: str) -> dict[int, tuple[int, int]]:
+    """thin_ls's ``DEV MAPPED_BYTES EXCLUSIVE_BYTES`` table, by device id."""
     found: dict[int, tuple[int, int]] = {}
     for line in out.splitlines():
         fields = line.split()
-        if len(fields) == 3 and fields[0].isdigit():
-            found[int(fields[0])] = (int(fields[1]), int(fields[2]))
+        if len(fields) != 3 or not digits(fields[0]):
+            continue
+        if not (digits(fields[1]) and digits(fields[2])):
+            raise EngineError(errno.EIO, f"unexpected thin_ls line {line[:80]!r}")
+        found[int(fields[0])] = (int(fields[1]), int(fields[2]))
     return found
 
 
@@ -81,16 +89,21 @@ def parse_thin_delta(xml_text: str) -> list[tuple[int, int]]:
         root = ElementTree.fromstring(xml_text)
     except ElementTree.ParseError as e:
         raise EngineError(errno.EIO, f"thin_delta wrote what is not XML: {e}") from None
-    block = int(root.get("data_block_size", "0")) * SECTOR
-    if block <= 0:
+    block_size = root.get("data_block_size", "0")
+    if not digits(block_size) or int(block_size) == 0:
         raise EngineError(errno.EIO, "thin_delta's report has no data_block_size")
+    block = int(block_size) * SECTOR
     ranges = []
     for diff in root.iter("diff"):
         for entry in diff:
-            if entry.tag != "same":
-                ranges.append(
-                    (int(entry.get("begin", "0")) * block, int(entry.get("length", "0")) * block)
+            if entry.tag == "same":
+                continue
+            begin, length = entry.get("begin", "0"), entry.get("length", "0")
+            if not (digits(begin) and digits(length)):
+                raise EngineError(
+                    errno.EIO, f"thin_delta's report has a range {begin!r}+{length!r}"
                 )
+            ranges.append((int(begin) * block, int(length) * block))
     return blockmap.merge(ranges)
 
 

@@ -36,6 +36,11 @@ def check_block_device(role: str, path: str | None) -> None:
         raise EngineError(errno.EINVAL, f"{role} device {path} is not a block device")
 
 
+def digits(text: str) -> bool:
+    """A number as the kernel and the thin tools print one (``str.isdigit`` takes ``²``)."""
+    return text.isascii() and text.isdigit()
+
+
 def backing_deleted(loop_device: str) -> bool:
     """Whether the file behind a loop device was deleted (the kernel marks it so)."""
     sysfs = Path("/sys/block") / Path(loop_device).name / "loop" / "backing_file"
@@ -62,14 +67,17 @@ class PoolStatus:
         fields = line.split()
         # A failed pool reports "Fail", or "Error" when even its status cannot be read.
         if len(fields) == 4 and fields[2] == "thin-pool" and fields[3] in ("Fail", "Error"):
-            return cls(int(fields[1]), 0, 0, 0, 0, 0, "Fail")
+            if digits(fields[1]):
+                return cls(int(fields[1]), 0, 0, 0, 0, 0, "Fail")
         if len(fields) < 8 or fields[2] != "thin-pool":
             raise EngineError(errno.EIO, f"unexpected thin-pool status {line.strip()!r}")
-        meta_used, meta_total = (int(x) for x in fields[4].split("/"))
-        data_used, data_total = (int(x) for x in fields[5].split("/"))
+        numbers = [fields[1], fields[3], *fields[4].split("/"), *fields[5].split("/")]
+        if len(numbers) != 6 or not all(digits(n) for n in numbers):
+            raise EngineError(errno.EIO, f"unexpected thin-pool status {line.strip()!r}")
+        sectors, transaction, meta_used, meta_total, data_used, data_total = map(int, numbers)
         return cls(
-            int(fields[1]),
-            int(fields[3]),
+            sectors,
+            transaction,
             meta_used,
             meta_total,
             data_used,
