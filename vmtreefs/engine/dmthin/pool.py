@@ -66,9 +66,9 @@ class PoolStatus:
         # 0 41943040 thin-pool 3 152/12800 2/327680 - rw discard_passdown ... - 1024
         fields = line.split()
         # A failed pool reports "Fail", or "Error" when even its status cannot be read.
-        if len(fields) == 4 and fields[2] == "thin-pool" and fields[3] in ("Fail", "Error"):
-            if digits(fields[1]):
-                return cls(int(fields[1]), 0, 0, 0, 0, 0, "Fail")
+        failed = len(fields) == 4 and fields[2] == "thin-pool" and fields[3] in ("Fail", "Error")
+        if failed and digits(fields[1]):
+            return cls(int(fields[1]), 0, 0, 0, 0, 0, "Fail")
         if len(fields) < 8 or fields[2] != "thin-pool":
             raise EngineError(errno.EIO, f"unexpected thin-pool status {line.strip()!r}")
         numbers = [fields[1], fields[3], *fields[4].split("/"), *fields[5].split("/")]
