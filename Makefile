@@ -80,7 +80,7 @@ $(STAMP): pyproject.toml | deps-system
 run: deps deps-guest ## mount ./state at ./vms in the foreground with a bootable demo VM (Ctrl-C or `.venv/bin/vmtreefs umount vms` stops it)
 	bash scripts/run.sh $(BIN)/vmtreefs $(STATE) $(MNT) $(BUILD)/demo
 
-test: deps deps-guest lint ## lint, then every test: dm-thin in a guest (alongside), VMs under libvirt, make run from a fresh clone (~31 min under TCG)
+test: deps deps-guest lint ## lint, then every test: dm-thin in a guest (alongside), VMs under libvirt, faults, make run from a fresh clone (~38 min under TCG)
 	$(BIN)/python -m pytest -q
 
 deps-guest: venv ## kernel, QEMU, dm/thin tools and virtme-ng for the dm-thin guest tests
