@@ -16,20 +16,13 @@ import pytest
 from tests.helpers.images import is_mountpoint, loop_devices, mounted_image
 from tests.helpers.mounts import Daemon, MountFailed
 from tests.helpers.tree import Tree, head, listing
+from vmtreefs.app.fuseconn import running
 
 VMTREEFS = [sys.executable, "-m", "vmtreefs"]
 
 
 def vmtreefs(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*VMTREEFS, *args], capture_output=True, text=True, timeout=300)
-
-
-def running(pid: int) -> bool:
-    """Alive and not a zombie (a daemon reparented to init may wait there to be reaped)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def test_mount_returns_once_ready_and_umount_waits(workdir: Path) -> None:
