@@ -32,7 +32,7 @@ APT_GET ?= $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export PIP_NO_INPUT := 1
 
-.PHONY: help deps deps-system deps-guest venv run test test-guest test-debian crash-test fuzz lint bench bench-backup bench-import bench-dmthin bench-lifecycle demo-guest debian-guest install-mount-helper \
+.PHONY: help deps deps-system deps-guest venv run test test-guest test-debian crash-test powercut-test fuzz lint bench bench-backup bench-import bench-dmthin bench-lifecycle demo-guest debian-guest install-mount-helper \
         uninstall-mount-helper clean
 
 help: ## list the targets
@@ -97,6 +97,10 @@ crash-test: deps deps-guest ## the kill -9 loops, long: KILLS=500 (file operatio
 	VMTREE_CRASH_KILLS=$(or $(KILLS),500) VMTREE_CRASH_VM_KILLS=$(or $(VM_KILLS),100) \
 	  VMTREE_DEAD_ROUNDS=$(or $(DEAD_ROUNDS),100) \
 	  $(if $(SEED),VMTREE_CRASH_SEED=$(SEED)) $(BIN)/python -m pytest -q -s tests/crash
+
+powercut-test: deps deps-guest ## power cut at every flush point, each engine in a guest, side by side: POINTS=all (or N) SEED=N (~90 min under TCG; one point each is in make test)
+	VMTREE_POWERCUT_POINTS=$(or $(POINTS),all) $(if $(SEED),VMTREE_CRASH_SEED=$(SEED)) \
+	  $(BIN)/python -m tests.crash.powercut_guests
 
 fuzz: deps ## coverage-guided fuzzing of every parser of user and file input (atheris), FUZZ_SECONDS=180 a target, FUZZ_TARGETS=a,b
 	FUZZ_SECONDS=$(or $(FUZZ_SECONDS),180) $(if $(FUZZ_TARGETS),FUZZ_TARGETS=$(FUZZ_TARGETS)) \

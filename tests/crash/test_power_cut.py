@@ -224,7 +224,7 @@ def check_point(
     run("cp", "--sparse=always", str(work / "replay.img"), str(point))
     clock.lap("copy")
     (work / "vms.daemon.log").unlink(missing_ok=True)
-    tree = Tree(work)
+    tree = Tree(work, fork=True)
     before = set(dm_names())
     try:
         with contextlib.ExitStack() as stack:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sqlite3
 import stat
 import subprocess
@@ -184,7 +185,7 @@ def test_sigterm_unmounts_cleanly() -> None:
         tree.mount(["size=512M"])
         assert tree.daemon is not None and tree.daemon.process is not None
         os.mkdir(tree.vms / "a")
-        tree.daemon.process.terminate()
+        tree.daemon.process.send_signal(signal.SIGTERM)
         assert tree.daemon.process.wait(timeout=60) == 0
         assert not is_mountpoint(tree.vms)
         assert not is_mountpoint(tree.source / "pool")

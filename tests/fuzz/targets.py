@@ -13,7 +13,6 @@ import contextlib
 import dataclasses
 import errno
 import os
-import re
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,7 +24,7 @@ from vmtreefs.engine.dmthin.devices import parse_thin_status
 from vmtreefs.engine.dmthin.metadata import parse_thin_ls
 from vmtreefs.engine.select import EngineConfig, parse_size
 from vmtreefs.errors import VmtreeError
-from vmtreefs.rules import blockmap, domain, status
+from vmtreefs.rules import blockmap, console, domain, status
 from vmtreefs.rules.aliases import check_alias_target
 from vmtreefs.rules.commands import (
     GLOBAL_COMMANDS,
@@ -139,7 +138,7 @@ def properties(data: bytes) -> None:
             assert len(normal) <= MAX_VALUE_BYTES
             assert check_value(prop, normal.encode()) == normal
             if prop.name == "ready" and normal.startswith("console:"):
-                re.compile(normal.removeprefix("console:").encode())  # as runtime/hot.py does
+                console.compile_pattern(normal.removeprefix("console:"))  # as hot.py does
 
 
 def _namespace() -> Namespace:

@@ -14,9 +14,11 @@ from vmtreefs.rules import status
 class Tree:
     """A mounted tree: SOURCE, the mount point, and the daemon serving it."""
 
-    def __init__(self, workdir: Path, source: Path | None = None) -> None:
-        """``source`` elsewhere than ``workdir/source``: on a filesystem of its own."""
+    def __init__(self, workdir: Path, source: Path | None = None, *, fork: bool = False) -> None:
+        """``source`` elsewhere than ``workdir/source``: on a filesystem of its own.
+        ``fork``: daemons start as forks of this process (:func:`mounts.fork_daemon`)."""
         self.workdir = workdir
+        self.fork = fork
         self.source = source or workdir / "source"
         self.vms = workdir / "vms"
         self.source.mkdir(exist_ok=True)
@@ -24,7 +26,7 @@ class Tree:
         self.daemon: Daemon | None = None
 
     def mount(self, options: list[str] | None = None) -> Path:
-        self.daemon = Daemon(self.source, self.vms, options)
+        self.daemon = Daemon(self.source, self.vms, options, fork=self.fork)
         self.daemon.start()
         return self.vms
 

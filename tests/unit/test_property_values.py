@@ -48,12 +48,15 @@ def test_good_values(name: str, value: bytes, stored: str) -> None:
         ("ready", b"console:"),
         ("ready", b"console:" + b"a" * 257),
         ("ready", b"console:[z-a]"),
-        # Found by reading beside the fuzzer: re.compile raises OverflowError, not re.error.
-        ("ready", b"console:a{9999999999}"),
+        ("ready", b"console:a{1001}"),  # RE2's largest repetition is 1000
         # Found beside the fuzzer: valid as a str pattern, refused as the bytes pattern
         # the console is searched with (runtime/hot.py), so a start failed late.
         ("ready", b"console:(?u)READY"),
         ("ready", b"console:\\N{DIGIT ONE}"),
+        # What RE2 (rules/console.py) cannot run in linear time and bounded memory.
+        ("ready", b"console:(a)\\1"),
+        ("ready", b"console:(?<=x)READY"),
+        ("ready", b"console:((a{999}){999}){999}"),
         ("ready", b"agent:5"),
         ("ready", b"Agent"),
         ("commit", b"Shutdown"),
@@ -83,3 +86,11 @@ def test_names() -> None:
     assert properties.inherited({"memory": "1", "immutable": "1", "volatile": "1"}) == {
         "memory": "1"
     }
+
+
+def test_a_pattern_re2_refuses_says_why() -> None:
+    with pytest.raises(VmtreeError) as refused:
+        check_value(VM_PROPERTIES["ready"], b"console:(?<=x)READY")
+    assert refused.value.reason == (
+        "user.vmtree.ready pattern '(?<=x)READY' is not an RE2 regex: invalid perl operator: (?<="
+    )

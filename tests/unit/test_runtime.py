@@ -497,6 +497,36 @@ async def test_ready_agent_times_out_and_fails_when_the_vm_halts(world: World) -
             await mount.lifecycle.hot.wait_ready(vm)
 
 
+@pytest.mark.parametrize("pattern", ["(a|aa)+b", ".*login", "(x+x+)+y"])
+async def test_a_hostile_ready_pattern_on_a_hostile_console_does_not_hold_the_daemon(
+    world: World, pattern: str
+) -> None:
+    """Each would backtrack for hours in Python's re over one long line a guest printed
+    (and re holds the GIL): RE2 searches the whole 1 MiB read in milliseconds."""
+    async with mounted(world) as mount:
+        vm = await mount.tree.create_vm("work")
+        await mount.tree.set_property(vm.id, "ready", "console:" + pattern)
+        await mount.ctl("work", "start")
+        await until(lambda: "VMTREE-READY" in mount.console("work"))
+        with open(mount.lifecycle.devices.console_path(vm), "ab") as console:
+            console.write(b"b" + b"a" * (1 << 20) + b"x" * 64 + b"\n")
+        ticks = 0
+
+        async def tick() -> None:
+            nonlocal ticks
+            while True:
+                await trio.sleep(0.05)
+                ticks += 1
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(tick)
+            with trio.fail_after(10), pytest.raises(VmtreeError) as late:
+                await mount.lifecycle.hot.wait_ready(vm, timeout=1.0)
+            nursery.cancel_scope.cancel()
+        assert late.value.errno == errno.ETIMEDOUT
+        assert ticks >= 10  # the trio thread kept serving while the console was searched
+
+
 # Start-up: what libvirt did while no daemon listened
 
 

@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from vmtreefs.errors import VmtreeError
+from vmtreefs.rules.console import BadPattern, compile_pattern
 
 PREFIX = "user.vmtree."
 MAX_VALUE_BYTES = 1024
@@ -87,10 +88,12 @@ def _ready(name: str, text: str) -> str:
             raise VmtreeError(
                 errno.EINVAL, f"{name} pattern is {len(arg)} characters, over {MAX_READY_REGEX}"
             )
-        try:  # as the console is searched: a bytes pattern, which refuses (?u) and \N{...}
-            re.compile(arg.encode())
-        except (re.error, OverflowError, RecursionError) as e:  # a{9999999999}: OverflowError
-            raise VmtreeError(errno.EINVAL, f"{name} pattern {arg!r} is not a regex: {e}") from None
+        try:  # as the console is searched
+            compile_pattern(arg)
+        except BadPattern as e:
+            raise VmtreeError(
+                errno.EINVAL, f"{name} pattern {arg!r} is not an RE2 regex: {e}"
+            ) from None
         return text
     raise VmtreeError(
         errno.EINVAL, f"{name} must be console:REGEX, delay:SECONDS or agent, not {text!r}"

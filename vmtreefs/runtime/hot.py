@@ -13,14 +13,13 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
-import re
 import time
 from typing import TYPE_CHECKING
 
 import trio
 
 from vmtreefs.errors import VmtreeError
-from vmtreefs.rules import states
+from vmtreefs.rules import console, states
 from vmtreefs.rules.names import HOT_LABEL
 from vmtreefs.rules.objects import Vm
 from vmtreefs.rules.properties import READY_AGENT
@@ -131,12 +130,19 @@ class HotSavestates:
             if ready == READY_AGENT:
                 await self._wait_agent(vm)
                 return
-            pattern = re.compile(arg.encode())
+            try:
+                pattern = console.compile_pattern(arg)
+            except console.BadPattern as e:  # stored before patterns were RE2's
+                raise VmtreeError(
+                    errno.EINVAL, f"VM {vm.name}: ready pattern {arg!r} is not an RE2 regex: {e}"
+                ) from None
+
+            def console_shows() -> bool:
+                text = self.devices.read_console(vm, 0, MAX_CONSOLE_READ)
+                return console.found(pattern, text)
+
             while True:
-                text = await trio.to_thread.run_sync(
-                    self.devices.read_console, vm, 0, MAX_CONSOLE_READ
-                )
-                if pattern.search(text):
+                if await trio.to_thread.run_sync(console_shows):
                     return
                 self._check_running(vm)
                 await trio.sleep(0.1)
