@@ -86,6 +86,7 @@ class FakeLibvirt:
 
     def __init__(self) -> None:
         self.available = True
+        self._die_in_suspend = False
         self.deaf: set[str] = set()  # guests that ignore the power button
         # Seconds from a boot or restore until a guest's agent answers (on a domain
         # with the agent's channel); None: guests run no agent, as the demo guest.
@@ -136,6 +137,11 @@ class FakeLibvirt:
 
     def come_back(self) -> None:
         self.available = True
+
+    def dies_in_next_suspend(self) -> None:
+        """libvirtd dies inside the next pause: QEMU has paused the domain, the caller
+        hears ENOTCONN (what a real libvirtd killed between the two does)."""
+        self._die_in_suspend = True
 
     def emit(self, name: str, state: str, reason: str) -> None:
         """An event as it is, whatever the domain's state (a late one, say)."""
@@ -219,6 +225,12 @@ class FakeLibvirt:
             domain = self._find(name)
             if domain.state != PAUSED:  # libvirt pauses a paused domain without a word
                 self._change(domain, PAUSED, SUSPENDED)
+            dying, self._die_in_suspend = self._die_in_suspend, False
+        if dying:
+            self.go_away()
+            raise HypervisorError(
+                errno.ENOTCONN, f"pause {name}: End of file while reading data: Input/output error"
+            )
 
     def resume(self, name: str) -> None:
         with self._lock:

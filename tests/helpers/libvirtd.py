@@ -125,6 +125,10 @@ class PrivateLibvirt:
     def libvirtd_pid(self) -> int:
         return self.pids["libvirtd"]
 
+    def freeze(self) -> None:
+        """SIGSTOP this instance's libvirtd: every call to it waits until it runs or dies."""
+        os.kill(self.pids["libvirtd"], signal.SIGSTOP)
+
     def kill9(self) -> None:
         """SIGKILL this instance's libvirtd (its QEMUs run on), and wait until it is gone."""
         pid = self.pids.pop("libvirtd")

@@ -379,6 +379,36 @@ async def test_save_and_restore_go_on_from_the_moment_of_the_save(world: World) 
         assert taken.value.errno == errno.EEXIST
 
 
+async def test_libvirt_dying_inside_the_pause_of_a_save_leaves_no_vm_paused(
+    world: World, quick_reconnect: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    """QEMU paused the domain, libvirtd died before it answered: the save's intent is
+    left open, and once libvirt is back the reconciliation resumes the VM."""
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    async with mounted(world) as mount:
+        await mount.tree.create_vm("work")
+        await mount.ctl("work", "start")
+        own = set(world.engine.inventory())
+        name = mount.domain("work")
+        world.libvirt.dies_in_next_suspend()
+        with pytest.raises(VmtreeError) as away:
+            await mount.ctl("work", "save s")
+        assert away.value.errno == errno.ENOTCONN
+        assert "libvirt went away during save s" in away.value.reason
+        assert world.libvirt.state(name) == "paused"  # what libvirtd's death left
+        assert len(mount.tree.store.load().open_intents) == 1
+        world.libvirt.come_back()
+        await until(lambda: mount.tree.store.load().open_intents == [])
+        await until(lambda: world.libvirt.state(name) == "running")
+        await events_heard(world)
+        assert mount.state("work") == "running"
+        assert mount.vm("work").savestates == {}
+        assert set(world.engine.inventory()) == own
+    assert "interrupted save work s: the image is not whole, the savestate is rolled back" in (
+        caplog.text
+    )
+
+
 async def test_a_hot_savestate_is_made_by_a_hidden_runner_and_disposables_restore_it(
     world: World,
 ) -> None:

@@ -1,5 +1,6 @@
-"""libvirtd dies (SIGKILL) in the middle of a save, a restore, a disposable and a hot
-savestate's making, and is started again: the tree reconnects and settles each one.
+"""libvirtd dies (SIGKILL) in the middle of a save (in its pause, and in its save job), a
+restore, a disposable and a hot savestate's making, and is started again: the tree
+reconnects and settles each one.
 
 The libvirtd killed is one of this test's own (tests/helpers/libvirtd.py), never
 the machine's, which other test runs may be using. Each fault is injected while
@@ -11,7 +12,7 @@ the tree lists as running, none paused, none twice; a VM that ran before a save
 runs after it; a savestate is whole and restorable, or not there; a disposable
 runs or is gone; fsck is clean after the unmount.
 
-``VMTREE_LIBVIRT_FAULT_ROUNDS`` repeats the four faults (1); the rounds after the
+``VMTREE_LIBVIRT_FAULT_ROUNDS`` repeats the five faults (1); the rounds after the
 first kill a random moment (``VMTREE_CRASH_SEED``) up to 2 s later, so that
 libvirt may finish some of the work first.
 """
@@ -144,6 +145,18 @@ class Fault:
         self._thread.join(CALL_TIMEOUT)
         assert not self._thread.is_alive(), f"ctl {self.command} still blocks"
 
+    def inject_frozen(self, wait: float) -> None:
+        """Stop libvirtd, start the call, SIGKILL libvirtd ``wait`` seconds later (the
+        call is then waiting for libvirt's answer), start it again."""
+        self.tree.libvirtd.freeze()
+        self._thread.start()
+        time.sleep(wait)
+        self.tree.libvirtd.kill9()
+        time.sleep(1.0)
+        self.tree.libvirtd.start()
+        self._thread.join(CALL_TIMEOUT)
+        assert not self._thread.is_alive(), f"ctl {self.command} still blocks"
+
     def outcome(self) -> str:
         if self.error is not None:
             return f"error {os.strerror(self.error.errno or 0)} after {self.waited:.1f} s"
@@ -179,17 +192,29 @@ def whole(savestate: Path) -> bool:
     return head(savestate / "memory", 16) == b"LibvirtQemudSave"
 
 
-def fault_save(tree: FaultTree, n: int, later: float) -> str:
-    fault = Fault(tree, "w", f"save s{n}")
-    fault.inject(lambda conn: _has_job(conn, ""), "a save job", later)
+def saved_or_not(tree: FaultTree, fault: Fault, label: str) -> str:
+    """After a save's fault: w runs on, and its savestate is whole or not there."""
     settled(tree)
     assert tree.state("w") == "running", "w ran before the save: it must run after it"
     wait_alive(tree, "w")
-    saved = tree.vms / "w" / "savestates" / f"s{n}"
-    assert fault.error is not None or saved.exists(), f"save returned but s{n} is not there"
+    saved = tree.vms / "w" / "savestates" / label
+    assert fault.error is not None or saved.exists(), f"save returned but {label} is not there"
     if saved.exists():
-        assert whole(saved), f"s{n} is listed but its image is not whole"
-    return f"save: {fault.outcome()}, savestate {'kept' if saved.exists() else 'rolled back'}"
+        assert whole(saved), f"{label} is listed but its image is not whole"
+    return f"{fault.outcome()}, savestate {'kept' if saved.exists() else 'rolled back'}"
+
+
+def fault_save(tree: FaultTree, n: int, later: float) -> str:
+    fault = Fault(tree, "w", f"save s{n}")
+    fault.inject(lambda conn: _has_job(conn, ""), "a save job", later)
+    return "save: " + saved_or_not(tree, fault, f"s{n}")
+
+
+def fault_save_pause(tree: FaultTree, n: int, later: float) -> str:
+    """libvirtd dies while the save waits for the pause: whether QEMU paused is not known."""
+    fault = Fault(tree, "w", f"save p{n}")
+    fault.inject_frozen(1.0 + later)
+    return "save, in its pause: " + saved_or_not(tree, fault, f"p{n}")
 
 
 def fault_restore(tree: FaultTree, n: int, later: float) -> str:
@@ -276,7 +301,8 @@ def test_libvirtd_killed_during_vm_commands(
     for n in range(ROUNDS):
         # The first round kills as soon as libvirt is at it; later ones a moment after.
         later = 0.0 if n == 0 else rng.uniform(0, MAX_LATER)
-        for fault in (fault_save, fault_restore, fault_disposable, fault_hot_savestate):
+        faults = (fault_save_pause, fault_save, fault_restore, fault_disposable)
+        for fault in (*faults, fault_hot_savestate):
             try:
                 lines.append(f"round {n} (+{later:.2f} s): " + fault(tree, n, later))
             except AssertionError as e:

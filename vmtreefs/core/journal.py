@@ -44,6 +44,20 @@ def format_time(t: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t))
 
 
+class LeftOpen(Exception):
+    """Raised by a creation's ``prepare``: leave the intent open for the recovery.
+
+    For a step whose outcome is not known here (libvirt went away while pausing the
+    VM for a save: it may be paused): the reconciliation settles the intent, as after
+    a crash. ``intent`` is set once the creation has passed it on.
+    """
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+        self.intent = 0
+
+
 class EventLog:
     """Recent operations and refusals, one line each, for ``.vmtree/events``.
 
@@ -120,7 +134,8 @@ class Journal:
         """Journal, then create (or snapshot from ``sources``) engine volumes.
 
         ``prepare`` runs between the two, under the intent (a save pauses the VM there,
-        so that a recovery knows to resume it).
+        so that a recovery knows to resume it); if it raises :class:`LeftOpen`, the
+        intent stays open for the recovery.
 
         ``files`` are made by the caller under the same intent (a savestate's
         memory image): rolling the intent back removes them too.
@@ -145,6 +160,9 @@ class Journal:
         if prepare is not None:
             try:
                 await prepare()
+            except LeftOpen as e:
+                e.intent = intent
+                raise
             except BaseException:
                 with trio.CancelScope(shield=True):
                     await self.undo_creation(intent, ids, files)

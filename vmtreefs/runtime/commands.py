@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, NoReturn
 import trio
 
 from vmtreefs import saveimage
+from vmtreefs.core.journal import LeftOpen
 from vmtreefs.errors import VmtreeError
 from vmtreefs.rules import commands, domain, states
 from vmtreefs.rules.commands import Command
@@ -234,14 +235,23 @@ class Commands:
 
         async def pause() -> None:
             if not was_paused:
-                await trio.to_thread.run_sync(hypervisor.suspend, name)
+                try:
+                    await trio.to_thread.run_sync(hypervisor.suspend, name)
+                except VmtreeError as e:  # paused or not: the reconciliation knows
+                    if libvirt_lost(e):
+                        raise LeftOpen(e) from e
+                    raise
 
         lost = False
         with self.vm_states.driven(vm):
             try:
-                pending = await self.tree.savestates.snapshot(
-                    vm, owner, label, info, stop, was_paused, pause
-                )
+                try:
+                    pending = await self.tree.savestates.snapshot(
+                        vm, owner, label, info, stop, was_paused, pause
+                    )
+                except LeftOpen as e:
+                    lost = True
+                    await self._defer(vm, f"save {label}", e.intent, e.cause)
                 try:
                     started = time.monotonic()
                     await trio.to_thread.run_sync(hypervisor.save, name, pending.image_path)
