@@ -63,9 +63,10 @@ def libvirt_running() -> None:
 class VmTree(Tree):
     """A mounted tree that runs VMs under libvirt, and a few shell-like helpers."""
 
-    def __init__(self, workdir: Path, guest: Path | None) -> None:
-        """``guest``: the demo guest for VMs without a domain.xml (None: every VM has one)."""
-        super().__init__(workdir)
+    def __init__(self, workdir: Path, guest: Path | None, source: Path | None = None) -> None:
+        """``guest``: the demo guest for VMs without a domain.xml (None: every VM has one);
+        ``source``: SOURCE elsewhere than ``workdir/source``."""
+        super().__init__(workdir, source)
         self.options = ([f"guest={guest}"] if guest is not None else []) + ["accel=tcg"]
         self.tree_ids: set[str] = set()
 

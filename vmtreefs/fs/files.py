@@ -46,6 +46,13 @@ from vmtreefs.rules.vms import check_domain_writable
 log = logging.getLogger("vmtreefs.fs")
 
 
+def _reason(error: VmtreeError | OSError) -> tuple[int, str]:
+    if isinstance(error, VmtreeError):
+        return error.errno, error.reason
+    where = f" ({error.filename})" if error.filename else ""
+    return error.errno or errno.EIO, f"{error.strerror or error}{where}"
+
+
 def refuse(errno_: int, reason: str) -> VmtreeError:
     return VmtreeError(errno_, reason)
 
@@ -189,11 +196,13 @@ class Files:
                 command = commands.parse_command(buf, known)
                 try:
                     result = await self.ctl.run(handle.vm_id, command)
-                except VmtreeError as e:
-                    # The log line of a write names no file: say whose ctl it was.
+                except (VmtreeError, OSError) as e:
+                    # The log line of a write names no file: say whose ctl it was. An
+                    # OSError is a file of SOURCE the command could not write (ENOSPC).
                     vm = self.tree.ns.by_id.get(handle.vm_id) if handle.vm_id else None
                     where = ".vmtree/ctl" if vm is None else f"{vm.name}/ctl"
-                    raise VmtreeError(e.errno, f"{where}: {command}: {e.reason}") from e
+                    code, reason = _reason(e)
+                    raise VmtreeError(code, f"{where}: {command}: {reason}") from e
                 finally:
                     await self.invalidator.stale_names_now()
                 handle.result = (result + "\n").encode()
