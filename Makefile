@@ -98,7 +98,7 @@ crash-test: deps deps-guest ## the kill -9 loops, long: KILLS=500 (file operatio
 	  VMTREE_DEAD_ROUNDS=$(or $(DEAD_ROUNDS),100) \
 	  $(if $(SEED),VMTREE_CRASH_SEED=$(SEED)) $(BIN)/python -m pytest -q -s tests/crash
 
-powercut-test: deps deps-guest ## power cut at every flush point, each engine in a guest, side by side: POINTS=all (or N) SEED=N (~90 min under TCG; one point each is in make test)
+powercut-test: deps deps-guest ## power cut at every flush point, each engine in a guest, side by side: POINTS=all (or N) SEED=N (~2 h under TCG; two points each are in make test)
 	VMTREE_POWERCUT_POINTS=$(or $(POINTS),all) $(if $(SEED),VMTREE_CRASH_SEED=$(SEED)) \
 	  $(BIN)/python -m tests.crash.powercut_guests
 

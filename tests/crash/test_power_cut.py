@@ -48,7 +48,7 @@ PARTS = {
     "dmthin": [("src", 320 * MiB), ("meta", 48 * MiB), ("data", 256 * MiB)],
 }
 LOG_SIZE = 2 << 30  # sparse: only what is logged takes room
-POINTS = os.environ.get("VMTREE_POWERCUT_POINTS", "1")
+POINTS = os.environ.get("VMTREE_POWERCUT_POINTS", "2")
 SEED = int(os.environ.get("VMTREE_CRASH_SEED", str(int(time.time()))))
 PREFIX = f"powercut{os.getpid()}"
 
