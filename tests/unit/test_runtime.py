@@ -30,6 +30,7 @@ from vmtreefs import saveimage
 from vmtreefs.control import CtlDispatcher
 from vmtreefs.core.savestates import PendingSavestate
 from vmtreefs.core.tree import VmTree
+from vmtreefs.core.versions import Versions
 from vmtreefs.errors import VmtreeError
 from vmtreefs.rules import commands, domain
 from vmtreefs.rules.domain import Identity
@@ -341,6 +342,24 @@ async def test_a_versioned_head_commits_at_a_clean_shutdown_only(world: World) -
         world.libvirt.power_off(mount.domain("work-next"))  # the guest's own shutdown is clean
         await until(lambda: newest(system_alias) == "work-v3")
         await until(lambda: sorted(mount.tree.ns.by_name) == ["work-next", "work-v3"])  # pruned
+
+
+async def test_a_mount_prunes_the_history_a_crash_kept_from_its_commit(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by the power-cut test: a cut after a commit's version was made and before
+    the older ones were pruned listed both, h-v1 beside h-v2, after the remount."""
+    async with mounted(world) as mount:
+        head = await mount.tree.create_vm("h")
+        await mount.tree.set_property(head.id, "versioned", "1")
+        with monkeypatch.context() as crashed:  # the daemon died between the two steps
+            crashed.setattr(Versions, "prune", lambda self, head_id: trio.lowlevel.checkpoint())
+            assert await mount.ctl("h-next", "commit") == "h-v2"
+        assert sorted(mount.tree.ns.by_name) == ["h-next", "h-v1", "h-v2"]
+    async with mounted(world) as mount:
+        assert sorted(mount.tree.ns.by_name) == ["h-next", "h-v2"]
+        assert mount.tree.ns.alias_target_name(mount.tree.ns.get_alias("h")) == "h-v2"
+        assert "history: drop h-v1" in mount.events()
 
 
 async def test_a_commit_of_a_running_head_pauses_it_only_for_the_snapshot(world: World) -> None:

@@ -194,6 +194,13 @@ class VmTree:
                 await self.journal.finish_deletion(intent, list(plan.volume_ids), files)
         await self.collect()
 
+    async def prune_histories(self) -> None:
+        """What a mount finishes of a commit: the commit makes its version, then prunes
+        the older ones in a step of its own, so a crash between the two left them
+        listed. Nothing to do unless it was so."""
+        for vm in [vm for vm in self.ns.by_id.values() if vm.versioned]:
+            await self.versions.prune(vm.id)
+
     async def collect(self) -> None:
         """Destroy the VMs that were removed while needed and are free now."""
         if self._collecting:

@@ -109,6 +109,7 @@ class Lifecycle:
     async def run(self) -> None:
         """Connect (again after a drop) and apply events until cancelled."""
         self.connection.listen()
+        await self.tree.prune_histories()
         if self.reconciler is None:
             await self.tree.collect()
             self.settled.set()
